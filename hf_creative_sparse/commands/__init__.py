@@ -1,0 +1,1 @@
+"""CLI subcommands; see hf_creative_sparse/cli.py."""

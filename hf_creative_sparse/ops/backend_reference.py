@@ -1,0 +1,28 @@
+"""The reference backend: plain PyTorch, any device, dtype and head dim (the definition)."""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import BackendResult
+from .inputs import AttentionInputs
+from .reference import reference_attention
+
+
+class ReferenceBackend:
+    """Blockwise PyTorch forward; supports every valid input, so `auto` never fails."""
+
+    name = "reference"
+
+    def unavailable_reason(self) -> str | None:
+        return None
+
+    def unsupported_reason(self, inp: AttentionInputs) -> str | None:
+        return None
+
+    def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:
+        out, skipped, visited = reference_attention(inp, block_mask, pvthreshd)
+        return BackendResult(out=out, pv_skipped=skipped, pv_visited=visited)
+
+
+BACKEND = ReferenceBackend()

@@ -1,0 +1,246 @@
+"""Block masks as data: prediction (SpargeAttn stage 1), validity and index lists.
+
+A block mask is a bool tensor [B, Hq, ceil(Nq/128), ceil(Nk/64)]: entry (b, h, i, j) says
+whether query block i of head h attends to key block j. Kernels take it as a compact
+index list (`block_mask_to_lut`), in the manner of FlexAttention's ``kv_num_blocks`` /
+``kv_indices`` and SpargeAttn's LUT.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import BLOCK_M, BLOCK_N
+from .inputs import AttentionInputs, attention_inputs, per_head
+
+
+def causal_block_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
+    """bool [Mq, Mk]: key block j holds a key that some query of block i may see
+    (top-left aligned causal: key index <= query index)."""
+    mq, mk = math.ceil(len_q / BLOCK_M), math.ceil(len_k / BLOCK_N)
+    last_row = torch.clamp(torch.arange(mq, device=device) * BLOCK_M + BLOCK_M - 1, max=len_q - 1)
+    first_col = torch.arange(mk, device=device) * BLOCK_N
+    return first_col[None, :] <= last_row[:, None]
+
+
+def diagonal_block_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
+    """bool [Mq, Mk]: key block j overlaps the token range of query block i. Causal
+    prediction always keeps these so that every query sees at least itself."""
+    mq, mk = math.ceil(len_q / BLOCK_M), math.ceil(len_k / BLOCK_N)
+    row_lo = torch.arange(mq, device=device) * BLOCK_M
+    row_hi = torch.clamp(row_lo + BLOCK_M - 1, max=len_q - 1)
+    col_lo = torch.arange(mk, device=device) * BLOCK_N
+    col_hi = torch.clamp(col_lo + BLOCK_N - 1, max=len_k - 1)
+    return (col_lo[None, :] <= row_hi[:, None]) & (col_hi[None, :] >= row_lo[:, None])
+
+
+def key_block_has_keys(key_padding_mask: torch.Tensor | None, batch: int, len_k: int, device: torch.device) -> torch.Tensor:
+    """bool [B, Mk]: the key block holds at least one attendable key."""
+    mk = math.ceil(len_k / BLOCK_N)
+    if key_padding_mask is None:
+        return torch.ones(batch, mk, dtype=torch.bool, device=device)
+    padded = torch.nn.functional.pad(key_padding_mask, (0, mk * BLOCK_N - len_k), value=False)
+    return padded.view(batch, mk, BLOCK_N).any(-1)
+
+
+def attendable_blocks(inp: AttentionInputs) -> torch.Tensor:
+    """bool [B, 1, Mq, Mk]: blocks with at least one (query, key) pair that attention may
+    use (causal and key padding applied). Kept fractions are counted over these."""
+    valid = key_block_has_keys(inp.key_padding_mask, inp.batch, inp.len_k, inp.device)[:, None, None, :]
+    if inp.is_causal:
+        valid = valid & causal_block_mask(inp.len_q, inp.len_k, inp.device)[None, None]
+    return valid.expand(inp.batch, 1, inp.num_q_blocks, inp.num_k_blocks)
+
+
+def pool_blocks(x: torch.Tensor, block: int, token_valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean-pool x [B, H, N, D] per block of ``block`` tokens and measure self-similarity.
+
+    Returns (pooled [B, H, nb, D] float32, mean pairwise cosine similarity [B, H, nb]
+    (self pairs included, as SpargeAttn), token count [B, 1, nb]). Padded and masked
+    tokens are left out; an empty block has count 0, pooled 0, similarity 0.
+    """
+    b, h, n, d = x.shape
+    nb = math.ceil(n / block)
+    pad = nb * block - n
+    x32 = torch.nn.functional.pad(x.float(), (0, 0, 0, pad)).view(b, h, nb, block, d)
+    valid = torch.ones(b, n, dtype=torch.bool, device=x.device) if token_valid is None else token_valid
+    valid = torch.nn.functional.pad(valid, (0, pad), value=False).view(b, 1, nb, block, 1).float()
+    count = valid.sum(-2)  # [B, 1, nb, 1]
+    pooled = (x32 * valid).sum(-2) / count.clamp(min=1.0)
+    unit = x32 / x32.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    unit_sum = (unit * valid).sum(-2)
+    sim = (unit_sum * unit_sum).sum(-1) / (count.squeeze(-1) ** 2).clamp(min=1.0)
+    return pooled, sim, count.squeeze(-1)
+
+
+def _select_by_cdf(prob: torch.Tensor, cdfthreshd: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Per row, the fewest candidate blocks (by descending probability) whose mass
+    reaches cdfthreshd [H]; a threshold of 1 keeps every candidate."""
+    sorted_prob, order = prob.sort(dim=-1, descending=True)
+    cdf = sorted_prob.cumsum(-1)
+    thr = cdfthreshd.view(1, -1, 1, 1)
+    n_candidates = candidates.sum(-1, keepdim=True)
+    n_select = (cdf < thr).sum(-1, keepdim=True) + 1
+    n_select = torch.where(thr >= 1.0, n_candidates, torch.minimum(n_select, n_candidates))
+    ranks = torch.arange(prob.shape[-1], device=prob.device)
+    chosen_sorted = ranks < n_select
+    return torch.zeros_like(candidates).scatter(-1, order, chosen_sorted)
+
+
+def _select_topk(prob: torch.Tensor, topk: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Per row, the ceil(topk * #attendable blocks) most probable candidates (>= 1)."""
+    _, order = prob.sort(dim=-1, descending=True)
+    n_allowed = allowed.sum(-1, keepdim=True).float()
+    n_select = torch.ceil(topk.view(1, -1, 1, 1) * n_allowed - 1e-6).clamp(min=1.0)
+    n_select = torch.minimum(n_select, candidates.sum(-1, keepdim=True).float())
+    ranks = torch.arange(prob.shape[-1], device=prob.device)
+    return torch.zeros_like(candidates).scatter(-1, order, ranks < n_select)
+
+
+def predict_from_inputs(
+    inp: AttentionInputs,
+    *,
+    simthreshd1: float | torch.Tensor = 0.6,
+    cdfthreshd: float | torch.Tensor | None = 0.98,
+    topk: float | torch.Tensor | None = None,
+    attention_sink: bool = False,
+    dense_prefix: int = 0,
+    dense_suffix: int = 0,
+    smooth_k: bool = False,
+) -> torch.Tensor:
+    """`predict_block_mask` on already validated inputs (see there)."""
+    if cdfthreshd is None and topk is None:
+        raise ValueError("one of cdfthreshd or topk must be set")
+    heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
+    sim_thr = per_head("simthreshd1", simthreshd1, heads, inp.device).view(1, heads, 1)
+    k = inp.k
+    if smooth_k:  # SpargeAttn centres k before pooling; softmax is invariant to it
+        k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+
+    pooled_q, sim_q, _ = pool_blocks(inp.q, BLOCK_M, None)
+    pooled_k, sim_k, count_k = pool_blocks(k, BLOCK_N, inp.key_padding_mask)
+    if group > 1:
+        pooled_k = pooled_k.repeat_interleave(group, dim=1)
+        sim_k = sim_k.repeat_interleave(group, dim=1)
+    q_similar = sim_q > sim_thr  # [B, H, Mq]
+    k_similar = sim_k > sim_thr  # [B, H, Mk]
+
+    allowed = attendable_blocks(inp)  # [B, 1, Mq, Mk]
+    score = pooled_q @ pooled_k.transpose(-1, -2) * inp.scale
+    candidates = allowed & k_similar[:, :, None, :]
+    score = score.masked_fill(~candidates, float("-inf"))
+    prob = torch.softmax(score, dim=-1).nan_to_num(0.0)  # rows without candidates -> 0
+
+    if topk is not None:
+        keep = _select_topk(prob, per_head("topk", topk, heads, inp.device), candidates, allowed)
+    else:
+        keep = _select_by_cdf(prob, per_head("cdfthreshd", cdfthreshd, heads, inp.device), candidates)
+
+    keep = keep | ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None]
+    if attention_sink:
+        keep[..., 0] = True
+    if dense_prefix > 0:
+        keep[:, :, : math.ceil(min(dense_prefix, inp.len_q) / BLOCK_M), :] = True
+        keep[..., : math.ceil(min(dense_prefix, inp.len_k) / BLOCK_N)] = True
+    if dense_suffix > 0:
+        keep[:, :, max(inp.len_q - dense_suffix, 0) // BLOCK_M:, :] = True
+        keep[..., max(inp.len_k - dense_suffix, 0) // BLOCK_N:] = True
+    if inp.is_causal:
+        keep = keep | diagonal_block_mask(inp.len_q, inp.len_k, inp.device)[None, None]
+    return (keep & allowed).contiguous()
+
+
+def predict_block_mask(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    layout: str = "HND",
+    is_causal: bool = False,
+    scale: float | None = None,
+    simthreshd1: float | torch.Tensor = 0.6,
+    cdfthreshd: float | torch.Tensor | None = 0.98,
+    topk: float | torch.Tensor | None = None,
+    attention_sink: bool = False,
+    dense_prefix: int = 0,
+    dense_suffix: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    smooth_k: bool = False,
+) -> torch.Tensor:
+    """Predict which 128x64 blocks of the attention map matter (SpargeAttn stage 1).
+
+    Q and K are mean-pooled per block; a block is self-similar when the mean cosine
+    similarity of its tokens exceeds ``simthreshd1``. The compressed map
+    softmax(pooled_q @ pooled_k^T * scale) over self-similar, attendable key blocks then
+    selects, per query block, the fewest key blocks whose cumulative mass reaches
+    ``cdfthreshd`` (or the top ``topk`` fraction of attendable blocks). Blocks that are not
+    self-similar are always kept (query blocks: the whole row; key blocks: the whole
+    column). ``attention_sink`` keeps key block 0; ``dense_prefix`` / ``dense_suffix``
+    tokens stay dense as rows and columns; causal masks apply, and the diagonal blocks are
+    always kept so every query sees itself. Fully padded key blocks are never kept.
+
+    Thresholds may be floats or per-q-head 1-D tensors.
+
+    Returns:
+        bool tensor [B, Hq, ceil(Nq/128), ceil(Nk/64)].
+
+    Example:
+        >>> import torch, hf_creative_sparse as hcs
+        >>> q = torch.randn(1, 2, 300, 64); k = torch.randn(1, 2, 300, 64)
+        >>> hcs.predict_block_mask(q, k, topk=0.5).shape
+        torch.Size([1, 2, 3, 5])
+    """
+    inp = attention_inputs(q, k, k, layout=layout, is_causal=is_causal, scale=scale,
+                           key_padding_mask=key_padding_mask)
+    for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    with torch.no_grad():
+        return predict_from_inputs(inp, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                                   attention_sink=attention_sink, dense_prefix=dense_prefix,
+                                   dense_suffix=dense_suffix, smooth_k=smooth_k)
+
+
+def check_block_mask(block_mask: object, inp: AttentionInputs, name: str = "block_mask") -> torch.Tensor:
+    """Validate a user block mask and return it as bool [B, Hq, Mq, Mk].
+
+    Accepts bool or integer tensors (non-zero = keep) whose batch and head dims are
+    either full or 1 (broadcast). The causal and padding validity is applied on top.
+    """
+    expected = (inp.batch, inp.heads_q, inp.num_q_blocks, inp.num_k_blocks)
+    if not isinstance(block_mask, torch.Tensor):
+        raise TypeError(f"{name} must be a bool tensor of shape {list(expected)}, got {type(block_mask).__name__}")
+    if block_mask.dtype != torch.bool and (block_mask.is_floating_point() or block_mask.is_complex()):
+        raise TypeError(f"{name} must be a bool (or integer 0/1) tensor, got {block_mask.dtype}")
+    if block_mask.dim() != 4 or block_mask.shape[2:] != expected[2:] or \
+            block_mask.shape[0] not in (1, inp.batch) or block_mask.shape[1] not in (1, inp.heads_q):
+        raise ValueError(f"{name} must have shape [B, Hq, ceil(Nq/128), ceil(Nk/64)] = {list(expected)} "
+                         f"(B and Hq may be 1), got {list(block_mask.shape)}")
+    if block_mask.device != inp.device:
+        raise ValueError(f"{name} is on {block_mask.device} but q is on {inp.device}")
+    mask = block_mask if block_mask.dtype == torch.bool else block_mask != 0
+    return (mask.expand(expected) & attendable_blocks(inp)).contiguous()
+
+
+def kept_fraction(block_mask: torch.Tensor, inp: AttentionInputs) -> tuple[float, int]:
+    """(kept blocks / attendable blocks, attendable blocks summed over B and Hq)."""
+    total = int(attendable_blocks(inp).sum().item()) * inp.heads_q
+    kept = int(block_mask.sum().item())
+    return (kept / total if total else 1.0), total
+
+
+def block_mask_to_lut(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact index lists of a block mask [B, H, Mq, Mk].
+
+    Returns (kv_counts int32 [B, H, Mq], kv_indices int32 [B, H, Mq, Mk]): row (b, h, i)
+    visits key blocks kv_indices[b, h, i, :kv_counts[b, h, i]] in ascending order; the
+    tail is zero-filled.
+    """
+    mk = block_mask.shape[-1]
+    cols = torch.arange(mk, device=block_mask.device, dtype=torch.int32)
+    key = torch.where(block_mask, cols, cols + mk)
+    ordered = key.sort(dim=-1).values
+    indices = torch.where(ordered < mk, ordered, torch.zeros_like(ordered))
+    counts = block_mask.sum(-1, dtype=torch.int32)
+    return counts.contiguous(), indices.to(torch.int32).contiguous()

@@ -1,0 +1,80 @@
+"""Build script. Pure-Python install by default; the compiled kernels build on first use
+(JIT, see hf_creative_sparse/ops/_ext.py). Set HCS_BUILD_EXT=1 to build them ahead of time
+(needs torch installed in the build environment: use --no-build-isolation)."""
+
+import os
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_version() -> str:
+    with open(os.path.join(ROOT, "hf_creative_sparse", "__init__.py")) as fh:
+        for line in fh:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in hf_creative_sparse/__init__.py")
+
+
+def _ahead_of_time_extensions():
+    """(ext_modules, cmdclass) for HCS_BUILD_EXT=1, else nothing."""
+    if os.environ.get("HCS_BUILD_EXT", "0") != "1":
+        return [], {}
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "hf_creative_sparse", "ops"))
+    import _ext_sources  # noqa: E402  (plain module listing sources and flags; no torch import)
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    exts = []
+    cpu = _ext_sources.cpu_spec(ROOT)
+    if cpu is not None:
+        exts.append(CppExtension(name="hf_creative_sparse._C_cpu", sources=cpu["sources"],
+                                 extra_compile_args={"cxx": cpu["cflags"]}, extra_link_args=cpu["ldflags"]))
+    import torch
+
+    cuda = _ext_sources.cuda_spec(ROOT)
+    if cuda is not None and torch.cuda.is_available() or os.environ.get("HCS_FORCE_CUDA") == "1":
+        if cuda is not None:
+            exts.append(CUDAExtension(name="hf_creative_sparse._C_cuda", sources=cuda["sources"],
+                                      include_dirs=cuda["include_dirs"],
+                                      extra_compile_args={"cxx": cuda["cflags"], "nvcc": cuda["cuda_cflags"]}))
+    return exts, {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _ahead_of_time_extensions()
+
+setup(
+    name="hf_creative_sparse",
+    version=_read_version(),
+    description="Controllable sparsity for Hugging Face models: compiled sparse attention and creative decoding",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists(os.path.join(ROOT, "README.md")) else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_creative_sparse", "hf_creative_sparse.*"])
+    + ["hf_creative_sparse.patches", "hf_creative_sparse.csrc"],
+    # patches/ and csrc/ sit at the top level (the design's layout) and install inside the
+    # package, so the JIT build finds its sources in a non-editable install too.
+    package_dir={"hf_creative_sparse.patches": "patches", "hf_creative_sparse.csrc": "csrc"},
+    package_data={"hf_creative_sparse": ["data/*.json", "data/*.txt"],
+                  "hf_creative_sparse.csrc": ["cpu/*", "cuda/*", "include/*"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "ninja",
+        "safetensors",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={
+        "hf": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece"],
+        "dev": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece",
+                "pytest", "hypothesis", "psutil"],
+        "cuda": ["nvidia-cutlass"],
+    },
+    entry_points={"console_scripts": ["hf-creative-sparse=hf_creative_sparse.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
