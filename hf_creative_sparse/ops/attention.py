@@ -30,8 +30,9 @@ def resolve_config(config: SparseAttentionConfig | None, **overrides: Any) -> Sp
 
 def _run_sparse(inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: Any, backend: str,
                 predicted: float, total: int) -> tuple[torch.Tensor, SparseStats]:
-    chosen = choose_backend(backend, inp)
-    result = chosen.run(inp, block_mask, per_head("pvthreshd", pvthreshd, inp.heads_q, inp.device))
+    pv = per_head("pvthreshd", pvthreshd, inp.heads_q, inp.device)
+    chosen = choose_backend(backend, inp, pv)
+    result = chosen.run(inp, block_mask, pv)
     stats = SparseStats(
         kept_fraction=predicted, predicted_kept_fraction=predicted, backend=chosen.name,
         pv_skipped_fraction=(result.pv_skipped / result.pv_visited) if result.pv_visited else 0.0,

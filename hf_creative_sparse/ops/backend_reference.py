@@ -17,7 +17,7 @@ class ReferenceBackend:
     def unavailable_reason(self) -> str | None:
         return None
 
-    def unsupported_reason(self, inp: AttentionInputs) -> str | None:
+    def unsupported_reason(self, inp: AttentionInputs, pvthreshd: torch.Tensor | None = None) -> str | None:
         return None
 
     def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:

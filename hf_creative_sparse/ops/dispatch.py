@@ -38,8 +38,9 @@ class SparseBackend(Protocol):
     def unavailable_reason(self) -> str | None:
         """None when the backend can run on this machine, else why not."""
 
-    def unsupported_reason(self, inp: AttentionInputs) -> str | None:
-        """None when the backend supports these inputs, else why not."""
+    def unsupported_reason(self, inp: AttentionInputs, pvthreshd: torch.Tensor | None = None) -> str | None:
+        """None when the backend supports these inputs (and per-head ``pvthreshd``, float32
+        [Hq], when given), else why not."""
 
     def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:
         """Attention over the kept blocks of ``block_mask`` (bool [B, Hq, Mq, Mk], already
@@ -86,7 +87,7 @@ def get_backend(name: str) -> SparseBackend | None:
     return _REGISTRY.backends.get(name)
 
 
-def why_not(name: str, inp: AttentionInputs | None = None) -> str | None:
+def why_not(name: str, inp: AttentionInputs | None = None, pvthreshd: torch.Tensor | None = None) -> str | None:
     """None when backend ``name`` can run ``inp`` (or is available, without inputs), else why not."""
     _load()
     backend = _REGISTRY.backends.get(name)
@@ -94,7 +95,7 @@ def why_not(name: str, inp: AttentionInputs | None = None) -> str | None:
         return _REGISTRY.load_errors.get(name, f"unknown backend {name!r}")
     reason = backend.unavailable_reason()
     if reason is None and inp is not None:
-        reason = backend.unsupported_reason(inp)
+        reason = backend.unsupported_reason(inp, pvthreshd)
     return reason
 
 
@@ -103,7 +104,7 @@ def available_backends() -> dict[str, str | None]:
     return {name: why_not(name) for name in AUTO_ORDER}
 
 
-def choose_backend(name: str, inp: AttentionInputs) -> SparseBackend:
+def choose_backend(name: str, inp: AttentionInputs, pvthreshd: torch.Tensor | None = None) -> SparseBackend:
     """The backend to run ``inp`` on: ``name`` itself, or the first capable one for "auto".
 
     Raises:
@@ -113,13 +114,13 @@ def choose_backend(name: str, inp: AttentionInputs) -> SparseBackend:
     if name not in BACKEND_NAMES or name == "sdpa":
         raise ValueError(f"backend must be one of {BACKEND_NAMES[:-1]} for sparse attention, got {name!r}")
     if name != "auto":
-        reason = why_not(name, inp)
+        reason = why_not(name, inp, pvthreshd)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run this call: {reason}")
         return _REGISTRY.backends[name]
     reasons = []
     for candidate in AUTO_ORDER:
-        reason = why_not(candidate, inp)
+        reason = why_not(candidate, inp, pvthreshd)
         if reason is None:
             return _REGISTRY.backends[candidate]
         reasons.append(f"{candidate}: {reason}")
