@@ -25,6 +25,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
@@ -130,6 +131,53 @@ class ModelPatch(abc.ABC):
         return dict(self._states)
 
 
+def processor_kind(processor: Any, names: tuple[str, ...], module: str) -> str | None:
+    """The class name of ``processor`` when it is one of diffusers' own ``names`` defined
+    in ``module`` (not a user subclass, an IP-Adapter variant or a same-named class of
+    another model, whose math the replacements do not repeat)."""
+    kind = type(processor)
+    if kind.__name__ in names and kind.__module__ == module:
+        return kind.__name__
+    return None
+
+
+class SparseProcessor:
+    """Base of the replacement processors: holds the layer's `LayerState` and the
+    original processor, to which calls the sparse path does not handle are handed.
+
+    ``_attention_backend`` and ``_parallel_config`` (set by diffusers'
+    ``set_attention_backend`` / context parallelism) are read from and written to the
+    original processor, so a fallback call behaves exactly as the model would.
+    """
+
+    def __init__(self, state: LayerState, original: Any) -> None:
+        self.state = state
+        self.original = original
+
+    @property
+    def _attention_backend(self) -> Any:
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value: Any) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self) -> Any:
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value: Any) -> None:
+        self.original._parallel_config = value
+
+    def fallback(self, reason: str, *args: Any, **kwargs: Any) -> Any:
+        """Run the original processor on this call and count it as a fallback."""
+        start = time.perf_counter()
+        out = self.original(*args, **kwargs)
+        self.state.record_fallback(reason, time.perf_counter() - start)
+        return out
+
+
 class AttentionProcessorPatch(ModelPatch):
     """Base of the diffusers families: swap the processor of every attention module whose
     processor is one the family replaces, and put the very same objects back on `remove`.
@@ -150,6 +198,10 @@ class AttentionProcessorPatch(ModelPatch):
     def add_forward_pre_hook(self, module: torch.nn.Module, hook: Callable[..., Any]) -> None:
         """``module.register_forward_pre_hook(hook, with_kwargs=True)``, removed by `remove`."""
         self._hook_handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def add_forward_hook(self, module: torch.nn.Module, hook: Callable[..., Any]) -> None:
+        """``module.register_forward_hook(hook, always_call=True)``, removed by `remove`."""
+        self._hook_handles.append(module.register_forward_hook(hook, always_call=True))
 
     def install(self) -> None:
         if self.installed:

@@ -371,6 +371,14 @@ class LayerState:
                 hook(call)
         return inp.to_layout(out)
 
+    def record_fallback(self, reason: str, seconds: float = 0.0) -> None:
+        """Count a call that the layer's processor handed to the model's original
+        processor (e.g. an attention mask the sparse path does not take)."""
+        stats = SparseStats(kept_fraction=1.0, backend="original", fallback_reason=reason)
+        self._totals.time_s += seconds
+        self.last_stats, self.last_s = stats, None
+        self._record(stats, False)
+
     def _cached_mask(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> torch.Tensor | None:
         entry = self._masks.get(self.clock.call_in_step)
         if entry is None or entry.loop != self.clock.loop or not 0 <= step - entry.step < self.options.mask_refresh:
