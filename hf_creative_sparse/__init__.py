@@ -62,3 +62,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+# `attn_implementation="creative_sparse"` works in transformers once this package is
+# imported; the hook registers it when transformers loads (nothing is imported now).
+from . import _hf_hook as _hf_hook  # noqa: E402
+
+_hf_hook.install()
