@@ -23,11 +23,9 @@ import torch
 from ..config import BLOCK_M, BLOCK_N
 from .inputs import AttentionInputs
 
-#: Elements of the float32 score tile processed per step (bounds peak memory ~ 64 MiB x a
-#: small constant whatever the sequence length).
-_TILE_ELEMENTS = 1 << 24
-#: Key tokens per chunk of the online softmax (a multiple of BLOCK_N).
-_KEY_CHUNK = 4096
+#: Key blocks per chunk of the online softmax (64 blocks = 4096 keys): bounds the score
+#: tile to B * Hq * 128 * 4096 float32 values whatever the sequence length.
+_BLOCKS_PER_CHUNK = 64
 
 
 def _exclusive_cummax(x: torch.Tensor) -> torch.Tensor:
@@ -62,60 +60,54 @@ def reference_attention(
     neg_thr = (-pvthreshd).view(1, hq, 1, 1)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     visited = torch.zeros((), dtype=torch.int64, device=device)
-    chunk = min(_KEY_CHUNK, -(-nk // BLOCK_N) * BLOCK_N)
-    q_blocks_per_step = max(1, _TILE_ELEMENTS // (b * hq * BLOCK_M * chunk))
-    mq = block_mask.shape[2]
     kpm = inp.key_padding_mask
-    cols_all = torch.arange(nk, device=device)
+    in_block = torch.arange(BLOCK_N, device=device)
 
-    for qb0 in range(0, mq, q_blocks_per_step):
-        qb1 = min(mq, qb0 + q_blocks_per_step)
-        r0, r1 = qb0 * BLOCK_M, min(nq, qb1 * BLOCK_M)
+    for qb in range(block_mask.shape[2]):
+        r0, r1 = qb * BLOCK_M, min(nq, (qb + 1) * BLOCK_M)
         rows = r1 - r0
-        qs = q[:, :, r0:r1].float().reshape(b, hkv, group * rows, d) if group > 1 else q[:, :, r0:r1].float()
-        row_block = (torch.arange(r0, r1, device=device) // BLOCK_M) - qb0
+        row_ids = torch.arange(r0, r1, device=device)
+        qs = q[:, :, r0:r1].float().reshape(b, hkv, group * rows, d)
         m = torch.full((b, hq, rows), float("-inf"), device=device)
         l = torch.zeros(b, hq, rows, device=device)
         acc = torch.zeros(b, hq, rows, d, device=device)
-        for c0 in range(0, nk, chunk):
-            c1 = min(nk, c0 + chunk)
-            kb0, kb1 = c0 // BLOCK_N, -(-c1 // BLOCK_N)
-            if inp.is_causal and c0 > r1 - 1:
-                break
-            bm = block_mask[:, :, qb0:qb1, kb0:kb1]
-            if not bool(bm.any()):
-                continue
-            ks, vs = k[:, :, c0:c1].float(), v[:, :, c0:c1].float()
-            s = (qs @ ks.transpose(-1, -2)).view(b, hq, rows, c1 - c0) * inp.scale
-            col_block = (cols_all[c0:c1] // BLOCK_N) - kb0
-            usable = bm[:, :, row_block][:, :, :, col_block]
+        # key blocks kept by any (batch, head) of this query block, ascending: only these are computed
+        kept_any = torch.nonzero(block_mask[:, :, qb, :].any(dim=1).any(dim=0)).flatten()
+        for j0 in range(0, kept_any.numel(), _BLOCKS_PER_CHUNK):
+            blocks = kept_any[j0: j0 + _BLOCKS_PER_CHUNK]
+            nblk = blocks.numel()
+            cols = (blocks[:, None] * BLOCK_N + in_block[None, :]).flatten()  # [nblk * 64]
+            in_range = cols < nk
+            cols_c = cols.clamp(max=nk - 1)
+            ks = k.index_select(2, cols_c).float()
+            vs = v.index_select(2, cols_c).float()
+            s = (qs @ ks.transpose(-1, -2)).view(b, hq, rows, nblk * BLOCK_N) * inp.scale
+            usable = block_mask[:, :, qb, blocks].repeat_interleave(BLOCK_N, dim=-1)[:, :, None, :]
+            usable = usable & in_range
             if inp.is_causal:
-                usable = usable & (cols_all[c0:c1][None, :] <= torch.arange(r0, r1, device=device)[:, None])
+                usable = usable & (cols[None, :] <= row_ids[:, None])
             if kpm is not None:
-                usable = usable & kpm[:, None, None, c0:c1]
+                usable = usable & (kpm[:, cols_c] & in_range)[:, None, None, :]
+            usable = usable.expand(b, hq, rows, nblk * BLOCK_N)
             s = s.masked_fill(~usable, float("-inf"))
 
-            nblk = kb1 - kb0
-            s_blocks = torch.nn.functional.pad(s, (0, nblk * BLOCK_N - (c1 - c0)), value=float("-inf"))
-            s_blocks = s_blocks.view(b, hq, rows, nblk, BLOCK_N)
-            block_max = s_blocks.amax(-1)
-            has_keys = usable.any(-1, keepdim=True) if nblk == 1 else \
-                torch.nn.functional.pad(usable, (0, nblk * BLOCK_N - (c1 - c0))).view(b, hq, rows, nblk, BLOCK_N).any(-1)
+            s_blocks = s.view(b, hq, rows, nblk, BLOCK_N)
+            has_keys = usable.reshape(b, hq, rows, nblk, BLOCK_N).any(-1)
             visited += has_keys.sum()
             if use_skip:
+                block_max = s_blocks.amax(-1)
                 running = torch.maximum(_exclusive_cummax(block_max), m[..., None])
                 skip = (block_max - running < neg_thr) & has_keys & torch.isfinite(running)
                 if bool(skip.any()):
                     skipped += skip.sum()
-                    s_blocks = s_blocks.masked_fill(skip[..., None], float("-inf"))
-                    s = s_blocks.view(b, hq, rows, nblk * BLOCK_N)[..., : c1 - c0]
+                    s = s_blocks.masked_fill(skip[..., None], float("-inf")).view(b, hq, rows, nblk * BLOCK_N)
 
             m_new = torch.maximum(m, s.amax(-1))
             m_safe = torch.where(torch.isneginf(m_new), torch.zeros_like(m_new), m_new)
             p = torch.exp(s - m_safe[..., None])
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(-1)
-            pv = (p.reshape(b, hkv, group * rows, c1 - c0) @ vs).view(b, hq, rows, d) if group > 1 else p @ vs
+            pv = (p.reshape(b, hkv, group * rows, nblk * BLOCK_N) @ vs).view(b, hq, rows, d)
             acc = acc * alpha[..., None] + pv
             m = m_new
         res = acc / torch.where(l == 0, torch.ones_like(l), l)[..., None]

@@ -18,7 +18,7 @@ import torch
 from ..config import SparseAttentionConfig
 from .attention import block_sparse_attention, sparse_attention_inputs
 from .inputs import attention_inputs
-from .masks import predict_from_inputs
+from .masks import check_block_mask, predict_from_inputs
 
 
 def _refuse_unsupported(attn_mask: object, dropout_p: float, return_lse: bool) -> None:
@@ -38,7 +38,6 @@ def _meansim(q, k, v, *, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, to
                                 if not isinstance(pvthreshd, torch.Tensor) else pvthreshd,
                                 attention_sink=attention_sink)
     if mask_id is not None:
-        from .masks import check_block_mask
         block_mask = check_block_mask(mask_id, inp, name="mask_id")
     else:
         with torch.no_grad():
@@ -96,8 +95,10 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
     _refuse_unsupported(None, dropout_p, return_lse)
     if mask_id is None:
         raise ValueError("mask_id is required: a bool/int block map [B, H, ceil(Nq/128), ceil(Nk/64)]")
-    if attention_sink and isinstance(mask_id, torch.Tensor):
-        mask_id = mask_id.clone().bool() if mask_id.dtype != torch.bool else mask_id.clone()
+    inp = attention_inputs(q, k, v, layout=tensor_layout, is_causal=is_causal, scale=scale)
+    mask_id = check_block_mask(mask_id, inp, name="mask_id")
+    if attention_sink:
+        mask_id = mask_id.clone()
         mask_id[..., 0] = True
     result = block_sparse_attention(q, k, v, mask_id, layout=tensor_layout, is_causal=is_causal, scale=scale,
                                     pvthreshd=float(pvthreshd) if not isinstance(pvthreshd, torch.Tensor) else pvthreshd,
