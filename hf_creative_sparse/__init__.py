@@ -34,6 +34,7 @@ _EXPORTS: dict[str, str] = {
     "sparsity_report": "api",
     "register_patch": "registry",
     "ModelPatch": "registry",
+    "PatchOptions": "state",
     "SparsityConfig": "control",
     "SparsityController": "control",
     "TwoStageSchedule": "control",
