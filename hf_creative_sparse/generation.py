@@ -452,21 +452,20 @@ class CreativeSparseWrapper:
     # -- set-up ----------------------------------------------------------------------
 
     def _enable_attention(self, attention_config: Any) -> None:
+        from .api import enable_creative_sparse, get_handle
         from .config import SparseAttentionConfig
-        from .registry import find_patch
         from .state import PatchOptions
 
-        if getattr(self.model.config, "_attn_implementation", None) == "creative_sparse":
-            return  # already patched by the user
-        patch_cls = find_patch(self.model)
+        if get_handle(self.model) is not None or \
+                getattr(self.model.config, "_attn_implementation", None) == "creative_sparse":
+            return  # already patched by the user: keep their settings
         cfg = attention_config if attention_config is not None else SparseAttentionConfig()
-        self._patch = patch_cls(self.model, cfg, options=PatchOptions(controller=self.controller))
-        self._patch.install()
+        self._patch = enable_creative_sparse(self.model, cfg, options=PatchOptions(controller=self.controller))
 
     def close(self) -> None:
-        """Restore the model's original attention implementation."""
+        """Restore the model's original attention implementation (when this wrapper patched it)."""
         if self._patch is not None:
-            self._patch.remove()
+            self._patch.disable()
             self._patch = None
 
     @property
