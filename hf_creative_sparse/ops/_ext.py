@@ -30,6 +30,20 @@ _CACHE: dict[str, ExtensionStatus] = {}
 _LOCK = threading.Lock()
 
 
+def _needs_build(name: str, sources: list[str]) -> bool:
+    """Whether the cached build of ``name`` is missing or older than its sources (so the
+    build notice is printed only when something is compiled)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lib = os.path.join(_get_build_directory(name, False), name + ".so")
+        folders = {os.path.dirname(src) for src in sources}
+        inputs = list(sources) + [os.path.join(f, h) for f in folders for h in os.listdir(f) if h.endswith((".h", ".cuh"))]
+        return not os.path.exists(lib) or os.path.getmtime(lib) < max(os.path.getmtime(src) for src in inputs)
+    except Exception:  # private torch helper moved: err on the side of the notice
+        return True
+
+
 def _jit_build(kind: str) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -40,8 +54,9 @@ def _jit_build(kind: str) -> ModuleType:
         raise RuntimeError(f"no C++ compiler found (looked for {os.environ.get('CXX', 'c++')!r}); install g++ "
                            "or set CXX")
     name = f"hf_creative_sparse_{kind}_v1"
-    print(f"hf_creative_sparse: building the {kind} kernels (first use only; cached afterwards)...",
-          file=sys.stderr, flush=True)
+    if _needs_build(name, spec["sources"]):
+        print(f"hf_creative_sparse: building the {kind} kernels (first use only; cached afterwards)...",
+              file=sys.stderr, flush=True)
     kwargs = dict(name=name, sources=spec["sources"], extra_cflags=spec["cflags"], verbose=False)
     if kind == "cpu":
         kwargs["extra_ldflags"] = spec["ldflags"]

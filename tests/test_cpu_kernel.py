@@ -1,0 +1,240 @@
+"""The compiled CPU kernel (csrc/cpu) against the reference backend and float64 dense
+attention restricted to the kept blocks, on fresh random inputs at odd sizes.
+
+The first test to touch the extension compiles it (about a minute on 2 cores, cached
+afterwards in the torch extensions dir)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import hf_creative_sparse as hcs
+from hf_creative_sparse.ops._ext import load_extension
+from hf_creative_sparse.ops.attention import block_sparse_attention
+from hf_creative_sparse.ops.dispatch import choose_backend, get_backend
+from hf_creative_sparse.ops.inputs import attention_inputs, per_head
+from hf_creative_sparse.ops.masks import block_mask_to_lut, check_block_mask
+from reference_impl import element_mask, masked_attention_f64, pv_skip_attention_f64, rel_max_err
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def ext():
+    status = load_extension("cpu")
+    assert status.module is not None, f"the cpu extension must build in CI: {status.error}"
+    return status.module
+
+
+def _random_case(b, hq, hkv, nq, nk, d, *, causal=False, padding=None, dtype=torch.float32, kept=0.5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g).to(dtype)
+    k = (torch.randn(b, hkv, nk, d, generator=g) * 1.5).to(dtype)
+    v = torch.randn(b, hkv, nk, d, generator=g).to(dtype)
+    kpm = None
+    if padding is not None:
+        lengths = torch.tensor(padding)
+        kpm = torch.arange(nk)[None, :] < lengths[:, None]
+        kpm[-1] &= torch.rand(nk, generator=g) > 0.2  # holes too, not only a padded tail
+    inp = attention_inputs(q, k, v, is_causal=causal, key_padding_mask=kpm)
+    raw = torch.rand(b, hq, inp.num_q_blocks, inp.num_k_blocks, generator=g) < kept
+    return inp, check_block_mask(raw, inp)
+
+
+def _both(inp, mask, pvthreshd=math.inf):
+    pv = per_head("pvthreshd", pvthreshd, inp.heads_q, inp.device)
+    return get_backend("cpu").run(inp, mask, pv), get_backend("reference").run(inp, mask, pv)
+
+
+CASES = [  # b, hq, hkv, nq, nk, d, causal, padding
+    (1, 2, 2, 1, 1, 64, False, None),
+    (2, 2, 2, 77, 77, 8, True, None),
+    (1, 4, 2, 300, 300, 64, False, None),
+    (2, 4, 2, 300, 1000, 80, False, [1000, 613]),
+    (2, 4, 1, 1000, 1000, 128, True, [1000, 555]),
+    (1, 3, 1, 130, 257, 256, False, None),
+    (2, 2, 1, 200, 200, 256, True, [0, 150]),
+    (1, 2, 2, 129, 129, 5, True, None),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,padding", CASES)
+def test_matches_reference_and_f64_dense(ext, b, hq, hkv, nq, nk, d, causal, padding):
+    inp, mask = _random_case(b, hq, hkv, nq, nk, d, causal=causal, padding=padding, seed=nq + d)
+    got, ref = _both(inp, mask)
+    assert got.out.shape == ref.out.shape and got.out.dtype == torch.float32
+    assert (got.pv_skipped, got.pv_visited) == (ref.pv_skipped, ref.pv_visited)
+    assert (got.out - ref.out).abs().max().item() < 1e-5
+    dense = masked_attention_f64(inp.q, inp.k, inp.v, element_mask(mask, nq, nk, is_causal=causal,
+                                                                   key_padding_mask=inp.key_padding_mask))
+    assert rel_max_err(got.out, dense) < 1e-5
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("pvthreshd", [0.5, 3.0])
+def test_pv_threshold_counts_and_output_match(ext, causal, pvthreshd):
+    inp, mask = _random_case(1, 2, 1, 300, 300, 64, causal=causal, padding=[260], kept=0.7, seed=7)
+    got, ref = _both(inp, mask, pvthreshd)
+    assert got.pv_skipped > 0 and (got.pv_skipped, got.pv_visited) == (ref.pv_skipped, ref.pv_visited)
+    assert (got.out - ref.out).abs().max().item() < 1e-5
+    loop, skipped, visited = pv_skip_attention_f64(inp.q, inp.k, inp.v, mask, pvthreshd, is_causal=causal,
+                                                   key_padding_mask=inp.key_padding_mask)
+    assert (got.pv_skipped, got.pv_visited) == (skipped, visited)
+    assert rel_max_err(got.out, loop) < 1e-5
+
+
+def test_per_head_thresholds(ext):
+    inp, mask = _random_case(1, 4, 2, 256, 512, 64, kept=0.8, seed=3)
+    got, ref = _both(inp, mask, torch.tensor([math.inf, 0.0, 1.0, 4.0]))
+    assert (got.pv_skipped, got.pv_visited) == (ref.pv_skipped, ref.pv_visited)
+    assert (got.out - ref.out).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_half_precision(ext, dtype, tol):
+    inp, mask = _random_case(2, 4, 2, 300, 300, 64, causal=True, padding=[300, 200], dtype=dtype, seed=11)
+    got, ref = _both(inp, mask)
+    assert got.out.dtype == dtype
+    # same float32 math: the two differ by at most output rounding
+    assert rel_max_err(got.out.float(), ref.out.float()) < tol / 2
+    dense = masked_attention_f64(inp.q, inp.k, inp.v, element_mask(mask, 300, 300, is_causal=True,
+                                                                   key_padding_mask=inp.key_padding_mask))
+    assert rel_max_err(got.out, dense) < tol
+
+
+def test_every_isa_instance_matches(ext):
+    """The AVX-512, AVX2 and baseline instances this CPU can run agree with the reference."""
+    inp, mask = _random_case(2, 4, 2, 333, 333, 80, causal=True, padding=[333, 100], seed=5)
+    pv = per_head("pvthreshd", 2.0, 4, inp.device)
+    ref = get_backend("reference").run(inp, mask, pv)
+    counts, indices = block_mask_to_lut(mask)
+    isas = ext.available_isas()
+    assert "generic" in isas
+    for isa in isas:
+        out = torch.full_like(inp.q, float("nan"))
+        pv_counts = ext.forward_out(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, True, inp.scale,
+                                    pv, out, isa)
+        assert pv_counts.tolist() == [ref.pv_skipped, ref.pv_visited], isa
+        assert (out - ref.out).abs().max().item() < 1e-5, isa
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_poison_filled_output_fully_written(ext, dtype):
+    """Rows without kept blocks, fully padded batches and query-block tails are all written
+    (zeros where no key is usable)."""
+    inp, mask = _random_case(2, 2, 2, 300, 300, 64, padding=[300, 0], dtype=dtype, seed=2)
+    mask = mask.clone()
+    mask[0, 1, 1] = False  # query block 1 of head 1 keeps nothing
+    counts, indices = block_mask_to_lut(mask)
+    out = torch.full_like(inp.q, float("nan"))
+    ext.forward_out(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, False, inp.scale,
+                    torch.full((2,), math.inf), out, "")
+    assert not out.isnan().any()
+    assert (out[1] == 0).all()  # batch 1 is fully padded
+    assert (out[0, 1, 128:256] == 0).all()
+    ref = get_backend("reference").run(inp, mask, torch.full((2,), math.inf))
+    assert rel_max_err(out.float(), ref.out.float()) < 1e-2
+
+
+def test_random_masks_through_public_op(ext):
+    """block_sparse_attention(..., backend="cpu") in both layouts equals the reference."""
+    g = torch.Generator().manual_seed(4)
+    for layout in ("HND", "NHD"):
+        q = torch.randn(2, 1000, 4, 64, generator=g)
+        k, v = (torch.randn(2, 1000, 2, 64, generator=g) for _ in range(2))
+        if layout == "HND":
+            q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        mask = torch.rand(1, 4, 8, 16, generator=g) < 0.3
+        out, stats = block_sparse_attention(q, k, v, mask, layout=layout, is_causal=True, pvthreshd=2.0,
+                                            backend="cpu", return_stats=True)
+        ref, ref_stats = block_sparse_attention(q, k, v, mask, layout=layout, is_causal=True, pvthreshd=2.0,
+                                                backend="reference", return_stats=True)
+        assert stats.backend == "cpu" and out.shape == q.shape
+        assert stats.pv_skipped_fraction == ref_stats.pv_skipped_fraction
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+def test_auto_prefers_cpu_on_cpu_tensors(ext):
+    inp, _ = _random_case(1, 2, 2, 256, 256, 64)
+    assert choose_backend("auto", inp).name == "cpu"
+    q = torch.randn(1, 2, 256, 64)
+    _, stats = hcs.sparse_attention(q, q, q, topk=0.5, min_seq_len=0, max_kept_fraction=1.0, return_stats=True)
+    assert stats.backend == "cpu"
+
+
+def test_needs_grad_goes_to_reference(ext):
+    q = torch.randn(1, 2, 256, 64, requires_grad=True)
+    inp = attention_inputs(q, q, q)
+    assert "forward-only" in get_backend("cpu").unsupported_reason(inp)
+    assert choose_backend("auto", inp).name == "reference"
+    with torch.no_grad():
+        assert choose_backend("auto", inp).name == "cpu"
+
+
+def test_refuses_non_cpu_tensors():
+    q = torch.empty(1, 2, 256, 64, device="meta")
+    reason = get_backend("cpu").unsupported_reason(attention_inputs(q, q, q))
+    assert reason is not None and "CPU tensors" in reason and "meta" in reason
+
+
+def test_extension_rejects_bad_lut(ext):
+    inp, mask = _random_case(1, 2, 2, 200, 200, 64)
+    counts, indices = block_mask_to_lut(mask)
+    pv = torch.full((2,), math.inf)
+    args = (inp.q, inp.k, inp.v)
+    with pytest.raises(RuntimeError, match="kv_counts must be a CPU int32"):
+        ext.forward(*args, counts.long(), indices, None, False, 0.125, pv)
+    bad = indices.clone()
+    bad[0, 0, 0, :2] = torch.tensor([1, 0], dtype=torch.int32)
+    full = torch.full_like(counts, 4)
+    with pytest.raises(RuntimeError, match="strictly ascending"):
+        ext.forward(*args, full, bad, None, False, 0.125, pv)
+    with pytest.raises(RuntimeError, match="pvthreshd must be a CPU float32"):
+        ext.forward(*args, counts, indices, None, False, 0.125, pv.double())
+    with pytest.raises(RuntimeError, match="isa must be one of"):
+        ext.forward_out(*args, counts, indices, None, False, 0.125, pv, torch.empty_like(inp.q), "sse9")
+
+
+_FAILED_BUILD = textwrap.dedent("""
+    import warnings, torch, hf_creative_sparse as hcs
+    from hf_creative_sparse.ops.dispatch import why_not
+    q = torch.randn(1, 2, 256, 64)
+    mask = torch.ones(1, 1, 2, 4, dtype=torch.bool)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, stats = hcs.block_sparse_attention(q, q, q, mask, return_stats=True)
+    assert stats.backend == "reference", stats.backend
+    build_warnings = [w for w in caught if "building the cpu extension failed" in str(w.message)]
+    assert len(build_warnings) == 1, [str(w.message) for w in caught]
+    try:
+        hcs.block_sparse_attention(q, q, q, mask, backend="cpu")
+    except RuntimeError as exc:
+        print("RAISED:", exc)
+""")
+
+
+def test_failed_build_falls_back_and_names_the_cause(tmp_path):
+    """No compiler: one warning, auto runs the reference, backend="cpu" raises with the cause."""
+    env = dict(os.environ, CXX="hcs-no-such-compiler", TORCH_EXTENSIONS_DIR=str(tmp_path), HCS_DISABLE_EXT="cuda",
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", _FAILED_BUILD], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "RAISED: backend 'cpu' cannot run this call" in proc.stdout
+    assert "no C++ compiler found" in proc.stdout and "hcs-no-such-compiler" in proc.stdout
+
+
+def test_disabled_extension_reports_the_variable(tmp_path):
+    code = ("import torch, hf_creative_sparse as hcs\n"
+            "from hf_creative_sparse.ops.dispatch import why_not\n"
+            "print(why_not('cpu'))\n")
+    env = dict(os.environ, HCS_DISABLE_EXT="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "disabled by HCS_DISABLE_EXT=cpu" in proc.stdout
