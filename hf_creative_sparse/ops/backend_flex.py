@@ -15,6 +15,7 @@ reports no skipped pairs.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from typing import Any, Callable
@@ -24,7 +25,7 @@ import torch
 from ..config import BLOCK_M, BLOCK_N
 from .dispatch import BackendResult
 from .inputs import AttentionInputs
-from .masks import block_mask_to_lut
+from .predict_cuda import mask_to_lut
 
 #: A skipped block's weights are below exp(-pvthreshd) of the row's largest; from about 20
 #: on (exp(-20) ~ 2e-9) the skip is far under bf16/fp16 rounding, so exact attention is a
@@ -115,17 +116,36 @@ def _mask_mod(inp: AttentionInputs) -> Callable | None:
 def build_block_mask(inp: AttentionInputs, block_mask: torch.Tensor) -> Any:
     """A FlexAttention `BlockMask` (128x64 blocks) equivalent to ``block_mask``
     (bool [B, Hq, Mq, Mk], restricted to attendable blocks) under ``inp``'s causal and
-    key-padding rules. Only the forward's kv lists are built (no transposed q lists)."""
+    key-padding rules. Without gradients only the forward's kv lists are built."""
     fa = _flex_module()
     partial = block_mask & _partial_blocks(inp)
     full = block_mask & ~partial
-    kv_num, kv_idx = block_mask_to_lut(partial)
-    full_num, full_idx = block_mask_to_lut(full)
+    kv_num, kv_idx = mask_to_lut(partial)
+    full_num, full_idx = mask_to_lut(full)
     kwargs: dict[str, Any] = dict(BLOCK_SIZE=(BLOCK_M, BLOCK_N), mask_mod=_mask_mod(inp),
                                   seq_lengths=(inp.len_q, inp.len_k))
-    if "compute_q_blocks" in inspect.signature(fa.BlockMask.from_kv_blocks).parameters:
-        kwargs["compute_q_blocks"] = False
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v))
+    if not needs_grad and "compute_q_blocks" in inspect.signature(fa.BlockMask.from_kv_blocks).parameters:
+        kwargs["compute_q_blocks"] = False  # the backward's transposed lists are not needed
     return fa.BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, **kwargs)
+
+
+#: Each (shape, dtype, mask kind) compiles its own kernel; a model or a benchmark meets
+#: more of them than dynamo's default recompile limit (8), past which it would silently
+#: run the eager path (materialising scores). Raised, never lowered, while flex runs.
+_RECOMPILE_LIMIT = 128
+
+
+@contextlib.contextmanager
+def _recompile_room():
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    current = getattr(cfg, name, _RECOMPILE_LIMIT)
+    if current >= _RECOMPILE_LIMIT or torch.compiler.is_compiling():
+        yield
+        return
+    with cfg.patch(**{name: _RECOMPILE_LIMIT}):
+        yield
 
 
 def _flex_fn(compiled: bool) -> Callable[..., torch.Tensor]:
@@ -152,8 +172,9 @@ def flex_block_sparse(inp: AttentionInputs, block_mask: torch.Tensor, *, compile
         q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
     bm = build_block_mask(inp, block_mask)
     opts = kernel_options(dp, inp.dtype) if q.is_cuda else None
-    out = _flex_fn(compiled)(q, k, v, block_mask=bm, scale=inp.scale,
-                             enable_gqa=inp.heads_q != inp.heads_kv, kernel_options=opts)
+    with _recompile_room():
+        out = _flex_fn(compiled)(q, k, v, block_mask=bm, scale=inp.scale,
+                                 enable_gqa=inp.heads_q != inp.heads_kv, kernel_options=opts)
     return out[..., :d] if dp != d else out
 
 

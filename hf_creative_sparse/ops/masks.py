@@ -61,6 +61,12 @@ def pool_blocks(x: torch.Tensor, block: int, token_valid: torch.Tensor | None) -
     (self pairs included, as SpargeAttn), token count [B, 1, nb]). Padded and masked
     tokens are left out; an empty block has count 0, pooled 0, similarity 0.
     """
+    if x.is_cuda:  # one fused pass on the GPU (ops/predict_cuda.py), when the extension is built
+        from .predict_cuda import pool_blocks_cuda
+
+        fused = pool_blocks_cuda(x, block, token_valid)
+        if fused is not None:
+            return fused
     b, h, n, d = x.shape
     nb = math.ceil(n / block)
     pad = nb * block - n

@@ -1,0 +1,63 @@
+// Parameters and launchers of the block-sparse attention forward (host-visible, no CUDA
+// device code), shared by the binding (bindings.cpp) and the per-type instantiations.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace hcs {
+
+// Query blocks of 128 rows, key blocks of 64 keys (the block mask's granularity).
+constexpr int kBlockM = 128;
+constexpr int kBlockN = 64;
+constexpr int kThreads = 256;  // 8 warps, 16 query rows each
+
+struct FwdParams {
+  const void* q;  // [B, Hq, Nq, D], element strides below, last dim contiguous
+  const void* k;  // [B, Hkv, Nk, D]
+  const void* v;  // [B, Hkv, Nk, D]
+  void* o;        // [B, Hq, Nq, D]
+  int64_t q_bs, q_hs, q_rs;
+  int64_t k_bs, k_hs, k_rs;
+  int64_t v_bs, v_hs, v_rs;
+  int64_t o_bs, o_hs, o_rs;
+  const int32_t* kv_counts;   // [B, Hq, Mq]
+  const int32_t* kv_indices;  // [B, Hq, Mq, lut_stride], ascending kept key blocks
+  int64_t lut_stride;
+  const uint8_t* kpm;  // [B, Nk] bool (1 = attend) or nullptr
+  int64_t kpm_bs;
+  const float* pvthreshd;            // [Hq]; inf disables the skip
+  unsigned long long* pv_counts;     // [2]: skipped, visited (row, block) pairs
+  int B, Hq, Hkv, Nq, Nk, Mq;
+  float scale_log2;  // softmax scale * log2(e)
+  int causal;        // top-left aligned: key c usable by row r iff c <= r
+};
+
+// One launcher per (dtype, head dim); defined in block_sparse_fwd_<dtype>_d<D>.cu.
+// Returns the launch's cudaError_t (cudaSuccess when it was queued).
+cudaError_t launch_fwd_bf16_d64(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_bf16_d128(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_bf16_d256(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_fp16_d64(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_fp16_d128(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_fp16_d256(const FwdParams& p, cudaStream_t stream);
+
+// Mask prediction helpers (predict.cu).
+struct PoolParams {
+  const void* x;  // [B, H, N, D], last dim contiguous
+  int64_t x_bs, x_hs, x_rs;
+  const uint8_t* valid;  // [B, N] or nullptr
+  int64_t valid_bs;
+  float* pooled;  // [B, H, nb, D]
+  float* sim;     // [B, H, nb]
+  float* count;   // [B, nb]
+  int B, H, N, D, block, nb;
+  int dtype;  // 0 float32, 1 float16, 2 bfloat16
+};
+cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream);
+
+// bool mask [rows, Mk] -> counts [rows], ascending indices [rows, Mk] (tail zero-filled).
+cudaError_t launch_mask_to_lut(const uint8_t* mask, int64_t rows, int mk, int32_t* counts, int32_t* indices,
+                               cudaStream_t stream);
+
+}  // namespace hcs

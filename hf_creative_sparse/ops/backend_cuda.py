@@ -1,0 +1,76 @@
+"""The compiled CUDA backend: csrc/cuda's block-sparse flash-attention forward.
+
+Built on first use on a CUDA machine (`_ext.load_extension("cuda")`, ninja, cached); a
+failed build becomes this backend's unavailable reason and ``auto`` moves on to flex.
+float16/bfloat16, head dims 64/128/256 natively (others zero-padded to the next one with
+the caller's scale), GQA, causal, key padding and the pv-threshold skip (decided per warp
+of 16 query rows, see csrc/cuda/block_sparse_fwd.cuh). Forward only.
+
+The dispatcher prefers this backend over flex only where it measured faster: see
+`SLOWER_THAN_FLEX` and BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._ext import load_extension
+from .dispatch import BackendResult
+from .inputs import AttentionInputs
+
+#: Head dims the kernel has instances for; others are zero-padded to the next one.
+NATIVE_HEAD_DIMS = (64, 128, 256)
+MAX_HEAD_DIM = 256
+#: Smallest compute capability with the instructions the kernel uses (mma.sync bf16, cp.async).
+MIN_CAPABILITY = (8, 0)
+#: (condition, reason) rules where the benchmark (benchmarks/gpu_check.py on an H100)
+#: measured this kernel slower than FlexAttention on the same block mask; `auto` then
+#: prefers flex. Each rule is a function of the inputs returning True where flex wins.
+SLOWER_THAN_FLEX: tuple = ()
+
+
+class CudaBackend:
+    """Block-sparse attention on CUDA tensors through the compiled kernel."""
+
+    name = "cuda"
+
+    def unavailable_reason(self) -> str | None:
+        if not torch.cuda.is_available():
+            return "no CUDA GPU is available"
+        cap = torch.cuda.get_device_capability()
+        if cap < MIN_CAPABILITY:
+            return f"the CUDA kernels need compute capability >= 8.0 (Ampere), this GPU has {cap[0]}.{cap[1]}"
+        return load_extension("cuda").error
+
+    def unsupported_reason(self, inp: AttentionInputs, pvthreshd: torch.Tensor | None = None) -> str | None:
+        if not inp.q.is_cuda:
+            return f"the cuda kernel needs CUDA tensors, got q on {inp.device}"
+        if inp.dtype not in (torch.float16, torch.bfloat16):
+            return f"the cuda kernel takes float16/bfloat16, got {inp.dtype} (flex and the reference take float32)"
+        if inp.head_dim > MAX_HEAD_DIM:
+            return f"head_dim {inp.head_dim} > {MAX_HEAD_DIM} is not supported by the cuda kernel"
+        if torch.cuda.get_device_capability(inp.device) < MIN_CAPABILITY:
+            return "the cuda kernel needs compute capability >= 8.0"
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v)):
+            return "the cuda kernel is forward-only and q/k/v require grad (flex and the reference support autograd)"
+        for slower, reason in SLOWER_THAN_FLEX:
+            if slower(inp):
+                return reason
+        return None
+
+    def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:
+        from .custom_ops import block_sparse_fwd
+        from .predict_cuda import mask_to_lut
+
+        skip_on = bool(torch.isfinite(pvthreshd).any())  # checked before the launch: no wait on the kernel
+        kv_counts, kv_indices = mask_to_lut(block_mask)
+        pv = pvthreshd.to(device=inp.device, dtype=torch.float32).contiguous()
+        out, pv_counts = block_sparse_fwd(inp.q, inp.k, inp.v, kv_counts, kv_indices, inp.key_padding_mask,
+                                          inp.is_causal, inp.scale, pv)
+        if not skip_on:
+            return BackendResult(out=out)  # nothing can be skipped: no need to wait for the counts
+        skipped, visited = pv_counts.tolist()
+        return BackendResult(out=out, pv_skipped=int(skipped), pv_visited=int(visited))
+
+
+BACKEND = CudaBackend()
