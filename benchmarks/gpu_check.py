@@ -1,0 +1,309 @@
+#!/usr/bin/env python3
+"""Build, test and benchmark the GPU backends in one run on a CUDA machine.
+
+    python benchmarks/gpu_check.py                     # build + cuda tests + benchmark
+    python benchmarks/gpu_check.py --stages bench --shapes 32k --budget 200
+
+Stages:
+  build  JIT-builds the CUDA extension through the package's own loader (timed).
+  test   pytest -m cuda on tests/test_cuda_kernels.py and tests/test_flex_backend.py.
+  bench  per shape (DESIGN.md's list), bf16: SDPA cuDNN and flash (dense), then for kept
+         fractions 100/50/25/10% of random block masks the cuda kernel and FlexAttention
+         on the same mask (kernel time; the mask is given), then the default predicted
+         mask end to end (`sparse_attention`, prediction included) on structured inputs,
+         and the mask prediction alone. Ratios are measured in the same run.
+Logs and a JSON of every number go to $OUT (default ./gpu_check_out); a short table is
+printed last. Timing: CUDA events, warm-up, median of repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+OUT = os.environ.get("OUT") or os.path.join(ROOT, "gpu_check_out")
+os.makedirs(OUT, exist_ok=True)
+LOG = open(os.path.join(OUT, "gpu_check.log"), "a")
+START = time.time()
+
+# name -> (B, H, N, D, causal)
+SHAPES = {
+    "flux": (1, 24, 4608, 128, False),
+    "cogvideox": (1, 30, 17776, 64, False),
+    "wan": (1, 12, 32760, 128, False),
+    "32k": (1, 24, 32768, 128, False),
+    "32k_d64": (1, 24, 32768, 64, False),
+    "gpt2": (8, 12, 1024, 64, True),
+}
+KEPT = (1.0, 0.5, 0.25, 0.1)
+
+
+def log(msg: str = "") -> None:
+    print(msg, flush=True)
+    LOG.write(msg + "\n")
+    LOG.flush()
+
+
+def elapsed() -> float:
+    return time.time() - START
+
+
+def time_fn(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def stage_build() -> bool:
+    from hf_creative_sparse.ops._ext import load_extension
+
+    t0 = time.time()
+    status = load_extension("cuda")
+    log(f"[build] cuda extension: {'OK' if status.module else 'FAILED'} in {time.time() - t0:.1f} s")
+    if status.error:
+        log(status.error)
+    return status.module is not None
+
+
+def stage_test(timeout: float = 240.0) -> str:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
+           "tests/test_cuda_kernels.py", "tests/test_flex_backend.py"]
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        text = proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        text = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        text += f"\nTIMEOUT after {timeout} s"
+    with open(os.path.join(OUT, "pytest.log"), "w") as fh:
+        fh.write(text)
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    failures = [ln for ln in lines if ln.startswith(("FAILED", "ERROR"))]
+    summary = lines[-1] if lines else "no output"
+    log(f"[test] {summary} ({time.time() - t0:.0f} s)")
+    for ln in failures[:20]:
+        log("  " + ln[:300])
+    return summary
+
+
+def random_block_mask(b, h, mq, mk, frac, causal, device):
+    """bool [B, H, Mq, Mk] keeping round(frac * attendable) blocks per row (>= 1)."""
+    score = torch.rand(b, h, mq, mk, device=device)
+    if causal:
+        from hf_creative_sparse.ops.masks import causal_block_mask
+
+        allowed = causal_block_mask(mq * 128, mk * 64, device)[None, None]
+        score = score.masked_fill(~allowed, -1.0)
+        n_allowed = allowed.sum(-1, keepdim=True).expand(b, h, mq, 1)
+    else:
+        n_allowed = torch.full((b, h, mq, 1), mk, device=device)
+    n = torch.clamp(torch.round(n_allowed.float() * frac), min=1).long()
+    order = score.argsort(dim=-1, descending=True)
+    ranks = torch.arange(mk, device=device)
+    keep_sorted = ranks < n
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def structured_qkv(b, h, n, d, dtype, device):
+    """Tokens drawn along a smooth random walk plus noise: neighbouring tokens are similar
+    (as in video/image latents), so blocks are self-similar and prediction can select."""
+    g = torch.Generator(device=device).manual_seed(1)
+    walk = torch.randn(b, h, n // 64 + 2, d, device=device, generator=g)
+    walk = F.interpolate(walk.transpose(2, 3).reshape(b * h, d, -1), size=n, mode="linear",
+                         align_corners=False).reshape(b, h, d, n).transpose(2, 3)
+    q = walk + 0.35 * torch.randn(b, h, n, d, device=device, generator=g)
+    k = walk + 0.35 * torch.randn(b, h, n, d, device=device, generator=g)
+    v = torch.randn(b, h, n, d, device=device, generator=g)
+    return q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
+
+
+def sdpa_time(q, k, v, causal, backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    which = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[backend]
+    try:
+        with sdpa_kernel([which]):
+            fn = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
+            out = fn()
+            ms = time_fn(fn)
+        return ms, out
+    except Exception as exc:  # backend unavailable for this shape
+        log(f"  sdpa {backend} failed: {type(exc).__name__}: {str(exc)[:200]}")
+        return math.nan, None
+
+
+def rel_l1(out, ref):
+    return float((out.float() - ref.float()).abs().sum() / ref.float().abs().sum().clamp(min=1e-30))
+
+
+def bench_shape(name, results, budget):
+    from hf_creative_sparse.config import SparseAttentionConfig
+    from hf_creative_sparse.ops import backend_flex
+    from hf_creative_sparse.ops.attention import sparse_attention_inputs
+    from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
+    from hf_creative_sparse.ops.inputs import attention_inputs
+    from hf_creative_sparse.ops.masks import check_block_mask, kept_fraction, predict_from_inputs
+    from hf_creative_sparse.ops.predict_cuda import mask_to_lut
+
+    b, h, n, d, causal = SHAPES[name]
+    dev, dtype = "cuda", torch.bfloat16
+    flops = 4.0 * b * h * n * n * d * (0.5 if causal else 1.0)
+    q, k, v = (torch.randn(b, h, n, d, device=dev, dtype=dtype) for _ in range(3))
+    row = {"shape": name, "B": b, "H": h, "N": n, "D": d, "causal": causal, "dense_tflop": flops / 1e12}
+    cud_ms, cud_out = sdpa_time(q, k, v, causal, "cudnn")
+    fl_ms, _ = sdpa_time(q, k, v, causal, "flash")
+    row.update(cudnn_ms=cud_ms, flash_ms=fl_ms, cudnn_tflops=flops / cud_ms / 1e9, flash_tflops=flops / fl_ms / 1e9)
+    log(f"[bench] {name}: cuDNN {cud_ms:.3f} ms ({row['cudnn_tflops']:.0f} TFLOP/s), flash {fl_ms:.3f} ms")
+    inp = attention_inputs(q, k, v, is_causal=causal)
+    pv_off = torch.full((h,), math.inf, device=dev)
+    row["kept"] = {}
+    for frac in KEPT:
+        if elapsed() > budget:
+            log("  (time budget reached)")
+            break
+        mask = check_block_mask(random_block_mask(b, h, inp.num_q_blocks, inp.num_k_blocks, frac, causal, dev), inp)
+        kept, _ = kept_fraction(mask, inp)
+        counts, idx = mask_to_lut(mask)
+        cuda_fn = lambda: block_sparse_fwd(q, k, v, counts, idx, None, causal, inp.scale, pv_off)  # noqa: E731
+        out_cuda = cuda_fn()[0]
+        cuda_ms = time_fn(cuda_fn)
+        entry = {"kept": kept, "cuda_ms": cuda_ms, "cuda_tflops_eff": flops * kept / cuda_ms / 1e9,
+                 "cuda_vs_cudnn": cud_ms / cuda_ms}
+        try:
+            bm = backend_flex.build_block_mask(inp, mask)
+            fx = backend_flex._flex_fn(True)
+            opts = backend_flex.kernel_options(d, dtype)
+            flex_fn = lambda: fx(q, k, v, block_mask=bm, scale=inp.scale, kernel_options=opts)  # noqa: E731
+            with backend_flex._recompile_room():
+                out_flex = flex_fn()
+                flex_ms = time_fn(flex_fn)
+            entry.update(flex_ms=flex_ms, flex_tflops_eff=flops * kept / flex_ms / 1e9,
+                         cuda_vs_flex=flex_ms / cuda_ms, cuda_flex_rel_l1=rel_l1(out_cuda, out_flex))
+        except Exception as exc:
+            log(f"  flex failed: {type(exc).__name__}: {str(exc)[:300]}")
+        if cud_out is not None:
+            entry["rel_l1_vs_dense"] = rel_l1(out_cuda, cud_out)
+        row["kept"][f"{frac:.2f}"] = entry
+        log(f"  kept {kept:.3f}: cuda {cuda_ms:.3f} ms ({entry['cuda_tflops_eff']:.0f} eff TFLOP/s, "
+            f"{entry['cuda_vs_cudnn']:.2f}x cuDNN), flex {entry.get('flex_ms', math.nan):.3f} ms "
+            f"({entry.get('flex_tflops_eff', math.nan):.0f}), cuda/flex speedup {entry.get('cuda_vs_flex', math.nan):.2f}, "
+            f"L1 vs dense {entry.get('rel_l1_vs_dense', math.nan):.3f}")
+
+    if elapsed() > budget:
+        return row
+    # Default predicted mask, end to end (prediction + policy + kernel), structured inputs.
+    qs, ks, vs = structured_qkv(b, h, n, d, dtype, dev)
+    inp_s = attention_inputs(qs, ks, vs, is_causal=causal)
+    cud_s_ms, cud_s_out = sdpa_time(qs, ks, vs, causal, "cudnn")
+    cfg = SparseAttentionConfig()
+    with torch.no_grad():
+        out_s, stats = sparse_attention_inputs(inp_s, cfg)
+        e2e_ms = time_fn(lambda: sparse_attention_inputs(inp_s, cfg))
+        pred_fn = lambda: kept_fraction(predict_from_inputs(  # noqa: E731
+            inp_s, simthreshd1=cfg.simthreshd1, cdfthreshd=cfg.cdfthreshd), inp_s)
+        pred_ms = time_fn(pred_fn)
+    row["predicted"] = {
+        "kept": stats.predicted_kept_fraction, "backend": stats.backend, "fallback": stats.fallback_reason,
+        "e2e_ms": e2e_ms, "cudnn_ms": cud_s_ms, "vs_cudnn": cud_s_ms / e2e_ms, "predict_ms": pred_ms,
+        "predict_pct_of_cudnn": 100.0 * pred_ms / cud_s_ms,
+        "rel_l1_vs_dense": rel_l1(out_s, cud_s_out) if cud_s_out is not None else math.nan,
+        "pv_skipped_fraction": stats.pv_skipped_fraction,
+    }
+    p = row["predicted"]
+    log(f"  predicted (default cfg, structured inputs): kept {p['kept'] if p['kept'] is not None else math.nan:.3f} "
+        f"backend {p['backend']} e2e {e2e_ms:.3f} ms = {p['vs_cudnn']:.2f}x cuDNN; prediction {pred_ms:.3f} ms "
+        f"({p['predict_pct_of_cudnn']:.1f}% of cuDNN); L1 vs dense {p['rel_l1_vs_dense']:.4f}"
+        + (f"; fallback: {p['fallback']}" if p["fallback"] else ""))
+
+    if not causal and elapsed() < budget:
+        # Headline: kept 25% by top-k, prediction included, per backend.
+        for backend in ("cuda", "flex"):
+            cfg25 = SparseAttentionConfig(topk=0.25, simthreshd1=-1.0, backend=backend)
+            try:
+                with torch.no_grad():
+                    ms = time_fn(lambda: sparse_attention_inputs(inp, cfg25))
+                row[f"topk25_{backend}_e2e_ms"] = ms
+                log(f"  top-k 25% end to end ({backend}): {ms:.3f} ms = {cud_ms / ms:.2f}x cuDNN")
+            except Exception as exc:
+                log(f"  top-k 25% ({backend}) failed: {type(exc).__name__}: {str(exc)[:200]}")
+    return row
+
+
+def print_table(results):
+    log("")
+    log(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  bf16")
+    log("shape       cuDNN ms | kept: cuda ms (eff TF/s, x cuDNN, x flex) ... | predicted: kept, backend, x cuDNN, pred%")
+    for row in results:
+        cells = []
+        for key, e in row.get("kept", {}).items():
+            cells.append(f"{float(key) * 100:.0f}%: {e['cuda_ms']:.2f} ({e['cuda_tflops_eff']:.0f}, "
+                         f"{e['cuda_vs_cudnn']:.2f}x, {e.get('cuda_vs_flex', math.nan):.2f}x)")
+        p = row.get("predicted")
+        pred = (f"{p['kept'] if p['kept'] is not None else math.nan:.2f} {p['backend']} {p['vs_cudnn']:.2f}x "
+                f"{p['predict_pct_of_cudnn']:.1f}%") if p else "-"
+        log(f"{row['shape']:10s} {row['cudnn_ms']:8.2f} | " + " ".join(cells) + f" | {pred}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stages", default="build,test,bench")
+    ap.add_argument("--shapes", default="32k,32k_d64,cogvideox,flux,wan,gpt2")
+    ap.add_argument("--budget", type=float, default=360.0, help="seconds after which benchmarking stops")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        log("no CUDA GPU: nothing to check")
+        return 1
+    log(f"device {torch.cuda.get_device_name()} cap {torch.cuda.get_device_capability()} torch {torch.__version__} "
+        f"cuda {torch.version.cuda}")
+    stages = args.stages.split(",")
+    ok = True
+    if "build" in stages:
+        ok = stage_build()
+    summary = stage_test() if "test" in stages and ok else "not run"
+    results = []
+    if "bench" in stages and ok:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for name in args.shapes.split(","):
+            if elapsed() > args.budget:
+                log(f"[bench] time budget reached before {name}")
+                break
+            try:
+                results.append(bench_shape(name, results, args.budget))
+            except Exception as exc:
+                log(f"[bench] {name} failed: {type(exc).__name__}: {str(exc)[:500]}")
+            with open(os.path.join(OUT, "bench.json"), "w") as fh:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tests": summary,
+                           "results": results}, fh, indent=1, default=str)
+            torch.cuda.empty_cache()
+        print_table(results)
+    log(f"[tests] {summary}")
+    log(f"total {elapsed():.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The CUDA extension (csrc/cuda) against independent references, on fresh random inputs
+at odd sizes: the block-sparse forward (dtypes, head dims incl. padded ones, GQA, causal,
+key padding, empty rows, the pv skip), the GPU prediction pieces, the public entry points
+with backend="cuda", and the custom ops under torch.compile. All marked `cuda`."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hf_creative_sparse as hcs
+from hf_creative_sparse.ops import predict_cuda
+from hf_creative_sparse.ops._ext import load_extension
+from hf_creative_sparse.ops.custom_ops import block_sparse_fwd, compiled_sparse_attention
+from hf_creative_sparse.ops.inputs import attention_inputs
+from hf_creative_sparse.ops.masks import block_mask_to_lut, check_block_mask, pool_blocks, predict_from_inputs
+from hf_creative_sparse.ops.reference import reference_attention
+from reference_impl import element_mask, masked_attention_f64, pv_skip_attention_f64
+
+pytestmark = pytest.mark.cuda
+
+TOL = {torch.bfloat16: 1.2e-2, torch.float16: 3e-3}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double().cpu() - ref).norm() / ref.norm().clamp(min=1e-30))
+
+
+def _case(b, hq, hkv, nq, nk, d, dtype, *, causal=False, padded=False, keep=0.5, scale_q=1.0):
+    dev = "cuda"
+    q = (torch.randn(b, hq, nq, d, device=dev) * scale_q).to(dtype)
+    k = torch.randn(b, hkv, nk, d, device=dev).to(dtype)
+    v = torch.randn(b, hkv, nk, d, device=dev).to(dtype)
+    kpm = None
+    if padded:
+        kpm = torch.rand(b, nk, device=dev) > 0.25
+        kpm[0, : min(nk, 150)] = False  # causal: the first rows of batch 0 have no key at all
+    inp = attention_inputs(q, k, v, is_causal=causal, key_padding_mask=kpm)
+    mask = check_block_mask(torch.rand(b, hq, inp.num_q_blocks, inp.num_k_blocks, device=dev) < keep, inp)
+    return inp, mask
+
+
+def _run(inp, mask, pv=math.inf):
+    counts, indices = block_mask_to_lut(mask)
+    pvt = torch.full((inp.heads_q,), float(pv), device="cuda")
+    return block_sparse_fwd(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, inp.is_causal,
+                            inp.scale, pvt)
+
+
+def test_extension_builds():
+    status = load_extension("cuda")
+    assert status.module is not None, status.error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [
+    # (b, hq, hkv, nq, nk, d, causal, padded)
+    (2, 4, 2, 333, 333, 64, True, True),     # GQA, causal, padding, rows without keys
+    (1, 3, 3, 200, 517, 128, False, True),   # Nq != Nk, padding
+    (1, 2, 1, 257, 257, 128, True, False),   # causal, odd length
+    (1, 2, 2, 131, 190, 32, False, False),   # padded head dim 32 -> 64
+    (1, 2, 1, 300, 300, 80, True, False),    # 80 -> 128
+    (1, 1, 1, 150, 260, 160, False, True),   # 160 -> 256
+    (1, 2, 2, 129, 129, 256, False, False),  # native 256
+])
+def test_forward_matches_float64_reference(shape, dtype):
+    b, hq, hkv, nq, nk, d, causal, padded = shape
+    inp, mask = _case(b, hq, hkv, nq, nk, d, dtype, causal=causal, padded=padded)
+    out, counts = _run(inp, mask)
+    em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
+    ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    assert out.shape == (b, hq, nq, d) and out.dtype == dtype
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert _rel(out, ref) < TOL[dtype], f"relative error {_rel(out, ref):.2e}"
+    no_key = ~em.any(-1)  # rows without any usable key must be exact zeros
+    assert (out.cpu()[no_key] == 0).all()
+    _, skipped, visited = reference_attention(inp, mask, torch.full((hq,), math.inf, device="cuda"))
+    assert counts.tolist() == [0, visited]
+
+
+def test_nhd_views_and_full_mask_equal_sdpa():
+    q = torch.randn(2, 700, 8, 64, device="cuda", dtype=torch.bfloat16)  # NHD: strided HND views
+    k = torch.randn(2, 700, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 700, 2, 64, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(1, 1, 6, 11, dtype=torch.bool, device="cuda")
+    out = hcs.block_sparse_attention(q, k, v, mask, layout="NHD", backend="cuda")
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).float(), k.transpose(1, 2).float().repeat_interleave(4, 1),
+        v.transpose(1, 2).float().repeat_interleave(4, 1)).transpose(1, 2)
+    assert (out.float() - ref).norm() / ref.norm() < 1e-2
+
+
+def test_pv_skip_equals_per_row_reference_when_warp_rows_agree():
+    # Every 16-row group of a query block holds one repeated row, so the kernel's per-warp
+    # decision is the per-row one: results and counts must match the per-row reference.
+    b, h, n, d = 1, 2, 384, 64
+    base = torch.randn(b, h, n // 16, d, device="cuda") * 2.5
+    q = base.repeat_interleave(16, dim=2).to(torch.float16)
+    k = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
+    v = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
+    inp = attention_inputs(q, k, v)
+    mask = check_block_mask(torch.rand(b, h, 3, 6, device="cuda") < 0.8, inp)
+    thr = 3.0
+    out, counts = _run(inp, mask, thr)
+    ref, skipped, visited = pv_skip_attention_f64(q, k, v, mask.cpu(), thr)
+    assert skipped > 0, "the test inputs should trigger the skip"
+    assert counts.tolist() == [skipped, visited]
+    assert _rel(out, ref) < TOL[torch.float16]
+
+
+def test_pv_skip_per_warp_within_tolerance_on_random_rows():
+    inp, mask = _case(1, 2, 2, 512, 1024, 64, torch.bfloat16, keep=0.9, scale_q=3.0)
+    thr = 6.0
+    out, counts = _run(inp, mask, thr)
+    _, ref_skipped, ref_visited = reference_attention(inp, mask, torch.full((2,), thr, device="cuda"))
+    exact = masked_attention_f64(inp.q, inp.k, inp.v, element_mask(mask, 512, 1024, batch=1, heads=2))
+    skipped, visited = counts.tolist()
+    assert visited == ref_visited and 0 <= skipped <= ref_skipped
+    # a skipped block's weights are < exp(-thr) of the row max: bounded change from exact attention
+    assert _rel(out, exact) < TOL[torch.bfloat16] + 16 * math.exp(-thr)
+
+
+@pytest.mark.parametrize("block", [128, 64])
+def test_gpu_pooling_matches_torch(block):
+    x = torch.randn(2, 3, 1000, 96, device="cuda", dtype=torch.bfloat16)
+    valid = torch.rand(2, 1000, device="cuda") > 0.2
+    fused = predict_cuda.pool_blocks_cuda(x, block, valid)
+    predict_cuda.ENABLED = False
+    try:
+        ref = pool_blocks(x, block, valid)
+    finally:
+        predict_cuda.ENABLED = True
+    for a, r in zip(fused, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+def test_gpu_prediction_agrees_with_torch_prediction():
+    # Smooth (self-similar) tokens so the prediction actually selects blocks.
+    walk = torch.randn(2, 4, 4000, 64, device="cuda").cumsum(2) / 20
+    q = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
+    k = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
+    kpm = torch.rand(2, 4000, device="cuda") > 0.1
+    inp = attention_inputs(q, k, k, key_padding_mask=kpm)
+    got = predict_from_inputs(inp, simthreshd1=0.3, cdfthreshd=0.9)
+    predict_cuda.ENABLED = False
+    try:
+        want = predict_from_inputs(inp, simthreshd1=0.3, cdfthreshd=0.9)
+    finally:
+        predict_cuda.ENABLED = True
+    assert 0.05 < want.float().mean() < 0.95, "the test should select a proper subset"
+    agree = (got == want).float().mean().item()
+    assert agree > 0.999, f"GPU and torch predictions agree on {agree:.5f} of the blocks"
+
+
+def test_mask_to_lut_equals_torch():
+    mask = torch.rand(3, 5, 7, 133, device="cuda") < 0.3
+    mask[0, 0, 0] = False
+    mask[0, 0, 1] = True
+    got = predict_cuda.mask_to_lut(mask)
+    want = block_mask_to_lut(mask)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_public_api_with_cuda_backend():
+    inp, mask = _case(1, 4, 1, 1500, 1500, 128, torch.bfloat16, causal=True, padded=True)
+    out, stats = hcs.sparse_attention(inp.q, inp.k, inp.v, is_causal=True, key_padding_mask=inp.key_padding_mask,
+                                      topk=0.5, simthreshd1=-1.0, backend="cuda", return_stats=True)
+    assert stats.backend == "cuda"
+    em = element_mask(stats.block_mask, 1500, 1500, is_causal=True, key_padding_mask=inp.key_padding_mask,
+                      batch=1, heads=4)
+    ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+
+
+def test_custom_ops_compile_without_graph_breaks():
+    q = torch.randn(1, 4, 1100, 64, device="cuda", dtype=torch.float16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+    inp = attention_inputs(q, k, v)
+    mask = check_block_mask(torch.rand(1, 4, 9, 18, device="cuda") < 0.5, inp)
+    counts, indices = block_mask_to_lut(mask)
+    pv = torch.full((4,), math.inf, device="cuda")
+
+    def layer(q, k, v):
+        out, _ = block_sparse_fwd(q * 1.0, k, v, counts, indices, None, False, 0.125, pv)
+        return out.float().relu()
+
+    eager = layer(q, k, v)
+    compiled = torch.compile(layer, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, eager)
+
+    cfg = hcs.SparseAttentionConfig(topk=0.3, simthreshd1=-1.0, min_seq_len=0, backend="cuda")
+
+    def model(q, k, v):
+        out, stats = compiled_sparse_attention(q * 1.0, k, v, cfg)
+        return out + 1.0, stats
+
+    e_out, e_stats = model(q, k, v)
+    c_out, c_stats = torch.compile(model, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(c_out, e_out)
+    assert c_stats[0].item() == pytest.approx(e_stats[0].item()) and c_stats[3].item() == 0.0
