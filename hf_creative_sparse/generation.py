@@ -286,8 +286,8 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
         for key in NEUTRAL_SAMPLING:
             setattr(settings, key, kwargs[key])
         for problem in sampling_problems(settings):
-            warnings.warn(f"CreativeSparseLogitsProcessor: generate's {problem} stacks on top of T(s) and "
-                          "p_nuc(s)", stacklevel=2)
+            warnings.warn(f"CreativeSparseLogitsProcessor: generate's {problem} distorts T(s) and p_nuc(s)",
+                          stacklevel=2)
         return kwargs
 
     # -- the call --------------------------------------------------------------------
@@ -298,7 +298,7 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
             running = _running_generation_config()
             if running is not None:
                 for problem in sampling_problems(running):
-                    warnings.warn(f"CreativeSparseLogitsProcessor: generate's {problem} stacks on top of T(s) "
+                    warnings.warn(f"CreativeSparseLogitsProcessor: generate's {problem} distorts T(s) "
                                   "and p_nuc(s)", stacklevel=2)
         step = self.step_of(input_ids)
         cp = self.control_at_step(step)
