@@ -1,0 +1,200 @@
+"""CPU benchmark of the compiled block-sparse kernel against dense SDPA, the reference
+backend and a plain PyTorch loop that gathers the kept key blocks and calls matmul.
+
+Every method runs on the same inputs and masks, interleaved round by round so that load
+from other processes hits them alike; times are medians over the rounds and every ratio
+is taken within this one run. Masks keep an exact fraction of each query block's
+attendable key blocks (random choice), so "kept 25%" is 25% of the work of dense.
+
+    python benchmarks/bench_cpu.py                 # the table (about 2 minutes on 2 cores)
+    python benchmarks/bench_cpu.py --repeats 9 --out benchmarks/RESULTS_CPU.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_creative_sparse.config import BLOCK_M, BLOCK_N  # noqa: E402
+from hf_creative_sparse.ops._ext import load_extension  # noqa: E402
+from hf_creative_sparse.ops.attention import block_sparse_attention  # noqa: E402
+from hf_creative_sparse.ops.inputs import attention_inputs  # noqa: E402
+from hf_creative_sparse.ops.masks import attendable_blocks, kept_fraction  # noqa: E402
+
+
+@dataclass
+class Shape:
+    label: str
+    b: int
+    h: int
+    n: int
+    d: int
+    causal: bool
+    kept: float
+
+
+SHAPES = [
+    Shape("B1 H8 N4096 D64", 1, 8, 4096, 64, False, 0.25),
+    Shape("B1 H8 N4096 D64", 1, 8, 4096, 64, False, 1.0),
+    Shape("GPT-2 B8 H12 N1024 D64 causal", 8, 12, 1024, 64, True, 0.25),
+    Shape("GPT-2 B8 H12 N1024 D64 causal", 8, 12, 1024, 64, True, 1.0),
+]
+
+
+def fixed_fraction_mask(b: int, h: int, n: int, causal: bool, kept: float, seed: int = 0) -> torch.Tensor:
+    """bool [B, H, Mq, Mk]: each query block keeps round(kept * attendable) key blocks (at
+    least one), chosen at random among its attendable blocks."""
+    g = torch.Generator().manual_seed(seed)
+    mq, mk = math.ceil(n / BLOCK_M), math.ceil(n / BLOCK_N)
+    mask = torch.zeros(b, h, mq, mk, dtype=torch.bool)
+    for i in range(mq):
+        attendable = min(mk, math.ceil(min(n, (i + 1) * BLOCK_M) / BLOCK_N)) if causal else mk
+        keep = max(1, round(kept * attendable))
+        scores = torch.rand(b, h, attendable, generator=g)
+        chosen = scores.argsort(-1)[..., :keep]
+        mask[:, :, i].scatter_(-1, chosen, True)
+    return mask
+
+
+def gather_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                            causal: bool) -> torch.Tensor:
+    """The plain PyTorch baseline: per query block, gather the kept key blocks of every
+    head (the same count in each head) and run matmul, softmax, matmul."""
+    b, h, n, d = q.shape
+    mq, mk = mask.shape[2], mask.shape[3]
+    pad = mk * BLOCK_N - n
+    kb = F.pad(k, (0, 0, 0, pad)).view(b, h, mk, BLOCK_N, d)
+    vb = F.pad(v, (0, 0, 0, pad)).view(b, h, mk, BLOCK_N, d)
+    key_pos = torch.arange(mk * BLOCK_N).view(mk, BLOCK_N)
+    out = torch.empty_like(q)
+    scale = d ** -0.5
+    bi, hi = torch.arange(b)[:, None, None], torch.arange(h)[None, :, None]
+    for i in range(mq):
+        r0, r1 = i * BLOCK_M, min(n, (i + 1) * BLOCK_M)
+        idx = mask[:, :, i].nonzero()[:, 2].view(b, h, -1)  # same count per head by construction
+        kg = kb[bi, hi, idx].flatten(2, 3)  # [B, H, kept * 64, D]
+        vg = vb[bi, hi, idx].flatten(2, 3)
+        s = (q[:, :, r0:r1] @ kg.transpose(-1, -2)) * scale
+        cols = key_pos[idx].flatten(2)  # [B, H, kept * 64] key positions
+        invalid = cols >= n
+        if causal:
+            invalid = invalid[:, :, None, :] | (cols[:, :, None, :] > torch.arange(r0, r1)[None, None, :, None])
+        else:
+            invalid = invalid[:, :, None, :]
+        s = s.masked_fill(invalid, float("-inf"))
+        out[:, :, r0:r1] = torch.softmax(s, dim=-1) @ vg
+    return out
+
+
+def time_interleaved(methods: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per method; one warm-up call each, then `repeats` rounds."""
+    for fn in methods.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, fn in methods.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def run_shape(shape: Shape, repeats: int, reference_repeats: int) -> dict[str, object]:
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape.b, shape.h, shape.n, shape.d) for _ in range(3))
+    mask = fixed_fraction_mask(shape.b, shape.h, shape.n, shape.causal, shape.kept)
+    inp = attention_inputs(q, k, v, is_causal=shape.causal)
+    kept, _ = kept_fraction(mask & attendable_blocks(inp), inp)
+
+    def cpu() -> torch.Tensor:
+        return block_sparse_attention(q, k, v, mask, is_causal=shape.causal, backend="cpu")
+
+    methods = {
+        "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=shape.causal),
+        "cpu": cpu,
+        "gather": lambda: gather_matmul_attention(q, k, v, mask, shape.causal),
+    }
+    times = time_interleaved(methods, repeats)
+    ref = lambda: block_sparse_attention(q, k, v, mask, is_causal=shape.causal, backend="reference")  # noqa: E731
+    # the reference is slow: time it against the kernel in rounds of its own
+    ref_times = time_interleaved({"cpu": cpu, "reference": ref}, reference_repeats)
+    err = (cpu() - ref()).abs().max().item()
+    err_gather = (cpu() - gather_matmul_attention(q, k, v, mask, shape.causal)).abs().max().item()
+    rows = torch.full((mask.shape[2],), BLOCK_M).index_fill_(0, torch.tensor([mask.shape[2] - 1]),
+                                                              shape.n - (mask.shape[2] - 1) * BLOCK_M)
+    cols = torch.full((mask.shape[3],), BLOCK_N).index_fill_(0, torch.tensor([mask.shape[3] - 1]),
+                                                             shape.n - (mask.shape[3] - 1) * BLOCK_N)
+    flops = 4 * shape.d * (mask.float() * rows[:, None] * cols[None, :]).sum().item()  # over kept blocks
+    return {
+        "shape": shape, "kept": kept, "times": times, "ref_times": ref_times,
+        "err": max(err, err_gather), "gflops": flops / times["cpu"] / 1e9,
+    }
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    ext = load_extension("cpu").module
+    isa = ext.available_isas()[0] if ext is not None else "unavailable"
+    return (f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"kernel instance {isa}")
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    lines = [
+        "| shape | kept | SDPA ms | cpu kernel ms | gather+matmul ms | reference ms | cpu vs SDPA | "
+        "cpu vs gather | cpu vs reference | kernel GFLOP/s | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        t, rt, s = r["times"], r["ref_times"], r["shape"]
+        lines.append(
+            f"| {s.label} | {r['kept']:.0%} | {t['sdpa'] * 1e3:.1f} | {t['cpu'] * 1e3:.1f} | "
+            f"{t['gather'] * 1e3:.1f} | {rt['reference'] * 1e3:.1f} | {t['sdpa'] / t['cpu']:.2f}x | "
+            f"{t['gather'] / t['cpu']:.2f}x | {rt['reference'] / rt['cpu']:.1f}x | {r['gflops']:.0f} | "
+            f"{r['err']:.1e} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds per method (median reported)")
+    parser.add_argument("--reference-repeats", type=int, default=3, help="rounds for the slow reference")
+    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    args = parser.parse_args(argv)
+    status = load_extension("cpu")
+    if status.module is None:
+        print(f"the cpu kernel is unavailable: {status.error}", file=sys.stderr)
+        return 1
+    rows = []
+    for shape in SHAPES:
+        rows.append(run_shape(shape, args.repeats, args.reference_repeats))
+        print(table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    text = (f"Machine: {machine()}. Medians of {args.repeats} interleaved rounds "
+            f"({args.reference_repeats} for the reference); float32; ratios from this one run.\n\n{table(rows)}\n")
+    print(text)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
