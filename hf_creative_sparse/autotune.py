@@ -361,40 +361,62 @@ def load_task(task_type: str) -> dict[str, Any]:
 
 
 class HFGenerator:
-    """The default ``generate_fn``: samples with a transformers causal LM at the control
-    point M(s) of `control.SparsityController`.
+    """The default ``generate_fn``: samples a transformers causal LM at the control point
+    M(s) of `control.SparsityController`.
 
-    Plain model: ``model.generate`` with ``temperature = T(s)``, ``top_p = p_nuc(s)``,
-    ``top_k = 0``, ``num_return_sequences = num_samples``, while `control.set_current_sparsity`
-    publishes s so attention patches (``enable_creative_sparse``) use k_attn(s). A wrapper
-    with ``generate_creative`` (`generation.CreativeSparseWrapper`) is called instead with
-    ``sparsity_level=s, num_candidates=num_samples, return_best=False``.
-    Chat models (a tokenizer with a chat template) get each prompt as a user turn when
-    ``use_chat_template`` is "auto" or True. ``reference(prompts)`` decodes greedily.
+    Three ways, picked from the arguments:
+
+    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): called per
+      prompt with ``sparsity_level=s, num_candidates=num_samples, return_best=False``;
+    - a plain model with ``use_wrapper=True`` (default): the same, through a wrapper built
+      here (it routes attention through ``creative_sparse`` so k_attn(s) applies, and
+      scores nothing: the sweep scores). `close` restores the model's attention;
+    - ``use_wrapper=False``: ``model.generate`` with ``temperature = T(s)``,
+      ``top_p = p_nuc(s)``, ``top_k = 0``, prompts batched, while
+      `control.set_current_sparsity` publishes s for attention patches the caller installed.
+
+    Chat models (a tokenizer with a chat template) get each prompt as a user turn.
+    ``reference(prompts)`` decodes greedily with dense attention (s = 0).
     """
 
     def __init__(self, model_or_wrapper: Any, tokenizer: Any = None, *, max_new_tokens: int = 64,
-                 sparsity_config: Any = None, use_chat_template: bool | str = "auto", batch_size: int = 8) -> None:
+                 sparsity_config: Any = None, use_wrapper: bool = True, use_chat_template: bool | str = "auto",
+                 batch_size: int = 8) -> None:
         if max_new_tokens < 1 or batch_size < 1:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
         if use_chat_template not in ("auto", True, False):
             raise ValueError(f"use_chat_template must be 'auto', True or False, got {use_chat_template!r}")
-        self.wrapper = model_or_wrapper if hasattr(model_or_wrapper, "generate_creative") else None
-        model = getattr(model_or_wrapper, "model", None) if self.wrapper is not None else model_or_wrapper
-        tokenizer = tokenizer if tokenizer is not None else getattr(model_or_wrapper, "tokenizer", None)
-        if model is None or not hasattr(model, "generate"):
-            raise TypeError("model_or_wrapper must be a transformers generative model or a CreativeSparseWrapper, "
-                            f"got {type(model_or_wrapper).__name__}")
-        if tokenizer is None:
-            raise ValueError("a tokenizer is needed to generate from a plain model: pass tokenizer=...")
         from .control import SparsityConfig, SparsityController
 
         if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
             raise TypeError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")
+        self.wrapper = model_or_wrapper if hasattr(model_or_wrapper, "generate_creative") else None
+        self._owns_wrapper = False
+        model = getattr(model_or_wrapper, "model", None) if self.wrapper is not None else model_or_wrapper
+        tokenizer = tokenizer if tokenizer is not None else getattr(model_or_wrapper, "tokenizer", None)
+        if model is None or not hasattr(model, "generate") or not hasattr(model, "parameters"):
+            raise TypeError("model_or_wrapper must be a transformers generative model or a CreativeSparseWrapper, "
+                            f"got {type(model_or_wrapper).__name__}")
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed to generate from a plain model: pass tokenizer=...")
         self.model, self.tokenizer = model, tokenizer
-        self.controller = SparsityController.for_model(model, sparsity_config)
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.use_chat_template = use_chat_template
+        if self.wrapper is None and use_wrapper:
+            from .generation import CreativeSparseWrapper
+
+            self.wrapper = CreativeSparseWrapper(model, tokenizer, sparsity_config=sparsity_config,
+                                                 scorer=_no_scores, batch_size=batch_size, progress=False,
+                                                 chat_template=None if use_chat_template == "auto" else use_chat_template)
+            self._owns_wrapper = True
+        wrapped = getattr(self.wrapper, "controller", None) if self.wrapper is not None else None
+        self.controller = wrapped if wrapped is not None else SparsityController.for_model(model, sparsity_config)
+
+    def close(self) -> None:
+        """Undo what this generator installed (the attention patch of its own wrapper)."""
+        if self._owns_wrapper and self.wrapper is not None:
+            self.wrapper.close()
+            self._owns_wrapper = False
 
     def control(self, s: float) -> dict[str, Any]:
         """The knobs used at s (recorded in the sweep result)."""
@@ -454,22 +476,28 @@ class HFGenerator:
     def __call__(self, prompts: list[str], s: float, num_samples: int, seed: int) -> list[str]:
         import torch
 
-        torch.manual_seed(seed)
-        if self.wrapper is not None:
-            outputs: list[str] = []
-            for prompt in prompts:
-                got = self.wrapper.generate_creative(prompt, max_new_tokens=self.max_new_tokens, sparsity_level=s,
-                                                     num_candidates=num_samples, return_best=False)
-                got = [got] if isinstance(got, str) else list(got)
-                if len(got) != num_samples:
-                    raise RuntimeError(f"generate_creative returned {len(got)} candidates, expected {num_samples}")
-                outputs.extend(g if isinstance(g, str) else str(getattr(g, "text", g)) for g in got)
-            return outputs
-        return self._generate(prompts, num_samples, True, s)
+        if self.wrapper is None:
+            torch.manual_seed(seed)
+            return self._generate(prompts, num_samples, True, s)
+        outputs: list[str] = []
+        for i, prompt in enumerate(prompts):
+            got = self.wrapper.generate_creative(prompt, max_length=self.max_new_tokens, num_candidates=num_samples,
+                                                 return_best=False, sparsity_level=s, seed=seed + 7919 * i,
+                                                 progress=False)
+            got = [got] if isinstance(got, str) else list(got)
+            if len(got) != num_samples:
+                raise RuntimeError(f"generate_creative returned {len(got)} candidates, expected {num_samples}")
+            outputs.extend(g if isinstance(g, str) else str(getattr(g, "text", g)) for g in got)
+        return outputs
 
     def reference(self, prompts: list[str]) -> list[str]:
         """Greedy continuations (dense attention): what the model says by default."""
         return self._generate(prompts, 1, False, 0.0)
+
+
+def _no_scores(texts: Sequence[str]) -> list[float]:
+    """Scorer for the sweep's own wrapper: the sweep scores every output itself."""
+    return [0.0] * len(texts)
 
 
 # -------------------------------------------------------------------------------- the sweep
@@ -494,8 +522,9 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
                           prompts: Sequence[str] | None = None, num_samples: int = 4, *, tokenizer: Any = None,
                           generate_fn: GenerateFn | None = None, reference_fn: ReferenceFn | None = None,
                           reference_data: Sequence[str] | None = None, quality: QualityFunctional | None = None,
-                          max_new_tokens: int = 64, seed: int = 0, output_dir: str | os.PathLike | None = None,
-                          plot: bool = True, progress: bool = True) -> SweepResult:
+                          max_new_tokens: int = 64, sparsity_config: Any = None, use_wrapper: bool = True,
+                          seed: int = 0, output_dir: str | os.PathLike | None = None, plot: bool = True,
+                          progress: bool = True) -> SweepResult:
     """Sweep the sparsity dial, measure Q(s), fit the power laws and return s*.
 
     Args:
@@ -509,7 +538,8 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
         levels: the s values to measure (default 0.1, 0.2, ..., 0.9).
         num_samples: samples per prompt and level.
         generate_fn: ``(prompts, s, num_samples, seed) -> outputs`` (prompt-major); default
-            `HFGenerator`.
+            `HFGenerator` (``max_new_tokens``, ``sparsity_config`` and ``use_wrapper`` go to it;
+            every level uses the same ``seed``, so levels differ by s, not by luck).
         reference_fn / reference_data: novelty's reference set. Default: the model's greedy
             continuation of each prompt (`HFGenerator.reference`); with a custom
             ``generate_fn`` and no reference, ``generate_fn(prompts, 0.0, 1, seed)``.
@@ -544,52 +574,56 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
 
     generator: HFGenerator | None = None
     if generate_fn is None:
-        generator = HFGenerator(model_or_wrapper, tokenizer, max_new_tokens=max_new_tokens)
+        generator = HFGenerator(model_or_wrapper, tokenizer, max_new_tokens=max_new_tokens,
+                                sparsity_config=sparsity_config, use_wrapper=use_wrapper)
         generate_fn = generator
     elif not callable(generate_fn):
         raise TypeError(f"generate_fn must be callable, got {type(generate_fn).__name__}")
+    try:
+        if quality is None:
+            scorer = None
+            if generator is not None:
+                from .quality import LMScorer
 
-    if quality is None:
-        scorer = None
+                scorer = LMScorer(generator.model, generator.tokenizer)
+            quality = QualityFunctional(weights, scorer=scorer, constraints=constraints_from_spec(task.get("constraints")))
+        elif not isinstance(quality, QualityFunctional):
+            raise TypeError(f"quality must be a QualityFunctional, got {type(quality).__name__}")
+        weights = weights or quality.weights
+
+        if reference_data is not None:
+            reference = [str(r) for r in reference_data]
+        elif reference_fn is not None:
+            reference = list(reference_fn(prompt_list))
+        elif generator is not None:
+            reference = generator.reference(prompt_list)
+        else:
+            reference = list(generate_fn(prompt_list, 0.0, 1, seed))
+        if not reference:
+            raise ValueError("the reference set for novelty is empty")
+
+        groups = [i for i in range(len(prompt_list)) for _ in range(num_samples)]
+        results: list[LevelResult] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(run_levels, desc=f"sweep {task_type}", unit="level", disable=not progress)
+        for s in bar:
+            start = time.perf_counter()
+            outputs = list(generate_fn(prompt_list, s, num_samples, seed))
+            if len(outputs) != len(groups):
+                raise RuntimeError(f"generate_fn returned {len(outputs)} outputs at s={s}, expected "
+                                   f"{len(groups)} ({len(prompt_list)} prompts x {num_samples} samples)")
+            report = quality.evaluate(outputs, reference, groups=groups, weights=weights)
+            control = generator.control(s) if generator is not None else {}
+            results.append(LevelResult(s=s, novelty=report.mean_novelty, diversity=report.mean_diversity,
+                                       incoherence=report.mean_incoherence, quality=report.mean_quality,
+                                       quality_std=float(np.std(report.quality)), distinct=report.distinct,
+                                       self_bleu=report.self_bleu, control=control,
+                                       seconds=time.perf_counter() - start, outputs=outputs))
+            bar.set_postfix(s=f"{s:.2f}", Q=f"{report.mean_quality:.3f}")
+    finally:
         if generator is not None:
-            from .quality import LMScorer
-
-            scorer = LMScorer(generator.model, generator.tokenizer)
-        quality = QualityFunctional(weights, scorer=scorer, constraints=constraints_from_spec(task.get("constraints")))
-    elif not isinstance(quality, QualityFunctional):
-        raise TypeError(f"quality must be a QualityFunctional, got {type(quality).__name__}")
-    weights = weights or quality.weights
-
-    if reference_data is not None:
-        reference = [str(r) for r in reference_data]
-    elif reference_fn is not None:
-        reference = list(reference_fn(prompt_list))
-    elif generator is not None:
-        reference = generator.reference(prompt_list)
-    else:
-        reference = list(generate_fn(prompt_list, 0.0, 1, seed))
-    if not reference:
-        raise ValueError("the reference set for novelty is empty")
-
-    groups = [i for i in range(len(prompt_list)) for _ in range(num_samples)]
-    results: list[LevelResult] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(run_levels, desc=f"sweep {task_type}", unit="level", disable=not progress)
-    for s in bar:
-        start = time.perf_counter()
-        outputs = list(generate_fn(prompt_list, s, num_samples, seed))
-        if len(outputs) != len(groups):
-            raise RuntimeError(f"generate_fn returned {len(outputs)} outputs at s={s}, expected "
-                               f"{len(groups)} ({len(prompt_list)} prompts x {num_samples} samples)")
-        report = quality.evaluate(outputs, reference, groups=groups, weights=weights)
-        control = generator.control(s) if generator is not None else {}
-        results.append(LevelResult(s=s, novelty=report.mean_novelty, diversity=report.mean_diversity,
-                                   incoherence=report.mean_incoherence, quality=report.mean_quality,
-                                   quality_std=float(np.std(report.quality)), distinct=report.distinct,
-                                   self_bleu=report.self_bleu, control=control,
-                                   seconds=time.perf_counter() - start, outputs=outputs))
-        bar.set_postfix(s=f"{s:.2f}", Q=f"{report.mean_quality:.3f}")
+            generator.close()
 
     result = _analyse(results, task_type, weights, float(compute_budget), s_min, prompt_list, reference)
     result.settings = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed,
