@@ -117,3 +117,25 @@ def test_pipeline_cfg_two_calls_per_step_with_schedule():
     kept = [c.stats.kept_fraction for c in layer]
     assert max(kept[:4]) < min(kept[4:]) < 1.0
     assert torch.equal(run_pipeline(pipe, kwargs), ref)
+
+
+def test_wan22_pipeline_patches_both_transformers():
+    """Wan 2.2 runs ``transformer`` for the high-noise steps and ``transformer_2`` after the
+    boundary; both are patched, share one step clock, and report under their names."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
+                       transformer=tiny_transformer("wan"), transformer_2=tiny_transformer("wan"), boundary_ratio=0.5)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(pipeline_kwargs("wan", cfg=False, steps=4), height=128, width=256)
+    ref = run_pipeline(pipe, kwargs)
+    handle = hcs.enable_creative_sparse(pipe, SPARSE)
+    calls = capture_calls(handle)
+    out = run_pipeline(pipe, kwargs)
+    hcs.disable_creative_sparse(pipe)
+    assert sorted(handle.patches) == ["transformer", "transformer_2"]
+    steps_1 = [c.step for c in calls["transformer.blocks.0.attn1"]]
+    steps_2 = [c.step for c in calls["transformer_2.blocks.0.attn1"]]
+    assert steps_1 and steps_2 and sorted(steps_1 + steps_2) == [0, 1, 2, 3] and max(steps_1) < min(steps_2)
+    assert torch.isfinite(out).all()
+    assert torch.equal(run_pipeline(pipe, kwargs), ref)
