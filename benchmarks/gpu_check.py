@@ -128,14 +128,17 @@ def random_block_mask(b, h, mq, mk, frac, causal, device):
 
 
 def structured_qkv(b, h, n, d, dtype, device):
-    """Tokens drawn along a smooth random walk plus noise: neighbouring tokens are similar
-    (as in video/image latents), so blocks are self-similar and prediction can select."""
+    """Tokens along a smooth random path (anchors every 256 tokens, linearly interpolated,
+    norm ``amp * sqrt(d)``) plus noise: neighbouring tokens are similar, as in image/video
+    latents, so blocks are self-similar and the default predictor selects a subset."""
     g = torch.Generator(device=device).manual_seed(1)
-    walk = torch.randn(b, h, n // 64 + 2, d, device=device, generator=g)
+    amp = 0.8 if d >= 128 else 0.9
+    walk = torch.randn(b, h, n // 256 + 2, d, device=device, generator=g)
     walk = F.interpolate(walk.transpose(2, 3).reshape(b * h, d, -1), size=n, mode="linear",
                          align_corners=False).reshape(b, h, d, n).transpose(2, 3)
-    q = walk + 0.35 * torch.randn(b, h, n, d, device=device, generator=g)
-    k = walk + 0.35 * torch.randn(b, h, n, d, device=device, generator=g)
+    walk = walk / walk.norm(dim=-1, keepdim=True) * (amp * d ** 0.5)
+    q = walk + 0.5 * amp * torch.randn(b, h, n, d, device=device, generator=g)
+    k = walk + 0.5 * amp * torch.randn(b, h, n, d, device=device, generator=g)
     v = torch.randn(b, h, n, d, device=device, generator=g)
     return q.to(dtype).contiguous(), k.to(dtype).contiguous(), v.to(dtype).contiguous()
 
@@ -161,7 +164,8 @@ def rel_l1(out, ref):
 
 def bench_shape(name, results, budget):
     from hf_creative_sparse.config import SparseAttentionConfig
-    from hf_creative_sparse.ops import backend_flex
+    from hf_creative_sparse.ops import backend_flex, predict_cuda
+    from hf_creative_sparse.ops._ext import load_extension
     from hf_creative_sparse.ops.attention import sparse_attention_inputs
     from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
     from hf_creative_sparse.ops.inputs import attention_inputs
@@ -188,10 +192,23 @@ def bench_shape(name, results, budget):
         kept, _ = kept_fraction(mask, inp)
         counts, idx = mask_to_lut(mask)
         cuda_fn = lambda: block_sparse_fwd(q, k, v, counts, idx, None, causal, inp.scale, pv_off)  # noqa: E731
-        out_cuda = cuda_fn()[0]
-        cuda_ms = time_fn(cuda_fn)
-        entry = {"kept": kept, "cuda_ms": cuda_ms, "cuda_tflops_eff": flops * kept / cuda_ms / 1e9,
-                 "cuda_vs_cudnn": cud_ms / cuda_ms}
+        entry = {"kept": kept}
+        mod = load_extension("cuda").module
+        for kname, pref in (("mma", 1), ("wgmma", 2)):
+            if kname == "wgmma" and (d > 128 or torch.cuda.get_device_capability() != (9, 0)):
+                continue
+            mod.set_kernel_preference(pref)
+            try:
+                out_k = cuda_fn()[0]
+                entry[f"{kname}_ms"] = time_fn(cuda_fn)
+                entry[f"{kname}_rel_l1_vs_mma"] = rel_l1(out_k, entry["_out_mma"]) if "_out_mma" in entry else 0.0
+                entry["_out_mma"] = entry.get("_out_mma", out_k)
+            except Exception as exc:
+                log(f"  {kname} failed: {type(exc).__name__}: {str(exc)[:300]}")
+        mod.set_kernel_preference(0)
+        out_cuda = entry.pop("_out_mma")
+        cuda_ms = min(entry.get("wgmma_ms", math.inf), entry["mma_ms"])
+        entry.update(cuda_ms=cuda_ms, cuda_tflops_eff=flops * kept / cuda_ms / 1e9, cuda_vs_cudnn=cud_ms / cuda_ms)
         try:
             bm = backend_flex.build_block_mask(inp, mask)
             fx = backend_flex._flex_fn(True)
@@ -207,7 +224,8 @@ def bench_shape(name, results, budget):
         if cud_out is not None:
             entry["rel_l1_vs_dense"] = rel_l1(out_cuda, cud_out)
         row["kept"][f"{frac:.2f}"] = entry
-        log(f"  kept {kept:.3f}: cuda {cuda_ms:.3f} ms ({entry['cuda_tflops_eff']:.0f} eff TFLOP/s, "
+        log(f"  kept {kept:.3f}: mma {entry['mma_ms']:.3f} ms, wgmma {entry.get('wgmma_ms', math.nan):.3f} ms "
+            f"(L1 vs mma {entry.get('wgmma_rel_l1_vs_mma', math.nan):.2e}); best cuda {cuda_ms:.3f} ms ({entry['cuda_tflops_eff']:.0f} eff TFLOP/s, "
             f"{entry['cuda_vs_cudnn']:.2f}x cuDNN), flex {entry.get('flex_ms', math.nan):.3f} ms "
             f"({entry.get('flex_tflops_eff', math.nan):.0f}), cuda/flex speedup {entry.get('cuda_vs_flex', math.nan):.2f}, "
             f"L1 vs dense {entry.get('rel_l1_vs_dense', math.nan):.3f}")
@@ -225,9 +243,14 @@ def bench_shape(name, results, budget):
         pred_fn = lambda: kept_fraction(predict_from_inputs(  # noqa: E731
             inp_s, simthreshd1=cfg.simthreshd1, cdfthreshd=cfg.cdfthreshd), inp_s)
         pred_ms = time_fn(pred_fn)
+        predict_cuda.ENABLED = False
+        try:
+            pred_torch_ms = time_fn(pred_fn)
+        finally:
+            predict_cuda.ENABLED = True
     row["predicted"] = {
         "kept": stats.predicted_kept_fraction, "backend": stats.backend, "fallback": stats.fallback_reason,
-        "e2e_ms": e2e_ms, "cudnn_ms": cud_s_ms, "vs_cudnn": cud_s_ms / e2e_ms, "predict_ms": pred_ms,
+        "e2e_ms": e2e_ms, "cudnn_ms": cud_s_ms, "vs_cudnn": cud_s_ms / e2e_ms, "predict_ms": pred_ms, "predict_torch_ms": pred_torch_ms,
         "predict_pct_of_cudnn": 100.0 * pred_ms / cud_s_ms,
         "rel_l1_vs_dense": rel_l1(out_s, cud_s_out) if cud_s_out is not None else math.nan,
         "pv_skipped_fraction": stats.pv_skipped_fraction,
@@ -235,7 +258,7 @@ def bench_shape(name, results, budget):
     p = row["predicted"]
     log(f"  predicted (default cfg, structured inputs): kept {p['kept'] if p['kept'] is not None else math.nan:.3f} "
         f"backend {p['backend']} e2e {e2e_ms:.3f} ms = {p['vs_cudnn']:.2f}x cuDNN; prediction {pred_ms:.3f} ms "
-        f"({p['predict_pct_of_cudnn']:.1f}% of cuDNN); L1 vs dense {p['rel_l1_vs_dense']:.4f}"
+        f"({p['predict_pct_of_cudnn']:.1f}% of cuDNN; torch path {pred_torch_ms:.3f} ms); L1 vs dense {p['rel_l1_vs_dense']:.4f}"
         + (f"; fallback: {p['fallback']}" if p["fallback"] else ""))
 
     if not causal and elapsed() < budget:

@@ -42,6 +42,26 @@ def _case(b, hq, hkv, nq, nk, d, dtype, *, causal=False, padded=False, keep=0.5,
     return inp, mask
 
 
+KERNELS = {"mma": 1, "wgmma": 2}
+
+
+@pytest.fixture(params=["mma", "wgmma"])
+def kernel(request):
+    """Runs the test with one CUDA kernel forced (sm_80-style mma.sync, or Hopper wgmma)."""
+    mod = load_extension("cuda").module
+    assert mod is not None, load_extension("cuda").error
+    if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    mod.set_kernel_preference(KERNELS[request.param])
+    yield request.param
+    mod.set_kernel_preference(0)
+
+
+def _check_kernel_used(kernel: str, d: int) -> None:
+    expected = KERNELS[kernel] if d <= 128 else 1  # head dims > 128 always run the mma.sync kernel
+    assert load_extension("cuda").module.last_kernel() == expected
+
+
 def _run(inp, mask, pv=math.inf):
     counts, indices = block_mask_to_lut(mask)
     pvt = torch.full((inp.heads_q,), float(pv), device="cuda")
@@ -65,10 +85,11 @@ def test_extension_builds():
     (1, 1, 1, 150, 260, 160, False, True),   # 160 -> 256
     (1, 2, 2, 129, 129, 256, False, False),  # native 256
 ])
-def test_forward_matches_float64_reference(shape, dtype):
+def test_forward_matches_float64_reference(shape, dtype, kernel):
     b, hq, hkv, nq, nk, d, causal, padded = shape
     inp, mask = _case(b, hq, hkv, nq, nk, d, dtype, causal=causal, padded=padded)
     out, counts = _run(inp, mask)
+    _check_kernel_used(kernel, d)
     em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
     ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
     assert out.shape == (b, hq, nq, d) and out.dtype == dtype
@@ -80,7 +101,7 @@ def test_forward_matches_float64_reference(shape, dtype):
     assert counts.tolist() == [0, visited]
 
 
-def test_nhd_views_and_full_mask_equal_sdpa():
+def test_nhd_views_and_full_mask_equal_sdpa(kernel):
     q = torch.randn(2, 700, 8, 64, device="cuda", dtype=torch.bfloat16)  # NHD: strided HND views
     k = torch.randn(2, 700, 2, 64, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(2, 700, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -92,12 +113,13 @@ def test_nhd_views_and_full_mask_equal_sdpa():
     assert (out.float() - ref).norm() / ref.norm() < 1e-2
 
 
-def test_pv_skip_equals_per_row_reference_when_warp_rows_agree():
-    # Every 16-row group of a query block holds one repeated row, so the kernel's per-warp
-    # decision is the per-row one: results and counts must match the per-row reference.
+def test_pv_skip_equals_per_row_reference_when_group_rows_agree(kernel):
+    # Every 64-row group of a query block holds one repeated row, so the kernel's per-warp
+    # (mma) or per-warpgroup (wgmma) decision is the per-row one: results and counts must
+    # match the per-row reference.
     b, h, n, d = 1, 2, 384, 64
-    base = torch.randn(b, h, n // 16, d, device="cuda") * 2.5
-    q = base.repeat_interleave(16, dim=2).to(torch.float16)
+    base = torch.randn(b, h, n // 64, d, device="cuda") * 2.5
+    q = base.repeat_interleave(64, dim=2).to(torch.float16)
     k = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
     v = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
     inp = attention_inputs(q, k, v)
@@ -110,7 +132,7 @@ def test_pv_skip_equals_per_row_reference_when_warp_rows_agree():
     assert _rel(out, ref) < TOL[torch.float16]
 
 
-def test_pv_skip_per_warp_within_tolerance_on_random_rows():
+def test_pv_skip_per_group_within_tolerance_on_random_rows(kernel):
     inp, mask = _case(1, 2, 2, 512, 1024, 64, torch.bfloat16, keep=0.9, scale_q=3.0)
     thr = 6.0
     out, counts = _run(inp, mask, thr)
@@ -136,20 +158,31 @@ def test_gpu_pooling_matches_torch(block):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
 
 
-def test_gpu_prediction_agrees_with_torch_prediction():
+@pytest.mark.parametrize("variant", [
+    dict(cdfthreshd=0.9),
+    dict(cdfthreshd=None, topk=0.3),
+    dict(cdfthreshd=0.95, causal=True, attention_sink=True),
+    dict(cdfthreshd=0.8, dense_prefix=300, dense_suffix=200, gqa=True),
+])
+def test_gpu_prediction_agrees_with_torch_prediction(variant):
+    variant = dict(variant)
+    causal, gqa = variant.pop("causal", False), variant.pop("gqa", False)
     # Smooth (self-similar) tokens so the prediction actually selects blocks.
     walk = torch.randn(2, 4, 4000, 64, device="cuda").cumsum(2) / 20
     q = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
     k = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
-    kpm = torch.rand(2, 4000, device="cuda") > 0.1
-    inp = attention_inputs(q, k, k, key_padding_mask=kpm)
-    got = predict_from_inputs(inp, simthreshd1=0.3, cdfthreshd=0.9)
+    if gqa:
+        k = k[:, ::2].contiguous()
+    kpm = None if causal else torch.rand(2, 4000, device="cuda") > 0.1
+    inp = attention_inputs(q, k, k, key_padding_mask=kpm, is_causal=causal)
+    got = predict_from_inputs(inp, simthreshd1=0.3, **variant)
     predict_cuda.ENABLED = False
     try:
-        want = predict_from_inputs(inp, simthreshd1=0.3, cdfthreshd=0.9)
+        want = predict_from_inputs(inp, simthreshd1=0.3, **variant)
     finally:
         predict_cuda.ENABLED = True
-    assert 0.05 < want.float().mean() < 0.95, "the test should select a proper subset"
+    assert got.shape == want.shape and got.dtype == torch.bool
+    assert 0.02 < want.float().mean() < 0.98, "the test should select a proper subset"
     agree = (got == want).float().mean().item()
     assert agree > 0.999, f"GPU and torch predictions agree on {agree:.5f} of the blocks"
 

@@ -27,6 +27,12 @@ int padded_head_dim(int64_t d) {
   return -1;
 }
 
+// Kernel choice: 0 = auto (wgmma on sm_90a for head dims 64/128, else mma.sync),
+// 1 = mma.sync only, 2 = wgmma (error where unavailable). Set by tests and benchmarks.
+int g_kernel_preference = 0;
+// Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = wgmma (sm_90a).
+int g_last_kernel = 0;
+
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // 16-byte aligned rows (cp.async moves 16-byte chunks); copies only odd views.
@@ -119,11 +125,21 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   TORCH_CHECK(Nq < (1LL << 31) && Nk < (1LL << 31), "sequence lengths must fit in int32");
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  cudaError_t err;
+  cudaError_t err = cudaErrorNotSupported;
   const bool bf16 = dtype == at::kBFloat16;
-  if (Dp == 64) err = bf16 ? hcs::launch_fwd_bf16_d64(p, stream) : hcs::launch_fwd_fp16_d64(p, stream);
-  else if (Dp == 128) err = bf16 ? hcs::launch_fwd_bf16_d128(p, stream) : hcs::launch_fwd_fp16_d128(p, stream);
-  else err = bf16 ? hcs::launch_fwd_bf16_d256(p, stream) : hcs::launch_fwd_fp16_d256(p, stream);
+  if (g_kernel_preference != 1 && (Dp == 64 || Dp == 128)) {
+    if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90_bf16_d64(p, stream) : hcs::launch_fwd_sm90_fp16_d64(p, stream);
+    else err = bf16 ? hcs::launch_fwd_sm90_bf16_d128(p, stream) : hcs::launch_fwd_sm90_fp16_d128(p, stream);
+    TORCH_CHECK(err == cudaSuccess || (err == cudaErrorNotSupported && g_kernel_preference == 0),
+                "hf_creative_sparse CUDA: the wgmma (sm_90a) kernel failed or is unavailable: ", cudaGetErrorString(err));
+    if (err == cudaSuccess) g_last_kernel = 2;
+  }
+  if (err == cudaErrorNotSupported) {
+    g_last_kernel = 1;
+    if (Dp == 64) err = bf16 ? hcs::launch_fwd_bf16_d64(p, stream) : hcs::launch_fwd_fp16_d64(p, stream);
+    else if (Dp == 128) err = bf16 ? hcs::launch_fwd_bf16_d128(p, stream) : hcs::launch_fwd_fp16_d128(p, stream);
+    else err = bf16 ? hcs::launch_fwd_bf16_d256(p, stream) : hcs::launch_fwd_fp16_d256(p, stream);
+  }
   check_cuda(err, "block_sparse_fwd launch");
   if (Dp != D) out = out.narrow(3, 0, D).contiguous();
   return {out, pv_counts};
@@ -165,6 +181,50 @@ std::vector<at::Tensor> pool_blocks(const at::Tensor& x_in, int64_t block, const
   return {pooled, sim, count};
 }
 
+at::Tensor select_blocks(const at::Tensor& score, const at::Tensor& sim_q, const at::Tensor& sim_k,
+                         const at::Tensor& count_k, const at::Tensor& simthr, const c10::optional<at::Tensor>& cdf,
+                         const c10::optional<at::Tensor>& topk, double scale, bool causal, bool sink, int64_t prefix,
+                         int64_t suffix, int64_t nq, int64_t nk) {
+  auto f32c = [](const at::Tensor& t, const char* name, int dims) {
+    TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == dims, name,
+                " must be a contiguous float32 CUDA tensor with ", dims, " dims");
+  };
+  f32c(score, "score", 4);
+  f32c(sim_q, "sim_q", 3);
+  f32c(sim_k, "sim_k", 3);
+  f32c(count_k, "count_k", 3);
+  f32c(simthr, "simthr", 1);
+  const bool use_topk = topk.has_value() && topk->defined();
+  TORCH_CHECK(use_topk != (cdf.has_value() && cdf->defined()), "exactly one of cdf and topk must be given");
+  const at::Tensor& thr = use_topk ? *topk : *cdf;
+  f32c(thr, use_topk ? "topk" : "cdf", 1);
+  const int64_t B = score.size(0), H = score.size(1), Mq = score.size(2), Mk = score.size(3), Hkv = sim_k.size(1);
+  TORCH_CHECK(sim_q.size(0) == B && sim_q.size(1) == H && sim_q.size(2) == Mq, "sim_q must be [B, H, Mq]");
+  TORCH_CHECK(sim_k.size(0) == B && sim_k.size(2) == Mk && Hkv > 0 && H % Hkv == 0, "sim_k must be [B, Hkv, Mk]");
+  TORCH_CHECK(count_k.size(0) == B && count_k.size(2) == Mk, "count_k must be [B, 1, Mk]");
+  TORCH_CHECK(simthr.size(0) == H && thr.size(0) == H, "thresholds must be [H]");
+  int64_t mkp = 2;
+  while (mkp < Mk) mkp <<= 1;
+  TORCH_CHECK(mkp <= 8192, "select_blocks supports up to 8192 key blocks, got ", Mk);
+  c10::cuda::CUDAGuard guard(score.device());
+  auto mask = at::empty({B, H, Mq, Mk}, score.options().dtype(at::kBool));
+  hcs::SelectParams p{};
+  p.score = score.data_ptr<float>();
+  p.sim_q = sim_q.data_ptr<float>();
+  p.sim_k = sim_k.data_ptr<float>();
+  p.count_k = count_k.data_ptr<float>();
+  p.simthr = simthr.data_ptr<float>();
+  p.cdf = use_topk ? nullptr : thr.data_ptr<float>();
+  p.topk = use_topk ? thr.data_ptr<float>() : nullptr;
+  p.mask = reinterpret_cast<uint8_t*>(mask.data_ptr<bool>());
+  p.B = (int)B, p.H = (int)H, p.Hkv = (int)Hkv, p.Mq = (int)Mq, p.Mk = (int)Mk, p.Nq = (int)nq, p.Nk = (int)nk;
+  p.mkp = (int)mkp;
+  p.scale = (float)scale;
+  p.causal = causal, p.sink = sink, p.prefix = (int)prefix, p.suffix = (int)suffix;
+  check_cuda(hcs::launch_select_blocks(p, c10::cuda::getCurrentCUDAStream().stream()), "select_blocks launch");
+  return mask;
+}
+
 std::vector<at::Tensor> mask_to_lut(const at::Tensor& mask_in) {
   TORCH_CHECK(mask_in.is_cuda() && mask_in.scalar_type() == at::kBool && mask_in.dim() >= 1,
               "mask must be a bool CUDA tensor [..., Mk]");
@@ -184,6 +244,11 @@ std::vector<at::Tensor> mask_to_lut(const at::Tensor& mask_in) {
   return {counts, indices};
 }
 
+void set_kernel_preference(int64_t pref) {
+  TORCH_CHECK(pref >= 0 && pref <= 2, "kernel preference must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
+  g_kernel_preference = (int)pref;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_creative_sparse CUDA kernels: block-sparse attention forward and mask-prediction helpers";
   m.def("forward", &forward, "block-sparse attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
@@ -191,5 +256,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("scale"), py::arg("pvthreshd"));
   m.def("pool_blocks", &pool_blocks, "per-block mean, mean cosine similarity and count", py::arg("x"),
         py::arg("block"), py::arg("valid"));
+  m.def("set_kernel_preference", &set_kernel_preference,
+        "0 = auto (wgmma on sm_90a for head dims 64/128), 1 = mma.sync only, 2 = wgmma only");
+  m.def("last_kernel", []() { return g_last_kernel; }, "kernel of the last forward: 1 = mma.sync, 2 = wgmma");
+  m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",
+        py::arg("score"), py::arg("sim_q"), py::arg("sim_k"), py::arg("count_k"), py::arg("simthr"), py::arg("cdf"),
+        py::arg("topk"), py::arg("scale"), py::arg("causal"), py::arg("sink"), py::arg("prefix"), py::arg("suffix"),
+        py::arg("nq"), py::arg("nk"));
   m.def("mask_to_lut", &mask_to_lut, "bool block mask -> (counts, ascending indices)", py::arg("mask"));
 }

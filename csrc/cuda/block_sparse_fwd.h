@@ -42,6 +42,13 @@ cudaError_t launch_fwd_fp16_d64(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_fp16_d128(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_fp16_d256(const FwdParams& p, cudaStream_t stream);
 
+// Hopper (sm_90a, wgmma) instances for head dims 64 and 128; they return
+// cudaErrorNotSupported when the build or the device has no sm_90a code.
+cudaError_t launch_fwd_sm90_bf16_d64(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_sm90_bf16_d128(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_sm90_fp16_d64(const FwdParams& p, cudaStream_t stream);
+cudaError_t launch_fwd_sm90_fp16_d128(const FwdParams& p, cudaStream_t stream);
+
 // Mask prediction helpers (predict.cu).
 struct PoolParams {
   const void* x;  // [B, H, N, D], last dim contiguous
@@ -55,6 +62,23 @@ struct PoolParams {
   int dtype;  // 0 float32, 1 float16, 2 bfloat16
 };
 cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream);
+
+// Per (b, h, query block): candidates, softmax of the compressed map, cdf/top-k selection
+// and the keep rules of masks.predict_from_inputs -> bool mask row.
+struct SelectParams {
+  const float* score;    // [B, H, Mq, Mk] pooled_q @ pooled_k^T (unscaled)
+  const float* sim_q;    // [B, H, Mq]
+  const float* sim_k;    // [B, Hkv, Mk]
+  const float* count_k;  // [B, Mk] attendable keys per key block
+  const float* simthr;   // [H]
+  const float* cdf;      // [H] or nullptr (then topk)
+  const float* topk;     // [H] or nullptr
+  uint8_t* mask;         // [B, H, Mq, Mk]
+  int B, H, Hkv, Mq, Mk, Nq, Nk, mkp;  // mkp: power of two >= Mk
+  float scale;
+  int causal, sink, prefix, suffix;
+};
+cudaError_t launch_select_blocks(const SelectParams& p, cudaStream_t stream);
 
 // bool mask [rows, Mk] -> counts [rows], ascending indices [rows, Mk] (tail zero-filled).
 cudaError_t launch_mask_to_lut(const uint8_t* mask, int64_t rows, int mk, int32_t* counts, int32_t* indices,

@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <cmath>
+
 #include "block_sparse_fwd.h"
 
 namespace hcs {
@@ -96,6 +98,173 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_kernel(const Pool
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Block selection: one CTA per (b, h, query block) row of the compressed map.
+constexpr int kSelThreads = 256;
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int w = 0; w < kSelThreads / 32; ++w) t += red[w];
+  return t;
+}
+
+__device__ __forceinline__ float block_max(float v, float* red) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kSelThreads / 32; ++w) t = fmaxf(t, red[w]);
+  return t;
+}
+
+// a precedes b in the selection order: larger probability first, then smaller index.
+__device__ __forceinline__ bool precedes(float pa, int ia, float pb, int ib) {
+  return pa > pb || (pa == pb && ia < ib);
+}
+
+__global__ void __launch_bounds__(kSelThreads) select_blocks_kernel(const SelectParams p) {
+  extern __shared__ unsigned char sel_smem[];
+  float* prob = reinterpret_cast<float*>(sel_smem);       // [mkp]
+  int* ids = reinterpret_cast<int*>(prob + p.mkp);        // [mkp]
+  uint8_t* flags = reinterpret_cast<uint8_t*>(ids + p.mkp);  // [mkp]: 1 allowed, 2 k-similar, 4 chosen
+  __shared__ float red[kSelThreads / 32];
+  __shared__ int s_nsel;
+
+  const int64_t row = blockIdx.x;
+  const int i = (int)(row % p.Mq);
+  const int h = (int)((row / p.Mq) % p.H);
+  const int b = (int)(row / ((int64_t)p.Mq * p.H));
+  const int hk = h / (p.H / p.Hkv);
+  const float* score = p.score + row * p.Mk;
+  const float simthr = p.simthr[h];
+  const int last_row = min(i * 128 + 127, p.Nq - 1);
+
+  float mx = -INFINITY, n_allowed = 0.f, n_cand = 0.f;
+  for (int j = threadIdx.x; j < p.mkp; j += kSelThreads) {
+    float v = -INFINITY;
+    uint8_t f = 0;
+    if (j < p.Mk) {
+      const bool allowed = p.count_k[(int64_t)b * p.Mk + j] > 0.f && (!p.causal || j * 64 <= last_row);
+      const bool ksim = p.sim_k[((int64_t)b * p.Hkv + hk) * p.Mk + j] > simthr;
+      f = (allowed ? 1 : 0) | (ksim ? 2 : 0);
+      if (allowed && ksim) v = score[j] * p.scale;
+      n_allowed += allowed ? 1.f : 0.f;
+      n_cand += (allowed && ksim) ? 1.f : 0.f;
+    }
+    prob[j] = v;
+    ids[j] = j;
+    flags[j] = f;
+    mx = fmaxf(mx, v);
+  }
+  mx = block_max(mx, red);
+  n_allowed = block_sum(n_allowed, red);
+  n_cand = block_sum(n_cand, red);
+  float sum = 0.f;
+  for (int j = threadIdx.x; j < p.mkp; j += kSelThreads) {
+    const float e = (mx == -INFINITY || prob[j] == -INFINITY) ? 0.f : __expf(prob[j] - mx);
+    prob[j] = e;
+    sum += e;
+  }
+  sum = block_sum(sum, red);  // (its barriers also order the writes above)
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  for (int j = threadIdx.x; j < p.mkp; j += kSelThreads) prob[j] *= inv;
+  __syncthreads();
+
+  // Bitonic sort of (prob, id) pairs into selection order.
+  for (int k = 2; k <= p.mkp; k <<= 1) {
+    for (int jj = k >> 1; jj > 0; jj >>= 1) {
+      for (int t = threadIdx.x; t < p.mkp; t += kSelThreads) {
+        const int u = t ^ jj;
+        if (u > t) {
+          const bool first_half = (t & k) == 0;
+          const bool swap = first_half ? precedes(prob[u], ids[u], prob[t], ids[t])
+                                       : precedes(prob[t], ids[t], prob[u], ids[u]);
+          if (swap) {
+            const float tp = prob[t];
+            prob[t] = prob[u];
+            prob[u] = tp;
+            const int ti = ids[t];
+            ids[t] = ids[u];
+            ids[u] = ti;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  // How many to select.
+  int nsel;
+  if (p.topk) {
+    nsel = (int)fmaxf(ceilf(p.topk[h] * n_allowed - 1e-6f), 1.f);
+    nsel = min(nsel, (int)n_cand);
+  } else {
+    const float thr = p.cdf[h];
+    if (thr >= 1.f) {
+      nsel = (int)n_cand;
+    } else {
+      // Inclusive scan of the sorted probabilities; count positions with cdf < thr.
+      const int per = (p.mkp + kSelThreads - 1) / kSelThreads;
+      const int lo = threadIdx.x * per, hi = min(lo + per, p.mkp);
+      float seg = 0.f;
+      for (int j = lo; j < hi; ++j) seg += prob[j];
+      // exclusive prefix of segment sums across the block
+      float incl = seg;
+      const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const float y = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += y;
+      }
+      __syncthreads();
+      if (lane == 31) red[w] = incl;
+      __syncthreads();
+      float before = 0.f;
+      for (int q = 0; q < w; ++q) before += red[q];
+      float run = before + incl - seg;
+      float cnt = 0.f;
+      for (int j = lo; j < hi; ++j) {
+        run += prob[j];
+        cnt += run < thr ? 1.f : 0.f;
+      }
+      cnt = block_sum(cnt, red);
+      nsel = min((int)cnt + 1, (int)n_cand);
+    }
+  }
+  if (threadIdx.x == 0) s_nsel = nsel;
+  __syncthreads();
+  nsel = s_nsel;
+  for (int t = threadIdx.x; t < nsel; t += kSelThreads) flags[ids[t]] |= 4;
+  __syncthreads();
+
+  const bool qsim = p.sim_q[row] > simthr;
+  bool row_dense = !qsim;
+  if (p.prefix > 0 && i < (min(p.prefix, p.Nq) + 127) / 128) row_dense = true;
+  if (p.suffix > 0 && i >= max(p.Nq - p.suffix, 0) / 128) row_dense = true;
+  const int col_prefix = p.prefix > 0 ? (min(p.prefix, p.Nk) + 63) / 64 : 0;
+  const int col_suffix = p.suffix > 0 ? max(p.Nk - p.suffix, 0) / 64 : p.Mk;
+  const int row_lo = i * 128;
+  uint8_t* out = p.mask + row * p.Mk;
+  for (int j = threadIdx.x; j < p.Mk; j += kSelThreads) {
+    const uint8_t f = flags[j];
+    bool keep = row_dense || (f & 4) || !(f & 2) || (p.sink && j == 0) || j < col_prefix || j >= col_suffix;
+    if (p.causal) {
+      const int col_hi = min(j * 64 + 63, p.Nk - 1);
+      keep = keep || (j * 64 <= last_row && col_hi >= row_lo);
+    }
+    out[j] = (keep && (f & 1)) ? 1 : 0;
+  }
+}
+
 // One warp per mask row.
 __global__ void mask_to_lut_kernel(const uint8_t* mask, int64_t rows, int mk, int32_t* counts, int32_t* indices) {
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -121,6 +290,18 @@ cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream) {
   if (p.D > 32 * kMaxDPerLane) return cudaErrorInvalidValue;
   dim3 grid(p.nb, p.H, p.B);
   pool_blocks_kernel<<<grid, kPoolWarps * 32, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_select_blocks(const SelectParams& p, cudaStream_t stream) {
+  const int64_t rows = (int64_t)p.B * p.H * p.Mq;
+  if (rows == 0) return cudaSuccess;
+  const size_t smem = (size_t)p.mkp * (sizeof(float) + sizeof(int) + 1);
+  if (smem > 48 * 1024) {
+    cudaError_t err = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (err != cudaSuccess) return err;
+  }
+  select_blocks_kernel<<<(unsigned)rows, kSelThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -119,6 +119,14 @@ def predict_from_inputs(
     """`predict_block_mask` on already validated inputs (see there)."""
     if cdfthreshd is None and topk is None:
         raise ValueError("one of cdfthreshd or topk must be set")
+    if inp.q.is_cuda:  # fused GPU prediction (ops/predict_cuda.py), when the extension is built
+        from .predict_cuda import predict_cuda
+
+        fused = predict_cuda(inp, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
+                             attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
+                             smooth_k=smooth_k)
+        if fused is not None:
+            return fused
     heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
     sim_thr = per_head("simthreshd1", simthreshd1, heads, inp.device).view(1, heads, 1)
     k = inp.k
