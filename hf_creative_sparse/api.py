@@ -274,8 +274,9 @@ def enable_creative_sparse(
         schedule: a `TwoStageSchedule`: the dial s follows the denoising progress and sets
             the thresholds through `SparsityController` (``options.controller``). Without
             it the config's thresholds are fixed.
-        calibration: per-layer thresholds (a `Calibration`, or a mapping layer name ->
-            config or dict of fields).
+        calibration: per-layer thresholds: a `Calibration`, the directory it was saved
+            to (checked against the model's layers and head counts), or a mapping layer
+            name -> config or dict of fields.
         options: `PatchOptions` (dense_steps, mask_refresh, num_inference_steps).
 
     Returns:
@@ -296,6 +297,10 @@ def enable_creative_sparse(
     if not isinstance(options, PatchOptions):
         raise TypeError(f"options must be a PatchOptions or None, got {type(options).__name__}")
     _check_schedule(schedule)
+    if calibration is not None and not isinstance(calibration, Mapping):
+        from .calibration import as_calibration  # local: loads safetensors only when used
+
+        calibration = as_calibration(calibration)  # a path is loaded (and checked) here
     targets = _targets(pipe_or_model)
     is_pipe = _is_pipeline(pipe_or_model)
     scheduler = pipe_or_model.components.get("scheduler") if is_pipe else None
@@ -321,7 +326,9 @@ def enable_creative_sparse(
             handle._undo.append(_wrap_method(scheduler, "step", lambda s: clock.advance()))
         for component, model in targets.items():
             patch_cls = find_patch(model)
-            patch = patch_cls(model, config, schedule=schedule, calibration=calibration, options=options, clock=clock)
+            layer_cal = calibration.for_component(component, len(targets) > 1) \
+                if hasattr(calibration, "for_component") else calibration
+            patch = patch_cls(model, config, schedule=schedule, calibration=layer_cal, options=options, clock=clock)
             read = _timestep_reader(model)
             hook = model.register_forward_pre_hook(lambda mod, args, kwargs, read=read: clock.on_forward(read(args, kwargs)),
                                                    with_kwargs=True)
@@ -330,6 +337,8 @@ def enable_creative_sparse(
             handle._undo.append(patch.remove)
             handle.patches[component] = patch
             _set_handle(model, handle)
+        if hasattr(calibration, "check_fits"):
+            calibration.check_fits(handle)  # layer names and head counts; ValueError otherwise
         _set_handle(pipe_or_model, handle)
     except BaseException:
         handle.disable()

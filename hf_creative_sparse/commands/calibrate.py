@@ -1,0 +1,195 @@
+"""`hf-creative-sparse calibrate`: per-layer, per-head thresholds for a model to an error budget.
+
+    hf-creative-sparse calibrate --example wan --tiny --target-l1 0.05 --out DIR
+    accelerate launch --num_processes 2 --cpu -m hf_creative_sparse calibrate --example wan --tiny --out DIR
+
+``--tiny`` builds an offline tiny pipeline (random weights, CPU, seconds) from diffusers'
+test configs. Random weights attend almost uniformly, and no block mask can thin
+uniform attention within a few percent of L1; trained video and image transformers
+attend locally. The tiny examples therefore tie each self-attention's key projection to
+its query projection and sharpen the q/k norms, so every token attends mostly to
+itself and, through RoPE, to its neighbours, and they start from smooth latents: the
+locality that makes real models sparse. Without ``--tiny`` the pipeline is loaded with
+``DiffusionPipeline.from_pretrained(--model)`` (network or a local folder) and called
+with ``--prompt``s.
+
+Under ``accelerate launch`` (or torchrun) the calls are sharded across the processes and
+the statistics merged; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+HELP = "per-layer, per-head sparse-attention thresholds for a model to an error budget (saved as safetensors)"
+
+#: Hub ids used without --tiny.
+DEFAULT_MODELS = {"wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
+DEFAULT_PROMPTS = ("A red fox runs through fresh snow at dawn, cinematic.",
+                   "A lighthouse on a cliff in a storm, waves crashing, aerial shot.")
+#: Multiplier of the tiny examples' q/k norm weights (sharper softmax, local attention).
+TINY_SHARPNESS = 4.0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--example", choices=sorted(DEFAULT_MODELS), required=True, help="model family to calibrate")
+    parser.add_argument("--tiny", action="store_true", help="offline tiny pipeline with random weights (CPU, seconds)")
+    parser.add_argument("--model", default=None, help="pipeline id or folder (without --tiny; default per example)")
+    parser.add_argument("--prompt", action="append", default=None, help="prompt of one recorded call (repeatable)")
+    parser.add_argument("--out", required=True, help="directory for creative_sparse_config.json and sparse_params.safetensors")
+    parser.add_argument("--target-l1", type=float, default=0.05, help="relative L1 budget per layer and head")
+    parser.add_argument("--pv-target-l1", type=float, default=None, help="budget with the stage-2 skip (default: --target-l1)")
+    parser.add_argument("--method", choices=("cdf", "topk"), default="cdf")
+    parser.add_argument("--num-calls", type=int, default=2, help="recorded pipeline calls")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps per call (default 2 tiny, 10 real)")
+    parser.add_argument("--min-seq-len", type=int, default=None,
+                        help="dense below this many keys (default: 0 for --tiny, the library default otherwise)")
+    parser.add_argument("--device", default=None, help="default: cuda (this process's GPU) when available, else cpu")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+# -- the tiny examples ---------------------------------------------------------------------------
+
+
+def _tie(to_q: torch.nn.Linear, to_k: torch.nn.Linear, norm_q: Any, norm_k: Any, sharpness: float) -> None:
+    to_k.weight.copy_(to_q.weight)
+    if to_q.bias is not None and to_k.bias is not None:
+        to_k.bias.copy_(to_q.bias)
+    if getattr(norm_q, "weight", None) is not None and getattr(norm_k, "weight", None) is not None:
+        norm_k.weight.copy_(norm_q.weight)
+        norm_q.weight.mul_(sharpness)
+        norm_k.weight.mul_(sharpness)
+
+
+def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHARPNESS) -> torch.nn.Module:
+    """Make a random-weight Wan / Flux transformer attend locally (see the module
+    docstring): k projections := q projections, q/k norm weights * ``sharpness``."""
+    with torch.no_grad():
+        for name, module in transformer.named_modules():
+            if not hasattr(module, "to_q") or not hasattr(module, "to_k"):
+                continue
+            if name.endswith("attn2"):  # Wan's cross-attention keys are text: leave alone
+                continue
+            _tie(module.to_q, module.to_k, getattr(module, "norm_q", None), getattr(module, "norm_k", None), sharpness)
+            if getattr(module, "add_q_proj", None) is not None and getattr(module, "add_k_proj", None) is not None:
+                _tie(module.add_q_proj, module.add_k_proj, getattr(module, "norm_added_q", None),
+                     getattr(module, "norm_added_k", None), sharpness)
+    return transformer
+
+
+def tiny_transformer(family: str) -> torch.nn.Module:
+    """A tiny random transformer of ``family`` ("wan" or "flux"; diffusers' test configs),
+    localised, in eval mode (seeded)."""
+    torch.manual_seed(0)
+    if family == "wan":
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    elif family == "flux":
+        from diffusers import FluxTransformer2DModel
+
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
+    else:
+        raise ValueError(f"unknown tiny example {family!r}; choose wan or flux")
+    return localise_attention(model.eval())
+
+
+def smooth_noise(shape: tuple[int, ...], seed: int, coarse: int = 8) -> torch.Tensor:
+    """Noise that varies slowly over the last two (spatial) dims: coarse noise upsampled
+    by ``coarse`` plus 10% white noise (float32)."""
+    g = torch.Generator().manual_seed(seed)
+    *lead, h, w = shape
+    low = torch.randn(int(torch.tensor(lead).prod()) if lead else 1, 1, max(1, h // coarse), max(1, w // coarse), generator=g)
+    up = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+    return (up.view(*shape) + 0.1 * torch.randn(*shape, generator=g)).float()
+
+
+def tiny_example(family: str, *, steps: int = 2) -> tuple[Any, Callable[[int], Any]]:
+    """(pipeline, call) for the tiny example: ``call(i)`` runs the pipeline once with the
+    i-th seeded prompt embeddings and smooth latents, without CFG, to latents.
+
+    Sequence lengths: Wan 2 x 16 x 32 = 1024 video tokens; Flux 24 text + 1024 image tokens.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer = tiny_transformer(family)
+    pipe: Any
+    if family == "wan":
+        from diffusers import WanPipeline
+
+        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler())
+
+        def call(i: int) -> Any:
+            g = torch.Generator().manual_seed(1000 + i)
+            return pipe(prompt_embeds=torch.randn(1, 12, 16, generator=g), height=256, width=512, num_frames=5,
+                        latents=smooth_noise((1, 4, 2, 32, 64), seed=i), guidance_scale=1.0,
+                        num_inference_steps=steps, output_type="latent", return_dict=False)[0]
+    else:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+
+        def call(i: int) -> Any:
+            g = torch.Generator().manual_seed(1000 + i)
+            latents = pipe._pack_latents(smooth_noise((1, 1, 64, 64), seed=i), 1, 1, 64, 64)
+            return pipe(prompt_embeds=torch.randn(1, 24, 32, generator=g),
+                        pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=512, width=512,
+                        latents=latents, num_inference_steps=steps, output_type="latent", return_dict=False)[0]
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+def _real_example(args: argparse.Namespace, device: str) -> tuple[Any, Callable[[int], Any], int]:
+    from diffusers import DiffusionPipeline
+
+    model_id = args.model or DEFAULT_MODELS[args.example]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype).to(device)
+    prompts = tuple(args.prompt or DEFAULT_PROMPTS)
+    steps = args.steps or 10
+
+    def call(i: int) -> Any:
+        generator = torch.Generator(device="cpu").manual_seed(i)
+        return pipe(prompt=prompts[i % len(prompts)], num_inference_steps=steps, generator=generator,
+                    output_type="latent")
+
+    return pipe, call, max(args.num_calls, 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..calibration import _distributed, calibrate
+    from ..config import SparseAttentionConfig
+
+    dist = _distributed(None)
+    rank = dist.get_rank() if dist is not None else 0
+    if args.tiny:
+        if args.model:
+            print("--model is ignored with --tiny", file=sys.stderr)
+        pipe, call = tiny_example(args.example, steps=args.steps or 2)
+        num_calls = args.num_calls
+        min_seq_len = 0 if args.min_seq_len is None else args.min_seq_len
+    else:
+        device = args.device
+        if device is None:
+            device = f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+        pipe, call, num_calls = _real_example(args, device)
+        min_seq_len = args.min_seq_len
+    config = SparseAttentionConfig() if min_seq_len is None else SparseAttentionConfig(min_seq_len=min_seq_len)
+    cal = calibrate(pipe, call, target_l1=args.target_l1, pv_target_l1=args.pv_target_l1, num_calls=num_calls,
+                    config=config, method=args.method, progress=not args.no_progress)
+    if rank == 0:
+        cal.save(args.out)
+        print(cal)
+        print(f"\n{cal.info['seconds']:.1f} s on {cal.info['processes']} process(es); saved to {args.out}")
+    return 0
