@@ -139,3 +139,20 @@ def test_wan22_pipeline_patches_both_transformers():
     assert steps_1 and steps_2 and sorted(steps_1 + steps_2) == [0, 1, 2, 3] and max(steps_1) < min(steps_2)
     assert torch.isfinite(out).all()
     assert torch.equal(run_pipeline(pipe, kwargs), ref)
+
+
+def test_offloaded_model_with_accelerate_hooks(inputs):
+    """A model whose weights live off the execution device (accelerate's cpu_offload: the
+    parameters are on "meta" until each module runs) patches and restores like any other."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_transformer("wan")
+    single = transformer_inputs("wan", batch=1)
+    ref = run(model, single)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    assert next(model.parameters()).device.type == "meta"
+    handle = hcs.enable_creative_sparse(model, DENSE)
+    out = run(model, single)
+    hcs.disable_creative_sparse(model)
+    assert all(r["calls"] == 1 and r["fallbacks"] == 0 for r in handle.report().rows)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert torch.equal(run(model, single), ref)
