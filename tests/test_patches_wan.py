@@ -141,7 +141,7 @@ def test_wan22_pipeline_patches_both_transformers():
     assert torch.equal(run_pipeline(pipe, kwargs), ref)
 
 
-def test_offloaded_model_with_accelerate_hooks(inputs):
+def test_offloaded_model_with_accelerate_hooks():
     """A model whose weights live off the execution device (accelerate's cpu_offload: the
     parameters are on "meta" until each module runs) patches and restores like any other."""
     accelerate = pytest.importorskip("accelerate")
