@@ -490,6 +490,7 @@ class _Search:
         self.targets: dict[str, torch.Tensor] = {}
         self.choices: dict[str, HeadChoice] = {}
         self.pv_values: dict[str, torch.Tensor] = {}
+        self.seconds: dict[str, float] = {}  # wall time per pass kind
         self._configs: dict[str, SparseAttentionConfig] = {}
 
     def ensure(self, name: str, heads: int) -> LayerStats:
@@ -645,20 +646,26 @@ _PASS_TENSORS = {"mask": ("mask_err", "dense_abs", "kept", "total", "calls"),
 def _search(search: _Search, run_pass: Callable[[str], list[str]], max_verify_rounds: int) -> int:
     """Mask pass, stage-2 pass, verification rounds; ``run_pass(mode)`` feeds the calls
     and returns the layer names that have statistics. Returns the rounds used."""
-    search.mode = "mask"
-    names = run_pass("mask")
+    def timed(mode: str) -> list[str]:
+        start = time.perf_counter()
+        search.mode = mode
+        out = run_pass(mode)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        search.seconds[mode] = search.seconds.get(mode, 0.0) + time.perf_counter() - start
+        return out
+
+    names = timed("mask")
     search.solve_masks(names)
     if search.grid.pvthreshd:
-        search.mode = "pv"
-        run_pass("pv")
+        timed("pv")
         search.solve_pv(names)
     rounds = 0
     for rnd in range(max_verify_rounds):
         rounds = rnd + 1
         for name in names:
             search.stats[name].reset(*_PASS_TENSORS["verify"])
-        search.mode = "verify"
-        run_pass("verify")
+        timed("verify")
         failing = search.failing(names)
         if not failing:
             break
@@ -766,7 +773,8 @@ def calibrate_calls(
         bar.update(1)
         bar.set_postfix_str(name)
     bar.close()
-    info = {"seconds": time.perf_counter() - start, "processes": 1, "verify_rounds": rounds_used, "safety": safety}
+    info = {"seconds": time.perf_counter() - start, "processes": 1, "verify_rounds": rounds_used, "safety": safety,
+            "pass_seconds": dict(search.seconds)}
     return Calibration(model_class=model_class, family=family, method=grid.method, target_l1=float(target_l1),
                        pv_target_l1=pv_target_l1, config=base, grid=grid, layers=result, info=info)
 
@@ -964,7 +972,7 @@ def calibrate(
     models = list(dict.fromkeys(type(p.model).__name__ for p in handle.patches.values()))
     families = list(dict.fromkeys(p.family for p in handle.patches.values()))
     info = {"seconds": time.perf_counter() - start, "processes": world, "calls": total_calls, "verify_rounds": rounds,
-            "safety": safety}
+            "safety": safety, "pass_seconds": dict(search.seconds)}
     return Calibration(model_class="+".join(models), family="+".join(families), method=grid.method,
                        target_l1=float(target_l1), pv_target_l1=pv_target_l1, config=base, grid=grid,
                        layers=layers, info=info)
