@@ -11,6 +11,7 @@ import torch
 from ..config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import dense_attention
 from .dispatch import BACKEND_NAMES, choose_backend
+from .gpu_policy import max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .masks import check_block_mask, kept_fraction, predict_from_inputs
 
@@ -60,6 +61,9 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     policy = cfg.backend == "auto"
     if policy and inp.len_k < cfg.min_seq_len:
         return _dense(inp, f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}", None, 0, None)
+    gpu_policy = policy and inp.q.is_cuda  # cost model: ops/gpu_policy.py
+    if gpu_policy and block_mask is None and (reason := skip_prediction_reason(inp)) is not None:
+        return _dense(inp, reason, None, 0, None)
     with torch.no_grad():
         if block_mask is None:
             block_mask = predict_from_inputs(
@@ -70,6 +74,9 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     if policy and predicted > cfg.max_kept_fraction:
         return _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction={cfg.max_kept_fraction}",
                       predicted, total, block_mask)
+    if gpu_policy and predicted > (limit := max_useful_kept_fraction(inp)):
+        return _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
+                      "fraction for this size", predicted, total, block_mask)
     return _run_sparse(inp, block_mask, cfg.pvthreshd, cfg.backend, predicted, total)
 
 

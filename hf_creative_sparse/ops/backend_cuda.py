@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ._ext import load_extension
-from .dispatch import BackendResult
+from .dispatch import BackendResult, why_not
 from .inputs import AttentionInputs
 
 #: Head dims the kernel has instances for; others are zero-padded to the next one.
@@ -23,10 +23,17 @@ NATIVE_HEAD_DIMS = (64, 128, 256)
 MAX_HEAD_DIM = 256
 #: Smallest compute capability with the instructions the kernel uses (mma.sync bf16, cp.async).
 MIN_CAPABILITY = (8, 0)
-#: (condition, reason) rules where the benchmark (benchmarks/gpu_check.py on an H100)
-#: measured this kernel slower than FlexAttention on the same block mask; `auto` then
-#: prefers flex. Each rule is a function of the inputs returning True where flex wins.
-SLOWER_THAN_FLEX: tuple = ()
+#: (condition, reason) rules where the benchmark (benchmarks/gpu_check.py on an H100,
+#: BENCHMARKS.md) measured this kernel slower than FlexAttention on the same block mask;
+#: `auto` then prefers flex, but only where flex can run the call (it cannot do the pv
+#: skip below pvthreshd 20). Measured: from 4.6k keys on, flex is 1.3-1.9x faster at head
+#: dims 64 and 128 for kept fractions 25-100% (this kernel: ~290 TFLOP/s per kept block at
+#: D128 with wgmma, ~200 at D64; flex ~420 and ~385); at 1k keys (GPT-2, causal) this
+#: kernel is 1.0-1.7x faster.
+SLOWER_THAN_FLEX: tuple = (
+    (lambda inp: inp.len_k >= 2048,
+     "measured slower than FlexAttention for len_k >= 2048 on H100 (0.5-0.8x; BENCHMARKS.md): auto prefers flex"),
+)
 
 
 class CudaBackend:
@@ -54,7 +61,7 @@ class CudaBackend:
         if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v)):
             return "the cuda kernel is forward-only and q/k/v require grad (flex and the reference support autograd)"
         for slower, reason in SLOWER_THAN_FLEX:
-            if slower(inp):
+            if slower(inp) and why_not("flex", inp, pvthreshd) is None:
                 return reason
         return None
 

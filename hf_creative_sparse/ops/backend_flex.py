@@ -196,11 +196,10 @@ class FlexBackend:
             return "the flex backend runs CUDA tensors only (CPU inputs use the cpu backend)"
         if inp.head_dim > MAX_HEAD_DIM:
             return f"head_dim {inp.head_dim} > {MAX_HEAD_DIM} is not supported by FlexAttention's kernels"
-        if pvthreshd is not None:
-            finite = pvthreshd[torch.isfinite(pvthreshd)]
-            if finite.numel() and float(finite.min()) < PV_EXACT_THRESHOLD:
-                return (f"FlexAttention cannot do the pv-threshold skip, and pvthreshd="
-                        f"{float(finite.min()):g} < {PV_EXACT_THRESHOLD:g} changes results beyond 16-bit rounding")
+        if pvthreshd is not None and bool((pvthreshd < PV_EXACT_THRESHOLD).any()):  # inf never is
+            low = float(pvthreshd.min())
+            return (f"FlexAttention cannot do the pv-threshold skip, and pvthreshd={low:g} < "
+                    f"{PV_EXACT_THRESHOLD:g} changes results beyond 16-bit rounding")
         return None
 
     def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:

@@ -65,6 +65,23 @@ def pool_blocks_cuda(x: torch.Tensor, block: int,
 MAX_KEY_BLOCKS = 8192
 
 
+_THRESHOLDS: dict[tuple, torch.Tensor] = {}
+
+
+def _thresholds(name: str, value, heads: int, device: torch.device) -> torch.Tensor:
+    """A threshold as float32 [heads] on ``device``; scalars are cached so a call costs no
+    host-device round trip (`per_head` on the device would wait for the GPU to check NaN)."""
+    if isinstance(value, torch.Tensor):
+        return per_head(name, value.detach().cpu(), heads, torch.device("cpu")).to(device)
+    key = (name, float(value), heads, str(device))
+    cached = _THRESHOLDS.get(key)
+    if cached is None:
+        cached = per_head(name, float(value), heads, torch.device("cpu")).to(device)
+        if len(_THRESHOLDS) < 256:
+            _THRESHOLDS[key] = cached
+    return cached
+
+
 def predict_cuda(inp: AttentionInputs, *, simthreshd1, cdfthreshd, topk, attention_sink: bool, dense_prefix: int,
                  dense_suffix: int, smooth_k: bool) -> torch.Tensor | None:
     """`masks.predict_from_inputs` for CUDA inputs (same arguments and result, bool
@@ -84,9 +101,9 @@ def predict_cuda(inp: AttentionInputs, *, simthreshd1, cdfthreshd, topk, attenti
     group = heads // hkv
     score = torch.matmul(pooled_q.view(b, hkv, group * inp.num_q_blocks, -1), pooled_k.transpose(-1, -2))
     score = score.view(b, heads, inp.num_q_blocks, mk)
-    sim_thr = per_head("simthreshd1", simthreshd1, heads, dev)
-    cdf = per_head("cdfthreshd", cdfthreshd, heads, dev) if topk is None else None
-    top = per_head("topk", topk, heads, dev) if topk is not None else None
+    sim_thr = _thresholds("simthreshd1", simthreshd1, heads, dev)
+    cdf = _thresholds("cdfthreshd", cdfthreshd, heads, dev) if topk is None else None
+    top = _thresholds("topk", topk, heads, dev) if topk is not None else None
     return mod.select_blocks(score, sim_q, sim_k, count_k, sim_thr, cdf, top, float(inp.scale), inp.is_causal,
                              bool(attention_sink), int(dense_prefix), int(dense_suffix), inp.len_q, inp.len_k)
 

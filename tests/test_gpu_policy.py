@@ -1,0 +1,35 @@
+"""The GPU cost model of the auto policy (ops/gpu_policy.py): hand-computed values and the
+properties the policy relies on. Runs anywhere (the model only reads shapes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_creative_sparse.ops import gpu_policy
+from hf_creative_sparse.ops.inputs import attention_inputs
+
+
+def _inp(b, h, n, d, causal=False):
+    q = torch.empty(b, h, n, d, device="meta")
+    return attention_inputs(q, q, q, is_causal=causal)
+
+
+def test_dense_seconds_by_hand():
+    # 4 * B * H * N^2 * D flops at 580 TFLOP/s (D128) and 430 (D64); causal halves the work
+    assert gpu_policy.dense_seconds(_inp(1, 24, 32768, 128)) == pytest.approx(4 * 24 * 32768**2 * 128 / 580e12)
+    assert gpu_policy.dense_seconds(_inp(8, 12, 1024, 64, causal=True)) == pytest.approx(
+        0.5 * 4 * 8 * 12 * 1024**2 * 64 / 430e12)
+
+
+def test_short_problems_skip_prediction_long_ones_do_not():
+    assert "cannot pay" in gpu_policy.skip_prediction_reason(_inp(1, 24, 4608, 128))  # Flux 1024px: 0.45 ms
+    assert gpu_policy.skip_prediction_reason(_inp(1, 24, 32768, 128)) is None
+
+
+def test_break_even_fraction_grows_with_size_and_stays_below_efficiency():
+    small, large = _inp(1, 30, 17776, 64), _inp(1, 24, 32768, 128)
+    f_small, f_large = gpu_policy.max_useful_kept_fraction(small), gpu_policy.max_useful_kept_fraction(large)
+    assert 0 < f_small < f_large < gpu_policy.SPARSE_EFFICIENCY
+    t = gpu_policy.dense_seconds(large)
+    assert f_large == pytest.approx(gpu_policy.SPARSE_EFFICIENCY * (1 - gpu_policy.OVERHEAD_S / t))
