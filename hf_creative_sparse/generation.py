@@ -445,6 +445,8 @@ class CreativeSparseWrapper:
         if self.chat_template and not has_template:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         self._banned_cache: dict[tuple[str, ...], BannedWordsLogitsProcessor] = {}
+        #: (opening text, Q) of every stage-A draft of the last two-stage call.
+        self.last_openings: list[tuple[str, float]] = []
         self._patch = None
         if sparse_attention:
             self._enable_attention(attention_config)
@@ -627,6 +629,7 @@ class CreativeSparseWrapper:
                                 seed=seed, bar=bar)
         opening_texts = [self._decode(o) for o in openings]
         opening_q, _ = self.score(opening_texts, prompt)
+        self.last_openings = list(zip(opening_texts, opening_q))
         best = max(range(len(openings)), key=lambda i: opening_q[i])
         s_pair = (self.schedule.diverge, self.schedule.refine)
         if n_b == 0:
