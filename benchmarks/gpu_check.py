@@ -315,6 +315,44 @@ def print_table(results):
         log(f"{row['shape']:10s} {row['cudnn_ms']:8.2f} | " + " ".join(cells) + f" | {pred}" + auto_cell)
 
 
+def markdown_table(results, device: str, torch_version: str) -> str:
+    """The BENCHMARKS.md tables of one run."""
+    day = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
+    lines = [f"GPU: {device}, torch {torch_version}, bf16, {day}. Times in ms (median of 10 after warm-up, CUDA "
+             "events); eff TFLOP/s = dense-equivalent FLOP x kept fraction / time.", "",
+             "| shape | kept | cuDNN | cuda mma.sync | cuda wgmma | flex | best cuda eff TFLOP/s | flex eff TFLOP/s "
+             "| cuda x cuDNN | cuda x flex |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        for key, e in row.get("kept", {}).items():
+            lines.append(
+                f"| {row['shape']} (B{row['B']} H{row['H']} N{row['N']} D{row['D']}{' causal' if row['causal'] else ''}) "
+                f"| {e['kept']:.2f} | {row['cudnn_ms']:.3f} | {e.get('mma_ms', math.nan):.3f} | "
+                f"{e.get('wgmma_ms', math.nan):.3f} | {e.get('flex_ms', math.nan):.3f} | {e['cuda_tflops_eff']:.0f} | "
+                f"{e.get('flex_tflops_eff', math.nan):.0f} | {e['cuda_vs_cudnn']:.2f} | {e.get('cuda_vs_flex', math.nan):.2f} |")
+    lines += ["", "Default policy (`sparse_attention`, backend auto, default config; prediction included):", "",
+              "| shape | inputs | predicted kept | ran | time | x cuDNN | prediction ms (% of cuDNN) | torch-path "
+              "prediction ms | rel L1 vs dense |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in results:
+        auto = row.get("auto_random")
+        if auto:
+            lines.append(f"| {row['shape']} | random | - | {auto['backend']} | {auto['ms']:.3f} | "
+                         f"{auto['vs_cudnn']:.2f} | - | - | - |")
+        for label, p in row.get("predicted", {}).items():
+            lines.append(f"| {row['shape']} | {label} | {p['kept']:.3f} | {p['backend']} | {p['e2e_ms']:.3f} | "
+                         f"{p['vs_cudnn']:.2f} | {p['predict_ms']:.3f} ({p['predict_pct_of_cudnn']:.1f}%) | "
+                         f"{p['predict_torch_ms']:.3f} | {p['rel_l1_vs_dense']:.4f} |")
+    heads = [r for r in results if "topk25_cuda_e2e_ms" in r or "topk25_flex_e2e_ms" in r]
+    if heads:
+        lines += ["", "Top-k 25% end to end (prediction + index lists + kernel) against cuDNN dense:", "",
+                  "| shape | cuDNN | cuda | flex | cuda x cuDNN | flex x cuDNN |", "|---|---|---|---|---|---|"]
+        for r in heads:
+            c, f = r.get("topk25_cuda_e2e_ms", math.nan), r.get("topk25_flex_e2e_ms", math.nan)
+            lines.append(f"| {r['shape']} | {r['cudnn_ms']:.3f} | {c:.3f} | {f:.3f} | {r['cudnn_ms'] / c:.2f} | "
+                         f"{r['cudnn_ms'] / f:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="build,test,bench")
@@ -346,6 +384,8 @@ def main() -> int:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "tests": summary,
                            "results": results}, fh, indent=1, default=str)
             torch.cuda.empty_cache()
+        with open(os.path.join(OUT, "benchmarks_table.md"), "w") as fh:
+            fh.write(markdown_table(results, torch.cuda.get_device_name(), torch.__version__))
         print_table(results)
     log(f"[tests] {summary}")
     log(f"total {elapsed():.0f} s")
