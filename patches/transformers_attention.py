@@ -132,12 +132,29 @@ def plain_mask_parts(attention_mask: torch.Tensor | None, batch: int, len_q: int
         return f"mask shape {tuple(attention_mask.shape)} is not [B, 1, {len_q}, {len_k}]"
     mask = attention_mask[:, 0].expand(batch, len_q, len_k)
     padding = mask.any(dim=1)  # [B, len_k]: a key any query may see is not padding
-    tril = torch.ones(len_q, len_k, dtype=torch.bool, device=mask.device).tril()
     for is_causal in ((True, False) if causal else (False, True)):
-        expected = padding[:, None, :] & tril if is_causal else padding[:, None, :].expand_as(mask)
-        if torch.equal(mask, expected):
+        if _mask_equals(mask, padding, is_causal):
             return is_causal, (None if bool(padding.all()) else padding)
     return "mask is not causal + key padding (sliding window, chunked, packed or custom)"
+
+
+#: Query rows compared at once by `_mask_equals`: memory O(B * rows * len_k), never a
+#: second full [B, Q, K] mask next to the model's own.
+_CHECK_ROWS = 1024
+
+
+def _mask_equals(mask: torch.Tensor, padding: torch.Tensor, is_causal: bool) -> bool:
+    """Whether mask [B, Q, K] == padding[:, None, :] (& the causal lower triangle)."""
+    len_q, len_k = mask.shape[1], mask.shape[2]
+    cols = torch.arange(len_k, device=mask.device)
+    for start in range(0, len_q, _CHECK_ROWS):
+        rows = torch.arange(start, min(start + _CHECK_ROWS, len_q), device=mask.device)
+        expected = padding[:, None, :].expand(-1, rows.numel(), -1)
+        if is_causal:
+            expected = expected & (cols[None, :] <= rows[:, None])[None]
+        if not torch.equal(mask[:, start:start + rows.numel()], expected):
+            return False
+    return True
 
 
 def creative_sparse_attention_forward(
