@@ -10,7 +10,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import (GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM,  # noqa: E402
-                          PreTrainedTokenizerFast, Qwen2MoeConfig, Qwen2MoeForCausalLM)
+                          OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig,
+                          Qwen2MoeForCausalLM)
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.config import SparseAttentionConfig  # noqa: E402
@@ -220,18 +221,25 @@ def test_processor_sets_k_of_s_for_every_forward():
     assert router.top_k == 2  # restored
 
 
-def test_qwen2_moe_routers_follow_k():
+@pytest.mark.parametrize("family", ["qwen2_moe", "olmoe"])
+def test_other_moe_families_follow_k(family):
     torch.manual_seed(0)
-    cfg = Qwen2MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-                         shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, vocab_size=100)
-    model = Qwen2MoeForCausalLM(cfg).eval()
+    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                  num_key_value_heads=2, num_experts=6, num_experts_per_tok=2, vocab_size=100)
+    if family == "qwen2_moe":
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                                                   **common))
+    else:
+        model = OlmoeForCausalLM(OlmoeConfig(**common))
+    model.eval()
     routing = ExpertRouting.for_model(model)
+    assert (routing.num_experts, routing.default_k) == (6, 2)
     ids = torch.randint(1, 100, (1, 8))
     with torch.no_grad():
         base = model(ids).logits
         with routing.use(5):
             assert not torch.allclose(model(ids).logits, base, atol=1e-5)
+        assert torch.equal(model(ids).logits, base)
 
 
 # ------------------------------------------------------------------------ constraints
