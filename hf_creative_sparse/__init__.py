@@ -40,6 +40,7 @@ _EXPORTS: dict[str, str] = {
     "TwoStageSchedule": "control",
     "CreativeSparseLogitsProcessor": "generation",
     "CreativeSparseWrapper": "generation",
+    "Constraints": "constraints",
     "QualityWeights": "quality",
     "QualityFunctional": "quality",
     "compute_quality_score": "quality",
