@@ -62,7 +62,9 @@ class PatchOptions:
         num_inference_steps: number of denoising steps, needed by a schedule when a bare
             transformer (no pipeline, so no scheduler to read it from) is patched.
         controller: the `SparsityController` mapping s to kernel thresholds
-            (default `SparsityController()`).
+            (default `SparsityController()`). When given and ``mask_refresh`` is left at
+            1, its config's ``kv_reuse_ratio`` sets ``mask_refresh``
+            (`SparsityConfig.mask_refresh_interval`), so the paper's knob and this one agree.
 
     Example:
         >>> PatchOptions(dense_steps=2, mask_refresh=5).mask_refresh
@@ -91,6 +93,9 @@ class PatchOptions:
         if self.controller is not None and not hasattr(self.controller, "get_sparsity_params"):
             raise TypeError("controller must be a SparsityController (with get_sparsity_params(s)), "
                             f"got {type(self.controller).__name__}")
+        interval = getattr(getattr(self.controller, "config", None), "mask_refresh_interval", 1)
+        if self.mask_refresh == 1 and isinstance(interval, int) and interval > 1:
+            self.mask_refresh = interval
 
 
 def _timestep_value(timestep: Any) -> float | None:

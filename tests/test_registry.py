@@ -302,3 +302,13 @@ def test_scheduler_methods_restored_after_disable():
     hcs.disable_creative_sparse(pipe)
     assert "step" not in vars(pipe.scheduler) and "set_timesteps" not in vars(pipe.scheduler)
     assert not hasattr(pipe, "_hf_creative_sparse_handle") and not hasattr(pipe.transformer, "_hf_creative_sparse_handle")
+
+
+def test_kv_reuse_ratio_sets_mask_refresh():
+    from hf_creative_sparse.control import SparsityConfig, SparsityController
+    from hf_creative_sparse.state import PatchOptions
+
+    ctl = SparsityController(SparsityConfig(kv_reuse_ratio=0.75))
+    assert PatchOptions(controller=ctl).mask_refresh == 4  # 1 / (1 - 0.75) calls per mask
+    assert PatchOptions(controller=ctl, mask_refresh=3).mask_refresh == 3  # an explicit value wins
+    assert PatchOptions(controller=SparsityController()).mask_refresh == 1
