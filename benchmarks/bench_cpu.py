@@ -8,6 +8,7 @@ attendable key blocks (random choice), so "kept 25%" is 25% of the work of dense
 
     python benchmarks/bench_cpu.py                 # the table (about 2 minutes on 2 cores)
     python benchmarks/bench_cpu.py --repeats 9 --out benchmarks/RESULTS_CPU.md
+    python benchmarks/bench_cpu.py --threads 1     # less sensitive to other load on the machine
 """
 
 from __future__ import annotations
@@ -177,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="timed rounds per method (median reported)")
     parser.add_argument("--reference-repeats", type=int, default=3, help="rounds for the slow reference")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--out", help="also write the table (markdown) to this file")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     status = load_extension("cpu")
     if status.module is None:
         print(f"the cpu kernel is unavailable: {status.error}", file=sys.stderr)

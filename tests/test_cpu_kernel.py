@@ -200,7 +200,7 @@ def test_extension_rejects_bad_lut(ext):
         ext.forward(*args, full, bad, None, False, 0.125, pv)
     with pytest.raises(RuntimeError, match="pvthreshd must be a CPU float32"):
         ext.forward(*args, counts, indices, None, False, 0.125, pv.double())
-    with pytest.raises(RuntimeError, match="isa must be one of"):
+    with pytest.raises(RuntimeError, match="must be one of"):
         ext.forward_out(*args, counts, indices, None, False, 0.125, pv, torch.empty_like(inp.q), "sse9")
 
 
@@ -230,6 +230,24 @@ def test_failed_build_falls_back_and_names_the_cause(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "RAISED: backend 'cpu' cannot run this call" in proc.stdout
     assert "no C++ compiler found" in proc.stdout and "hcs-no-such-compiler" in proc.stdout
+
+
+def test_isa_can_be_pinned_by_environment(ext):
+    code = ("import torch, hf_creative_sparse as hcs\n"
+            "q = torch.randn(1, 2, 200, 24)\n"
+            "mask = torch.rand(1, 2, 2, 4) < 0.5\n"
+            "a = hcs.block_sparse_attention(q, q, q, mask, backend='cpu')\n"
+            "b = hcs.block_sparse_attention(q, q, q, mask, backend='reference')\n"
+            "print('DIFF', float((a - b).abs().max()))\n"
+            "hcs.block_sparse_attention(q, q, q, mask, backend='cpu')\n")
+    base = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="generic"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.split("DIFF")[1]) < 1e-5
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="sse9"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "HCS_CPU_ISA" in proc.stderr and "sse9" in proc.stderr
 
 
 def test_disabled_extension_reports_the_variable(tmp_path):

@@ -45,15 +45,19 @@ std::vector<const IsaKernel*> usable_kernels() {
   return out;
 }
 
-const IsaKernel* pick_kernel(const std::string& name) {
+// `name` empty: HCS_CPU_ISA from the environment if set (to pin an instance), else the best.
+const IsaKernel* pick_kernel(const std::string& requested) {
   const auto kernels = usable_kernels();
   TORCH_CHECK(!kernels.empty(), "hf_creative_sparse cpu: no kernel compiled for this CPU");
+  const char* env = std::getenv("HCS_CPU_ISA");
+  const std::string name = !requested.empty() ? requested : (env != nullptr ? env : "");
   if (name.empty()) return kernels.front();
   for (const IsaKernel* k : kernels)
     if (name == k->name) return k;
   std::string names;
   for (const IsaKernel* k : kernels) names += std::string(names.empty() ? "" : ", ") + k->name;
-  TORCH_CHECK(false, "hf_creative_sparse cpu: isa must be one of [", names, "] on this CPU, got '", name, "'");
+  TORCH_CHECK(false, "hf_creative_sparse cpu: isa (or HCS_CPU_ISA) must be one of [", names, "] on this CPU, got '",
+              name, "'");
   return nullptr;
 }
 

@@ -4,6 +4,9 @@ Built on first use (see `_ext.load_extension`); when the build fails the backend
 the cause as its unavailable reason, so ``backend="auto"`` falls back to the reference and
 ``backend="cpu"`` raises with that cause. Forward only: calls that need gradients go to
 the reference backend, which autograd can differentiate.
+
+The extension holds AVX-512, AVX2 and baseline instances of the kernel and runs the best
+one the CPU supports; ``HCS_CPU_ISA=avx2`` (or ``generic``) pins a narrower one.
 """
 
 from __future__ import annotations
