@@ -5,9 +5,10 @@
     python benchmarks/gpu_check.py --stages bench --shapes 32k --budget 200
 
 Stages:
-  build  JIT-builds the CUDA extension through the package's own loader (timed).
-  test   pytest -m cuda on tests/test_cuda_kernels.py and tests/test_flex_backend.py.
-  bench  per shape (DESIGN.md's list), bf16: SDPA cuDNN and flash (dense), then for kept
+  build    JIT-builds the CUDA extension through the package's own loader (timed).
+  test     pytest -m cuda on tests/test_cuda_kernels.py and tests/test_flex_backend.py.
+  profile  kernel-level GPU time of mask prediction (torch.profiler).
+  bench    per shape (DESIGN.md's list), bf16: SDPA cuDNN and flash (dense), then for kept
          fractions 100/50/25/10% of random block masks the cuda kernel and FlexAttention
          on the same mask (kernel time; the mask is given), then the default predicted
          mask end to end (`sparse_attention`, prediction included) on structured inputs,
@@ -107,6 +108,34 @@ def stage_test(timeout: float = 240.0) -> str:
     for ln in failures[:20]:
         log("  " + ln[:300])
     return summary
+
+
+def stage_profile() -> None:
+    """Kernel-level GPU time of mask prediction (torch.profiler) at two sizes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hf_creative_sparse.ops.inputs import attention_inputs
+    from hf_creative_sparse.ops.masks import kept_fraction, predict_from_inputs
+
+    for name in ("32k", "cogvideox"):
+        b, h, n, d, causal = SHAPES[name]
+        q, k = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        inp = attention_inputs(q, k, k, is_causal=causal)
+        fn = lambda: kept_fraction(predict_from_inputs(inp, simthreshd1=0.6, cdfthreshd=0.98), inp)  # noqa: E731
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.time()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        wall = (time.time() - t0) / 5 * 1e3
+        log(f"[profile] prediction {name}: {wall:.3f} ms wall per call (profiled); GPU kernels per call:")
+        events = [e for e in prof.key_averages() if getattr(e, "device_time_total", 0) > 0 and e.count >= 5]
+        events.sort(key=lambda e: -e.device_time_total)
+        for e in events[:8]:
+            log(f"    {e.device_time_total / 5:9.1f} us  x{e.count // 5}  {e.key[:90]}")
 
 
 def random_block_mask(b, h, mq, mk, frac, causal, device):
@@ -355,7 +384,7 @@ def markdown_table(results, device: str, torch_version: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="build,test,bench")
+    ap.add_argument("--stages", default="build,test,profile,bench")
     ap.add_argument("--shapes", default="32k,32k_d64,cogvideox,flux,wan,gpt2")
     ap.add_argument("--budget", type=float, default=360.0, help="seconds after which benchmarking stops")
     args = ap.parse_args()
@@ -369,6 +398,11 @@ def main() -> int:
     if "build" in stages:
         ok = stage_build()
     summary = stage_test() if "test" in stages and ok else "not run"
+    if "profile" in stages and ok:
+        try:
+            stage_profile()
+        except Exception as exc:
+            log(f"[profile] failed: {type(exc).__name__}: {str(exc)[:300]}")
     results = []
     if "bench" in stages and ok:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -144,9 +144,14 @@ def test_pv_skip_per_group_within_tolerance_on_random_rows(kernel):
     assert _rel(out, exact) < TOL[torch.bfloat16] + 16 * math.exp(-thr)
 
 
-@pytest.mark.parametrize("block", [128, 64])
-def test_gpu_pooling_matches_torch(block):
-    x = torch.randn(2, 3, 1000, 96, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("block,d,dtype", [
+    (128, 128, torch.bfloat16),  # vectorised kernel, 16 lanes a token
+    (64, 64, torch.float16),     # vectorised, 8 lanes a token
+    (128, 64, torch.float32),    # vectorised, 16 lanes of 4 floats
+    (64, 96, torch.bfloat16),    # 12 lanes: the scalar kernel
+])
+def test_gpu_pooling_matches_torch(block, d, dtype):
+    x = torch.randn(2, 3, 1000, d, device="cuda").to(dtype)
     valid = torch.rand(2, 1000, device="cuda") > 0.2
     fused = predict_cuda.pool_blocks_cuda(x, block, valid)
     predict_cuda.ENABLED = False

@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "block_sparse_fwd.h"
 
@@ -265,6 +266,159 @@ __global__ void __launch_bounds__(kSelThreads) select_blocks_kernel(const Select
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Vectorised pooling: a team of L lanes reads one token with 16-byte loads (VPL values per
+// lane), and each lane loads U tokens before reducing, so many loads are in flight (the
+// scalar kernel above waits on one token at a time and is latency-bound).
+template <typename T>
+struct Vec16;
+template <>
+struct Vec16<float> {
+  static constexpr int kVals = 4;
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&v)[4]) {
+    v[0] = __uint_as_float(r.x), v[1] = __uint_as_float(r.y), v[2] = __uint_as_float(r.z), v[3] = __uint_as_float(r.w);
+  }
+};
+template <>
+struct Vec16<__half> {
+  static constexpr int kVals = 8;
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&v)[8]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  }
+};
+template <>
+struct Vec16<__nv_bfloat16> {
+  static constexpr int kVals = 8;
+  static __device__ __forceinline__ void unpack(const uint4& r, float (&v)[8]) {
+    const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[i]));
+      v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+  }
+};
+
+template <typename T, int L>
+__global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_vec_kernel(const PoolParams p) {
+  constexpr int VPL = Vec16<T>::kVals;
+  constexpr int TPW = 32 / L;  // tokens per warp per step
+  constexpr int U = 4;         // steps loaded before reducing
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int team = lane / L, tl = lane % L;
+  __shared__ float s_x[kPoolWarps][256];
+  __shared__ float s_u[kPoolWarps][256];
+  __shared__ float s_cnt[kPoolWarps];
+  __shared__ float s_red[kPoolWarps];
+
+  const T* base = static_cast<const T*>(p.x) + b * p.x_bs + h * p.x_hs + tl * VPL;
+  const int tok0 = blk * p.block;
+  float sx[VPL], su[VPL];
+#pragma unroll
+  for (int i = 0; i < VPL; ++i) sx[i] = su[i] = 0.f;
+  float cnt = 0.f;
+  for (int r0 = 0; r0 < p.block; r0 += kPoolWarps * TPW * U) {
+    uint4 raw[U];
+    float w[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int r = r0 + (u * kPoolWarps + warp) * TPW + team;
+      const int tok = tok0 + r;
+      const bool ok = r < p.block && tok < p.N && (p.valid == nullptr || p.valid[b * p.valid_bs + tok] != 0);
+      raw[u] = ok ? __ldg(reinterpret_cast<const uint4*>(base + (int64_t)tok * p.x_rs)) : make_uint4(0, 0, 0, 0);
+      w[u] = ok ? 1.f : 0.f;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float v[VPL];
+      Vec16<T>::unpack(raw[u], v);
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) ss += v[i] * v[i];
+#pragma unroll
+      for (int off = L / 2; off >= 1; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+      const float inv = w[u] / fmaxf(sqrtf(ss), 1e-12f);
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        sx[i] += v[i];  // zero for masked tokens
+        su[i] += v[i] * inv;
+      }
+      cnt += (tl == 0) ? w[u] : 0.f;
+    }
+  }
+  // Sum over the teams of the warp (lanes with the same tl hold the same dims).
+#pragma unroll
+  for (int off = L; off < 32; off <<= 1) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      sx[i] += __shfl_xor_sync(0xffffffffu, sx[i], off);
+      su[i] += __shfl_xor_sync(0xffffffffu, su[i], off);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) cnt += __shfl_xor_sync(0xffffffffu, cnt, off);
+  if (team == 0) {
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      s_x[warp][tl * VPL + i] = sx[i];
+      s_u[warp][tl * VPL + i] = su[i];
+    }
+  }
+  if (lane == 0) s_cnt[warp] = cnt;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kPoolWarps; ++w) total += s_cnt[w];
+  float usq = 0.f;
+  const int64_t out_row = ((int64_t)b * p.H + h) * p.nb + blk;
+  for (int d = threadIdx.x; d < p.D; d += kPoolWarps * 32) {
+    float x = 0.f, u = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPoolWarps; ++w) {
+      x += s_x[w][d];
+      u += s_u[w][d];
+    }
+    p.pooled[out_row * p.D + d] = x / fmaxf(total, 1.f);
+    usq += u * u;
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) usq += __shfl_xor_sync(0xffffffffu, usq, off);
+  if (lane == 0) s_red[warp] = usq;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPoolWarps; ++w) acc += s_red[w];
+    p.sim[out_row] = acc / fmaxf(total * total, 1.f);
+    if (h == 0) p.count[(int64_t)b * p.nb + blk] = total;
+  }
+}
+
+template <typename T>
+bool launch_pool_vec(const PoolParams& p, cudaStream_t stream) {
+  constexpr int VPL = Vec16<T>::kVals;
+  if (p.D % VPL != 0 || p.x_rs % VPL != 0 || p.x_hs % VPL != 0 || p.x_bs % VPL != 0 ||
+      reinterpret_cast<uintptr_t>(p.x) % 16 != 0)
+    return false;
+  const int lanes = p.D / VPL;
+  dim3 grid(p.nb, p.H, p.B);
+  switch (lanes) {
+    case 1: pool_blocks_vec_kernel<T, 1><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    case 2: pool_blocks_vec_kernel<T, 2><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    case 4: pool_blocks_vec_kernel<T, 4><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    case 8: pool_blocks_vec_kernel<T, 8><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    case 16: pool_blocks_vec_kernel<T, 16><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    case 32: pool_blocks_vec_kernel<T, 32><<<grid, kPoolWarps * 32, 0, stream>>>(p); return true;
+    default: return false;
+  }
+}
+
 // One warp per mask row.
 __global__ void mask_to_lut_kernel(const uint8_t* mask, int64_t rows, int mk, int32_t* counts, int32_t* indices) {
   const int64_t row = (int64_t)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -288,8 +442,14 @@ __global__ void mask_to_lut_kernel(const uint8_t* mask, int64_t rows, int mk, in
 
 cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream) {
   if (p.D > 32 * kMaxDPerLane) return cudaErrorInvalidValue;
-  dim3 grid(p.nb, p.H, p.B);
-  pool_blocks_kernel<<<grid, kPoolWarps * 32, 0, stream>>>(p);
+  bool launched = false;  // the vectorised kernel where rows allow 16-byte loads
+  if (p.dtype == 0) launched = launch_pool_vec<float>(p, stream);
+  else if (p.dtype == 1) launched = launch_pool_vec<__half>(p, stream);
+  else launched = launch_pool_vec<__nv_bfloat16>(p, stream);
+  if (!launched) {
+    dim3 grid(p.nb, p.H, p.B);
+    pool_blocks_kernel<<<grid, kPoolWarps * 32, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
