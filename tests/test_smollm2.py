@@ -25,8 +25,11 @@ def test_creative_sparse_matches_sdpa_on_smollm2(smollm2):
     from hf_creative_sparse.control import set_current_sparsity
 
     model, tok = smollm2
-    enc = tok(["A lighthouse keeper found a door in the sea.", "Tell me about the moon."], padding=True,
-              return_tensors="pt")
+    rows = [tok(t)["input_ids"] for t in ("A lighthouse keeper found a door in the sea.", "Tell me about the moon.")]
+    width = max(len(r) for r in rows)
+    # left padding by hand: the GGUF tokenizer has no pad token in every transformers version
+    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
+    enc = {"input_ids": ids, "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
     assert model.config._attn_implementation == "sdpa"
     with torch.no_grad():
         ref = model(**enc).logits
