@@ -32,11 +32,12 @@ checked (``mask == causal & padding``, else fallback).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 
-from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
+from hf_creative_sparse.config import SparseAttentionConfig
 from hf_creative_sparse.registry import ModelPatch, register_patch
 from hf_creative_sparse.state import LayerState
 
@@ -96,13 +97,11 @@ def _state_of(module: torch.nn.Module) -> LayerState:
 
 
 def _record_dense(state: LayerState, reason: str, run: Any) -> Any:
-    """Run ``run()`` (dense SDPA) and record it in the layer's statistics as a fallback."""
-    timer = state._start_timer(torch.device("cpu"))  # CPU wall clock: includes the kernel launch only on GPU
+    """Run ``run()`` (transformers' SDPA) and count it in the layer's statistics as a
+    fallback with ``reason`` (wall-clock time; on GPU that is the launch time)."""
+    start = time.perf_counter()
     result = run()
-    state._stop_timer(timer)
-    stats = SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason)
-    state.last_stats = stats
-    state._record(stats, False)
+    state.record_fallback(reason, time.perf_counter() - start)
     return result
 
 

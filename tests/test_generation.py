@@ -328,11 +328,18 @@ def test_wrapper_penalises_missing_required_words(wrapper):
 
 
 def test_wrapper_single_stage_and_runs_the_schedule_through_attention(wrapper):
-    cands = wrapper.generate_creative("the cat", max_length=8, num_candidates=4, return_best=False,
-                                      sparsity_level=0.5, progress=True)
+    seen = []
+    removers = [st.add_hook(lambda call: seen.append(call.s)) for st in wrapper._patch.layer_states().values()]
+    try:
+        cands = wrapper.generate_creative("the cat", max_length=8, num_candidates=4, return_best=False,
+                                          sparsity_level=0.5, progress=True)
+    finally:
+        for remove in removers:
+            remove()
     assert len(cands) == 4 and all(c.s == (0.5, 0.5) and c.opening == "" for c in cands)
+    assert seen == [0.5, 0.5] * 2  # the prefill of each of the 2 batches, in both layers, at s = 0.5
     rows = wrapper.layer_report()
-    assert rows and rows[0]["last_s"] == 0.5 and rows[0]["calls"] > 0
+    assert len(rows) == 2 and all(r["calls"] > 0 and r["fallback_reasons"].get("decode step") for r in rows)
 
 
 def test_wrapper_with_a_quality_functional_reports_components():
