@@ -39,7 +39,12 @@ class CpuBackend:
         if status.module is None:
             raise RuntimeError(f"the cpu backend is unavailable: {status.error}")
         kv_counts, kv_indices = block_mask_to_lut(block_mask)
-        out, pv_counts = status.module.forward(
+        # Under torch.compile the registered op (ops/custom_ops.py) keeps attention in the graph.
+        if torch.compiler.is_compiling():
+            from .custom_ops import block_sparse_fwd as fwd
+        else:
+            fwd = status.module.forward
+        out, pv_counts = fwd(
             inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous(), kv_counts, kv_indices,
             inp.key_padding_mask, inp.is_causal, inp.scale, pvthreshd.to(torch.float32).contiguous())
         skipped, visited = pv_counts.tolist()

@@ -8,15 +8,21 @@ lower rate. Measured on an H100 (benchmarks/gpu_check.py, BENCHMARKS.md):
 * cuDNN dense: ~430 TFLOP/s at head dim 64 and ~580 at 128 on long sequences.
 * the best sparse kernel (FlexAttention on the block mask) reaches 0.6-0.8 of that rate
   per kept block on sequences of 16k and more (0.4-0.6 at 4k).
-* prediction + index lists + dispatch: well under 1 ms.
+* mask prediction (ops/predict_cuda.py, profiled with torch.profiler): ~0.3 ms of host
+  time and launches, plus one read of Q and K (~2.6 TB/s), plus the selection kernel
+  (~38 ns per query-block row for 512 key blocks, growing as m log^2 m with the padded
+  key-block count m: a bitonic sort per row).
+* the rest of the sparse path (index lists, dispatch): ~0.2 ms.
 
-So sparsity pays only when the dense time is large against the fixed cost and the kept
-fraction is below ``SPARSE_EFFICIENCY * (1 - OVERHEAD_S / dense_time)``. Below
-``MIN_DENSE_SECONDS`` of estimated dense time the prediction itself would cost more than
-5% of the call, so the policy runs dense without predicting.
+So the policy predicts only when the prediction costs at most ``PREDICTION_BUDGET`` of
+the dense time (a fallback after predicting then stays within ~5% of dense SDPA), and
+runs sparse only when the kept fraction is below
+``SPARSE_EFFICIENCY * (1 - OVERHEAD_S / dense_time)``.
 """
 
 from __future__ import annotations
+
+import math
 
 from .inputs import AttentionInputs
 
@@ -26,8 +32,13 @@ DENSE_RATE = ((64, 430e12), (256, 580e12))
 SPARSE_EFFICIENCY = 0.6
 #: Fixed cost of the sparse path (prediction, index lists, dispatch), seconds.
 OVERHEAD_S = 0.8e-3
-#: Below this estimated dense time, prediction alone would exceed ~5% of the call.
-MIN_DENSE_SECONDS = 4e-3
+#: Prediction may cost at most this fraction of the estimated dense time.
+PREDICTION_BUDGET = 0.04
+#: Prediction cost model (H100): fixed host/launch time, Q+K read rate, selection cost per
+#: query-block row at 512 padded key blocks.
+PREDICT_FIXED_S = 0.3e-3
+PREDICT_READ_RATE = 2.6e12
+PREDICT_ROW_S_AT_512 = 38e-9
 
 
 def dense_seconds(inp: AttentionInputs) -> float:
@@ -39,12 +50,22 @@ def dense_seconds(inp: AttentionInputs) -> float:
     return flops / rate
 
 
+def prediction_seconds(inp: AttentionInputs) -> float:
+    """Estimated time of the fused GPU mask prediction of ``inp`` (H100)."""
+    elem = inp.q.element_size()
+    read = (inp.q.numel() + inp.k.numel()) * elem / PREDICT_READ_RATE
+    m = 2 ** max(1, math.ceil(math.log2(max(inp.num_k_blocks, 2))))
+    per_row = PREDICT_ROW_S_AT_512 * (m * math.log2(m) ** 2) / (512 * 81)
+    rows = inp.batch * inp.heads_q * inp.num_q_blocks
+    return PREDICT_FIXED_S + read + rows * per_row
+
+
 def skip_prediction_reason(inp: AttentionInputs) -> str | None:
     """Why a CUDA call should run dense without predicting a mask, or None."""
-    t = dense_seconds(inp)
-    if t < MIN_DENSE_SECONDS:
-        return (f"sparsity cannot pay on the GPU: estimated dense time {t * 1e3:.2f} ms < "
-                f"{MIN_DENSE_SECONDS * 1e3:.0f} ms (prediction would cost more than it saves)")
+    t, p = dense_seconds(inp), prediction_seconds(inp)
+    if p > PREDICTION_BUDGET * t:
+        return (f"sparsity cannot pay on the GPU: predicting the mask (~{p * 1e3:.2f} ms) would cost more than "
+                f"{PREDICTION_BUDGET:.0%} of dense attention (~{t * 1e3:.2f} ms)")
     return None
 
 
