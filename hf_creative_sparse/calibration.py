@@ -80,7 +80,8 @@ FORMAT = "hf_creative_sparse.calibration"
 FORMAT_VERSION = 1
 #: Per-layer tensors in the safetensors file (each [heads]); the level is saved under the
 #: method's name ("cdfthreshd" or "topk").
-_FLOAT_FIELDS = ("simthreshd1", "pvthreshd", "estimated_l1", "measured_l1", "kept_fraction", "runtime_kept_fraction")
+_FLOAT_FIELDS = ("simthreshd1", "pvthreshd", "estimated_l1", "measured_l1", "worst_call_l1", "kept_fraction",
+                 "runtime_kept_fraction")
 
 
 # -- the result --------------------------------------------------------------------------
@@ -97,8 +98,10 @@ class LayerCalibration:
         simthreshd1, level, pvthreshd: float32 thresholds; ``level`` is cdfthreshd or topk
             (the calibration's ``method``).
         dense: bool, the head keeps every block and skips nothing.
-        estimated_l1: relative L1 estimated by the search; measured_l1: measured with
-            `sparse_attention` on the recorded calls (NaN when not measured).
+        estimated_l1: relative L1 estimated by the search (of the worst call with
+            ``per_call``); measured_l1: measured with `sparse_attention` over the recorded
+            calls, SpargeAttn's metric (NaN when not measured); worst_call_l1: the same for
+            the worst single call.
         kept_fraction: kept blocks / attendable blocks of the chosen mask;
             runtime_kept_fraction: the same as the verification calls ran it (1.0 where
             the dense-fallback policy ran the call dense).
@@ -112,6 +115,7 @@ class LayerCalibration:
     dense: torch.Tensor
     estimated_l1: torch.Tensor
     measured_l1: torch.Tensor
+    worst_call_l1: torch.Tensor
     kept_fraction: torch.Tensor
     runtime_kept_fraction: torch.Tensor
 
@@ -303,7 +307,8 @@ def _dense_layer(heads: int, calls: int) -> LayerCalibration:
     return LayerCalibration(heads=heads, calls=calls, simthreshd1=ones.clone(), level=ones.clone(),
                             pvthreshd=torch.full((heads,), math.inf), dense=torch.ones(heads, dtype=torch.bool),
                             estimated_l1=torch.zeros(heads), measured_l1=torch.full((heads,), math.nan),
-                            kept_fraction=ones.clone(), runtime_kept_fraction=ones.clone())
+                            worst_call_l1=torch.full((heads,), math.nan), kept_fraction=ones.clone(),
+                            runtime_kept_fraction=ones.clone())
 
 
 def _listing(items: Sequence[str], limit: int = 4) -> str:
@@ -479,8 +484,10 @@ class _Search:
     """Statistics, choices and per-layer configs of one calibration (all layers)."""
 
     def __init__(self, grid: SearchGrid, target_l1: float, pv_target_l1: float | None,
-                 base: SparseAttentionConfig, max_chunk_elements: int, safety: float = 1.0) -> None:
+                 base: SparseAttentionConfig, max_chunk_elements: int, safety: float = 1.0,
+                 per_call: bool = True) -> None:
         self.grid, self.base = grid, base
+        self.per_call = per_call
         self.safety = safety
         self.target = target_l1 * safety
         self.final_target = target_l1 if pv_target_l1 is None else pv_target_l1
@@ -491,6 +498,7 @@ class _Search:
         self.choices: dict[str, HeadChoice] = {}
         self.pv_values: dict[str, torch.Tensor] = {}
         self.seconds: dict[str, float] = {}  # wall time per pass kind
+        self.backends: dict[str, int] = {}  # backend -> verification calls it ran
         self._configs: dict[str, SparseAttentionConfig] = {}
 
     def ensure(self, name: str, heads: int) -> LayerStats:
@@ -525,6 +533,7 @@ class _Search:
         cfg = self.layer_config(name, opts)
         with torch.no_grad():
             out, st = sparse_attention_inputs(inp, cfg)
+            self.backends[st.backend] = self.backends.get(st.backend, 0) + 1
             dense = dense_out if dense_out is not None else dense_attention(inp)
             err = (out.float() - dense.float()).abs().sum(dim=(0, 2, 3))
             ref = dense.float().abs().sum(dim=(0, 2, 3))
@@ -535,6 +544,7 @@ class _Search:
                 kept = torch.full((inp.heads_q,), total, dtype=torch.float64)
         stats.add("verify_err", err)
         stats.add("verify_abs", ref)
+        stats.maximum("verify_worst", _ratio(err, ref))
         stats.add("verify_kept", kept)
         stats.add("verify_total", torch.full((inp.heads_q,), total))
 
@@ -545,7 +555,7 @@ class _Search:
             stats = self.stats[name]
             if name not in self.targets:
                 self.targets[name] = torch.full((stats.heads,), float(self.target), dtype=torch.float64)
-            self.choices[name] = choose_masks(stats, self.targets[name])
+            self.choices[name] = choose_masks(stats, self.targets[name], per_call=self.per_call)
             default_pv = math.inf if self.grid.pvthreshd else None
             if default_pv is None:
                 self.pv_values[name] = per_head("pvthreshd", self.base.pvthreshd, stats.heads, torch.device("cpu"))
@@ -562,17 +572,22 @@ class _Search:
         for name in names:
             stats = self.stats[name]
             targets = torch.full((stats.heads,), float(self.final_target * self.safety), dtype=torch.float64)
-            choice = choose_pv(stats, self.choices[name], targets)
+            choice = choose_pv(stats, self.choices[name], targets, per_call=self.per_call)
             self.choices[name] = choice
             self.pv_values[name] = pv_grid[choice.pv_index]
             self._configs.pop(name, None)
+
+    def measured(self, name: str) -> torch.Tensor:
+        """The verified relative L1 per head by the criterion: over all calls, or the worst call."""
+        stats = self.stats[name]
+        measured = _ratio(stats.verify_err, stats.verify_abs)
+        return torch.maximum(measured, stats.verify_worst) if self.per_call else measured
 
     def failing(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Layer -> bool [H] of heads whose measured L1 exceeds the final target."""
         out = {}
         for name in names:
-            stats = self.stats[name]
-            measured = _ratio(stats.verify_err, stats.verify_abs)
+            measured = self.measured(name)
             bad = measured > self.final_target
             if bool(bad.any()):
                 out[name] = bad
@@ -583,7 +598,7 @@ class _Search:
         stage-2 skip; with ``to_dense`` make them dense."""
         for name, bad in failing.items():
             stats = self.stats[name]
-            measured = _ratio(stats.verify_err, stats.verify_abs)
+            measured = self.measured(name)
             if to_dense:
                 choice = self.choices[name]
                 choice.dense = choice.dense | bad
@@ -595,7 +610,7 @@ class _Search:
                 shrink = torch.clamp(self.final_target / measured.clamp(min=1e-12), max=0.8)
                 self.targets[name] = torch.where(bad, self.targets[name] * shrink, self.targets[name])
                 previous = self.choices[name]
-                fresh = choose_masks(stats, self.targets[name])
+                fresh = choose_masks(stats, self.targets[name], per_call=self.per_call)
                 keep = ~bad
                 self.choices[name] = HeadChoice(
                     sim_index=torch.where(keep, previous.sim_index, fresh.sim_index),
@@ -614,12 +629,13 @@ class _Search:
         dense = choice.dense.clone()
         measured = _ratio(stats.verify_err, stats.verify_abs).float()
         measured = torch.where(stats.verify_abs > 0, measured, torch.full_like(measured, math.nan))
+        worst = torch.where(stats.verify_abs > 0, stats.verify_worst.float(), torch.full_like(measured, math.nan))
         return LayerCalibration(
             heads=stats.heads, calls=int(stats.calls.item()),
             simthreshd1=torch.where(dense, torch.ones(stats.heads), sims[choice.sim_index]),
             level=torch.where(dense, torch.ones(stats.heads), levels[choice.level_index]),
             pvthreshd=torch.where(dense, torch.full((stats.heads,), math.inf), self.pv_values[name].float()),
-            dense=dense, estimated_l1=choice.estimated_l1.float(), measured_l1=measured,
+            dense=dense, estimated_l1=choice.estimated_l1.float(), measured_l1=measured, worst_call_l1=worst,
             kept_fraction=choice.kept_fraction.float(),
             runtime_kept_fraction=_ratio(stats.verify_kept, stats.verify_total).float())
 
@@ -638,9 +654,9 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
-_PASS_TENSORS = {"mask": ("mask_err", "dense_abs", "kept", "total", "calls"),
-                 "pv": ("pv_err", "pv_skipped", "pv_visited", "pv_dense_abs"),
-                 "verify": ("verify_err", "verify_abs", "verify_kept", "verify_total")}
+_PASS_TENSORS = {"mask": ("mask_err", "dense_abs", "kept", "total", "calls", "mask_worst"),
+                 "pv": ("pv_err", "pv_skipped", "pv_visited", "pv_dense_abs", "pv_worst"),
+                 "verify": ("verify_err", "verify_abs", "verify_kept", "verify_total", "verify_worst")}
 
 
 def _search(search: _Search, run_pass: Callable[[str], list[str]], max_verify_rounds: int) -> int:
@@ -721,6 +737,7 @@ def calibrate_calls(
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     progress: bool = True,
     safety: float = 0.9,
+    per_call: bool = True,
     model_class: str = "",
     family: str = "",
 ) -> Calibration:
@@ -746,7 +763,8 @@ def calibrate_calls(
     base = config if config is not None else SparseAttentionConfig()
     if not isinstance(base, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(base).__name__}")
-    search = _Search(grid, float(target_l1), pv_target_l1, base, max_chunk_elements, float(safety))
+    search = _Search(grid, float(target_l1), pv_target_l1, base, max_chunk_elements, float(safety),
+                     per_call=bool(per_call))
     start = time.perf_counter()
     result: dict[str, LayerCalibration] = {}
     rounds_used = 0
@@ -774,7 +792,8 @@ def calibrate_calls(
         bar.set_postfix_str(name)
     bar.close()
     info = {"seconds": time.perf_counter() - start, "processes": 1, "verify_rounds": rounds_used, "safety": safety,
-            "pass_seconds": dict(search.seconds)}
+            "per_call": per_call,
+            "pass_seconds": dict(search.seconds), "verify_backends": dict(search.backends)}
     return Calibration(model_class=model_class, family=family, method=grid.method, target_l1=float(target_l1),
                        pv_target_l1=pv_target_l1, config=base, grid=grid, layers=result, info=info)
 
@@ -863,6 +882,7 @@ def calibrate(
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     progress: bool = True,
     safety: float = 0.9,
+    per_call: bool = True,
     distributed: bool | None = None,
 ) -> Calibration:
     """Fit per-layer, per-head thresholds of a pipeline or model to an error budget.
@@ -889,6 +909,10 @@ def calibrate(
         progress: show progress bars.
         safety: the search aims at ``safety * target`` (and ``safety * pv_target``) so that
             calls it did not see have headroom; verification checks the target itself.
+        per_call: every recorded call must meet the target on its own (default), not
+            only all calls together (SpargeAttn's metric, which this implies). Attention
+            patterns vary between calls; the worst recorded call is a better guide to an
+            unseen one than the average.
         distributed: shard the calls over the processes of a ``torch.distributed`` run
             (None: when one is running or the launcher's environment says so).
 
@@ -925,7 +949,8 @@ def calibrate(
                        calibration=previous_cal)
     recording = SparseAttentionConfig.dense(backend="sdpa", min_seq_len=0)
     handle = enable_creative_sparse(pipe_or_model, recording, options=PatchOptions())
-    search = _Search(grid, float(target_l1), pv_target_l1, base, max_chunk_elements, float(safety))
+    search = _Search(grid, float(target_l1), pv_target_l1, base, max_chunk_elements, float(safety),
+                     per_call=bool(per_call))
     start = time.perf_counter()
     states = handle.layer_states()
     all_names = sorted(states)
@@ -972,7 +997,7 @@ def calibrate(
     models = list(dict.fromkeys(type(p.model).__name__ for p in handle.patches.values()))
     families = list(dict.fromkeys(p.family for p in handle.patches.values()))
     info = {"seconds": time.perf_counter() - start, "processes": world, "calls": total_calls, "verify_rounds": rounds,
-            "safety": safety, "pass_seconds": dict(search.seconds)}
+            "safety": safety, "per_call": per_call, "pass_seconds": dict(search.seconds), "verify_backends": dict(search.backends)}
     return Calibration(model_class="+".join(models), family="+".join(families), method=grid.method,
                        target_l1=float(target_l1), pv_target_l1=pv_target_l1, config=base, grid=grid,
                        layers=layers, info=info)
@@ -990,10 +1015,11 @@ def _merge(search: _Search, dist: Any, names: list[str], mode: str) -> None:
             if h > 0:
                 search.ensure(n, int(h))
     present = [n for n in names if n in search.stats]
-    tensors = [search.stats[n].tensors[key] for n in present for key in _PASS_TENSORS[mode]]
-    merged = _all_reduce(dist, tensors)
-    i = 0
-    for n in present:
-        for key in _PASS_TENSORS[mode]:
-            search.stats[n].tensors[key] = merged[i]
-            i += 1
+    for op in ("sum", "max"):
+        keys = [key for key in _PASS_TENSORS[mode] if (key in LayerStats.MAXIMA) == (op == "max")]
+        merged = _all_reduce(dist, [search.stats[n].tensors[key] for n in present for key in keys], op=op)
+        i = 0
+        for n in present:
+            for key in keys:
+                search.stats[n].tensors[key] = merged[i]
+                i += 1

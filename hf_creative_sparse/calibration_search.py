@@ -48,7 +48,10 @@ from .ops.masks import attendable_blocks, diagonal_block_mask, pool_blocks
 #: kept unconditionally (sparser); the pooled mean cosine similarity lies in [0, 1].
 SIM_GRID: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9)
 #: cdfthreshd candidates (ascending; 1.0 keeps every block, so some candidate always fits).
-CDF_GRID: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+#: The tail reaches 1 - 1e-6: a sharp head's compressed softmax puts almost all its mass
+#: on a few blocks, so the levels that add its next blocks lie very close to 1.
+CDF_GRID: tuple[float, ...] = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9999,
+                               0.99999, 0.999999, 1.0)
 #: topk candidates: a geometric grid of kept fractions from 2% to all.
 TOPK_GRID: tuple[float, ...] = (0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4, 0.55, 0.75, 0.9, 1.0)
 #: pvthreshd candidates (descending; inf = no stage-2 skip). A kept block is skipped for a
@@ -322,6 +325,8 @@ class LayerStats:
         verify_kept: [H] kept blocks of those calls (all attendable ones for a dense
             fallback); verify_total: [H] attendable blocks.
         calls: [1] recorded calls (of the mask pass).
+        mask_worst, pv_worst, verify_worst: the largest relative L1 of a single call
+            ([H, S, C], [H, P], [H]); merged by maximum, not by addition.
     """
 
     heads: int
@@ -332,7 +337,9 @@ class LayerStats:
 
     SHAPES = {"mask_err": "HSC", "dense_abs": "H", "kept": "HSC", "total": "H", "pv_err": "HP", "pv_skipped": "HP",
               "pv_visited": "H", "pv_dense_abs": "H", "verify_err": "H", "verify_abs": "H", "verify_kept": "H",
-              "verify_total": "H", "calls": "1"}
+              "verify_total": "H", "calls": "1", "mask_worst": "HSC", "pv_worst": "HP", "verify_worst": "H"}
+    #: Statistics merged by maximum (the others by addition).
+    MAXIMA = ("mask_worst", "pv_worst", "verify_worst")
 
     def __post_init__(self) -> None:
         sizes = {"H": self.heads, "S": self.sims, "C": self.levels, "P": max(self.pvs, 1), "1": 1}
@@ -348,6 +355,9 @@ class LayerStats:
 
     def add(self, name: str, value: torch.Tensor) -> None:
         self.tensors[name] += value.detach().to("cpu", torch.float64)
+
+    def maximum(self, name: str, value: torch.Tensor) -> None:
+        torch.maximum(self.tensors[name], value.detach().to("cpu", torch.float64), out=self.tensors[name])
 
     def reset(self, *names: str) -> None:
         for name in names:
@@ -373,6 +383,7 @@ def observe_masks(stats: LayerStats, inp: AttentionInputs, grid: SearchGrid, opt
                 err[:, s_idx] += _l1_per_head(_weighted_outputs(weights, chunk), chunk)
         stats.add("mask_err", err)
         stats.add("dense_abs", dense_abs)
+        stats.maximum("mask_worst", _ratio(err, dense_abs[:, None, None]))
         stats.add("calls", torch.ones(1))
 
 
@@ -411,6 +422,7 @@ def observe_pv(stats: LayerStats, inp: AttentionInputs, block_mask: torch.Tensor
             visited += has_keys.sum(dim=(0, 2, 3, 4)).double()
             dense_abs += _dense_l1(chunk)
         stats.add("pv_err", err)
+        stats.maximum("pv_worst", _ratio(err, dense_abs[:, None]))
         stats.add("pv_skipped", skipped)
         stats.add("pv_visited", visited)
         stats.add("pv_dense_abs", dense_abs)
@@ -439,11 +451,14 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > 0, num / den.clamp(min=1e-300), torch.zeros_like(num))
 
 
-def choose_masks(stats: LayerStats, targets: torch.Tensor) -> HeadChoice:
+def choose_masks(stats: LayerStats, targets: torch.Tensor, *, per_call: bool = False) -> HeadChoice:
     """Per head, the mask candidate with the fewest kept blocks whose estimated relative
-    L1 is at most ``targets`` [H] (ties: the smaller error). A head whose best candidate
-    keeps every block is dense."""
+    L1 is at most ``targets`` [H] (ties: the smaller error): the L1 over all calls, or
+    with ``per_call`` that of the worst single call (which bounds the former). A head
+    whose best candidate keeps every block is dense."""
     err = _ratio(stats.mask_err, stats.dense_abs[:, None, None])  # [H, S, C]
+    if per_call:
+        err = torch.maximum(err, stats.mask_worst)
     kept = stats.kept
     feasible = err <= targets[:, None, None]
     heads, sims, levels = err.shape
@@ -465,11 +480,13 @@ def choose_masks(stats: LayerStats, targets: torch.Tensor) -> HeadChoice:
                       dense=dense, estimated_l1=estimated, kept_fraction=kept_fraction)
 
 
-def choose_pv(stats: LayerStats, choice: HeadChoice, targets: torch.Tensor) -> HeadChoice:
+def choose_pv(stats: LayerStats, choice: HeadChoice, targets: torch.Tensor, *, per_call: bool = False) -> HeadChoice:
     """Per (non-dense) head, the pvthreshd candidate that skips the most (row, block)
-    pairs with estimated relative L1 (mask and skip together) at most ``targets`` [H];
-    index 0 (inf, no skip) when none does."""
+    pairs with estimated relative L1 (mask and skip together; with ``per_call`` of the
+    worst call) at most ``targets`` [H]; index 0 (inf, no skip) when none does."""
     err = _ratio(stats.pv_err, stats.pv_dense_abs[:, None])  # [H, P]
+    if per_call:
+        err = torch.maximum(err, stats.pv_worst)
     feasible = err <= targets[:, None]
     feasible[:, 0] = True
     skipped = torch.where(feasible, stats.pv_skipped, torch.full_like(stats.pv_skipped, -1.0))

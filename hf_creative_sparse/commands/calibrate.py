@@ -1,20 +1,23 @@
 """`hf-creative-sparse calibrate`: per-layer, per-head thresholds for a model to an error budget.
 
     hf-creative-sparse calibrate --example wan --tiny --target-l1 0.05 --out DIR
-    accelerate launch --num_processes 2 --cpu -m hf_creative_sparse calibrate --example wan --tiny --out DIR
+    accelerate launch --multi_gpu --num_processes 2 -m hf_creative_sparse calibrate --example wan --tiny --out DIR
 
 ``--tiny`` builds an offline tiny pipeline (random weights, CPU, seconds) from diffusers'
-test configs. Random weights attend almost uniformly, and no block mask can thin
-uniform attention within a few percent of L1; trained video and image transformers
-attend locally. The tiny examples therefore tie each self-attention's key projection to
-its query projection and sharpen the q/k norms, so every token attends mostly to
-itself and, through RoPE, to its neighbours, and they start from smooth latents: the
-locality that makes real models sparse. Without ``--tiny`` the pipeline is loaded with
+test configs. Random weights attend almost uniformly, and no block mask thins uniform
+attention within a few percent of L1, while trained video and image transformers attend
+locally, mostly through RoPE. The tiny examples therefore give each self-attention a
+shared random q/k bias that dominates the (scaled-down) content term, tie the key
+projection to the query projection and sharpen the q/k norms: the scores then follow
+RoPE's relative positions, so every token attends mostly to its neighbours whatever the
+input, and they start from smooth latents. Without ``--tiny`` the pipeline is loaded with
 ``DiffusionPipeline.from_pretrained(--model)`` (network or a local folder) and called
 with ``--prompt``s.
 
 Under ``accelerate launch`` (or torchrun) the calls are sharded across the processes and
-the statistics merged; process 0 writes the files.
+the statistics merged; process 0 writes the files. (On a machine without GPUs,
+``accelerate launch --cpu`` starts several processes only through mpirun; its
+``--multi_gpu`` launcher (torchrun) starts them with the gloo backend.)
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ DEFAULT_PROMPTS = ("A red fox runs through fresh snow at dawn, cinematic.",
                    "A lighthouse on a cliff in a storm, waves crashing, aerial shot.")
 #: Multiplier of the tiny examples' q/k norm weights (sharper softmax, local attention).
 TINY_SHARPNESS = 4.0
+#: Multiplier of the tiny examples' q/k projection weights: the shared bias dominates, so
+#: the scores follow RoPE's relative positions more than the content.
+CONTENT_WEIGHT = 0.3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tie(to_q: torch.nn.Linear, to_k: torch.nn.Linear, norm_q: Any, norm_k: Any, sharpness: float) -> None:
+    to_q.weight.mul_(CONTENT_WEIGHT)
+    if to_q.bias is not None:
+        g = torch.Generator().manual_seed(to_q.weight.shape[0])
+        to_q.bias.copy_(torch.randn(to_q.bias.shape, generator=g))
     to_k.weight.copy_(to_q.weight)
     if to_q.bias is not None and to_k.bias is not None:
         to_k.bias.copy_(to_q.bias)
@@ -67,7 +77,8 @@ def _tie(to_q: torch.nn.Linear, to_k: torch.nn.Linear, norm_q: Any, norm_k: Any,
 
 def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHARPNESS) -> torch.nn.Module:
     """Make a random-weight Wan / Flux transformer attend locally (see the module
-    docstring): k projections := q projections, q/k norm weights * ``sharpness``."""
+    docstring): q weights * `CONTENT_WEIGHT`, a seeded random q bias, k projections :=
+    q projections, q/k norm weights * ``sharpness``."""
     with torch.no_grad():
         for name, module in transformer.named_modules():
             if not hasattr(module, "to_q") or not hasattr(module, "to_k"):
