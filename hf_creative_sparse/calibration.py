@@ -820,6 +820,8 @@ def _distributed(enabled: bool | None) -> Any:
                                    "are not set (launch with `accelerate launch` or torchrun)")
             return None
         use_nccl = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+        if use_nccl:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return dist if dist.get_world_size() > 1 else None
 

@@ -179,11 +179,24 @@ def _real_example(args: argparse.Namespace, device: str) -> tuple[Any, Callable[
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..calibration import _distributed, calibrate
-    from ..config import SparseAttentionConfig
+    import torch.distributed
 
+    from ..calibration import _distributed
+
+    started_here = torch.distributed.is_available() and not torch.distributed.is_initialized()
     dist = _distributed(None)
     rank = dist.get_rank() if dist is not None else 0
+    try:
+        return _run(args, rank)
+    finally:
+        if started_here and dist is not None:
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, rank: int) -> int:
+    from ..calibration import calibrate
+    from ..config import SparseAttentionConfig
+
     if args.tiny:
         if args.model:
             print("--model is ignored with --tiny", file=sys.stderr)
