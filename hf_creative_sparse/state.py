@@ -363,7 +363,7 @@ class LayerState:
             cfg = self.config_for(s, dense_prefix, dense_suffix)
             cached = self._cached_mask(inp, cfg, step) if self.options.mask_refresh > 1 else None
             reused = cached is not None
-            out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached)
+            out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached, mask_uses=self.options.mask_refresh)
             if self.options.mask_refresh > 1 and not reused and stats.block_mask is not None:
                 self._masks[self.clock.call_in_step] = _CachedMask(stats.block_mask, self.clock.loop, step, _config_key(cfg))
         self._stop_timer(timer)

@@ -40,3 +40,11 @@ def test_break_even_fraction_grows_with_size_and_stays_below_efficiency():
     assert 0 < f_small < f_large < gpu_policy.SPARSE_EFFICIENCY
     t = gpu_policy.dense_seconds(large)
     assert f_large == pytest.approx(gpu_policy.SPARSE_EFFICIENCY * (1 - gpu_policy.OVERHEAD_S / t))
+
+
+def test_a_reused_mask_shares_its_prediction_cost():
+    wan = _inp(1, 12, 32760, 128)
+    ratio = gpu_policy.prediction_seconds(wan) / gpu_policy.dense_seconds(wan)
+    assert ratio > gpu_policy.PREDICTION_BUDGET  # one call: prediction would not pay
+    uses = int(ratio / gpu_policy.PREDICTION_BUDGET) + 1
+    assert gpu_policy.skip_prediction_reason(wan, mask_uses=uses) is None  # mask_refresh=uses: it does

@@ -50,11 +50,13 @@ def _dense(inp: AttentionInputs, reason: str, predicted: float | None, total: in
 
 
 def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
-                            block_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, SparseStats]:
+                            block_mask: torch.Tensor | None = None,
+                            mask_uses: int = 1) -> tuple[torch.Tensor, SparseStats]:
     """The policy and dispatch of `sparse_attention` on validated inputs (HND output).
 
     ``block_mask`` (already validated) replaces the prediction, e.g. a cached mask reused
-    across denoising steps.
+    across denoising steps; ``mask_uses`` says how many calls a predicted mask will serve
+    (the GPU cost model shares the prediction's cost among them).
     """
     if cfg.backend == "sdpa":
         return _dense(inp, "backend='sdpa' requested", None, 0, None)
@@ -62,7 +64,7 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     if policy and inp.len_k < cfg.min_seq_len:
         return _dense(inp, f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}", None, 0, None)
     gpu_policy = policy and inp.q.is_cuda  # cost model: ops/gpu_policy.py
-    if gpu_policy and block_mask is None and (reason := skip_prediction_reason(inp)) is not None:
+    if gpu_policy and block_mask is None and (reason := skip_prediction_reason(inp, mask_uses)) is not None:
         return _dense(inp, reason, None, 0, None)
     with torch.no_grad():
         if block_mask is None:

@@ -60,11 +60,15 @@ def prediction_seconds(inp: AttentionInputs) -> float:
     return PREDICT_FIXED_S + read + rows * per_row
 
 
-def skip_prediction_reason(inp: AttentionInputs) -> str | None:
-    """Why a CUDA call should run dense without predicting a mask, or None."""
-    t, p = dense_seconds(inp), prediction_seconds(inp)
+def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | None:
+    """Why a CUDA call should run dense without predicting a mask, or None.
+
+    ``mask_uses``: how many calls the predicted mask will serve (a patched layer with
+    ``mask_refresh=k`` reuses it k times), so its cost is shared among them.
+    """
+    t, p = dense_seconds(inp), prediction_seconds(inp) / max(1, mask_uses)
     if p > PREDICTION_BUDGET * t:
-        return (f"sparsity cannot pay on the GPU: predicting the mask (~{p * 1e3:.2f} ms) would cost more than "
+        return (f"sparsity cannot pay on the GPU: predicting the mask (~{p * 1e3:.2f} ms per use) would cost more than "
                 f"{PREDICTION_BUDGET:.0%} of dense attention (~{t * 1e3:.2f} ms)")
     return None
 
