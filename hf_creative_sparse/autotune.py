@@ -208,9 +208,16 @@ class LevelResult:
     seconds: float
     outputs: list[str] = field(default_factory=list)
 
+    @property
+    def quality_sem(self) -> float:
+        """Standard error of the mean Q: sd over outputs / sqrt(number of outputs) (outputs
+        of one prompt are not independent, so read it as a rough scale of the noise)."""
+        return self.quality_std / math.sqrt(len(self.outputs)) if self.outputs else float("nan")
+
     def to_dict(self) -> dict[str, Any]:
         return {"s": self.s, "novelty": self.novelty, "diversity": self.diversity, "incoherence": self.incoherence,
                 "quality": self.quality, "quality_std": self.quality_std,
+                "quality_sem": _nan_to_none(self.quality_sem),
                 "distinct": {str(k): v for k, v in self.distinct.items()}, "self_bleu": _nan_to_none(self.self_bleu),
                 "control": self.control, "seconds": self.seconds, "outputs": self.outputs}
 
@@ -294,16 +301,18 @@ class SweepResult:
         s = np.array(self.s_values)
         grid = np.linspace(max(min(s.min(), self.s_min), 1e-3), 1.0, 400)
         ax_q.plot(s, self.quality_curve, "o-", color="black", label="Q measured")
-        ax_q.fill_between(s, np.array(self.quality_curve) - [lv.quality_std for lv in self.levels],
-                          np.array(self.quality_curve) + [lv.quality_std for lv in self.levels],
-                          color="black", alpha=0.08, label="Q ± 1 sd over outputs")
+        sem = np.array([lv.quality_sem for lv in self.levels])
+        if np.all(np.isfinite(sem)):
+            ax_q.fill_between(s, np.array(self.quality_curve) - sem, np.array(self.quality_curve) + sem,
+                              color="black", alpha=0.1, label="Q ± 1 s.e. of the mean")
         have_fit = all(k in self.fits for k in ("novelty", "diversity", "incoherence"))
         if have_fit:
             ax_q.plot(grid, fitted_quality(grid, self.fits, self.weights), "--", color="tab:purple", label="Q fitted")
         if self.bounds is not None:
             lo, hi = min(self.bounds.s_lo, 1.0), min(self.bounds.s_hi, 1.0)
             if hi > lo:
-                ax_q.axvspan(lo, hi, color="tab:green", alpha=0.12, label="Corollary-1 bracket")
+                ax_q.axvspan(lo, hi, ymin=0.94, ymax=1.0, color="tab:green", alpha=0.5,
+                             label=f"Corollary-1 bracket [{self.bounds.s_lo:.3g}, {self.bounds.s_hi:.3g}]")
         if self.s_min > 0:
             for ax in (ax_q, ax_c):
                 ax.axvspan(0, self.s_min, color="grey", alpha=0.15)
@@ -327,6 +336,38 @@ class SweepResult:
         fig.savefig(os.fspath(path), format="png")
         self.plot_path = os.fspath(path)
         return self.plot_path
+
+
+def load_sweep(path: str | os.PathLike) -> SweepResult:
+    """A `SweepResult` back from its ``sweep.json`` (to re-plot or re-analyse without
+    generating again). NaN values written as null come back as NaN.
+
+    Example:
+        >>> res = load_sweep("sweep_out/sweep.json")        # doctest: +SKIP
+        >>> res.save_plot("again.png")                      # doctest: +SKIP
+    """
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+
+    def num(x: Any) -> float:
+        return float("nan") if x is None else float(x)
+
+    levels = [LevelResult(s=lv["s"], novelty=num(lv["novelty"]), diversity=num(lv["diversity"]),
+                          incoherence=num(lv["incoherence"]), quality=num(lv["quality"]),
+                          quality_std=num(lv["quality_std"]),
+                          distinct={int(k): num(v) for k, v in lv.get("distinct", {}).items()},
+                          self_bleu=num(lv.get("self_bleu")), control=lv.get("control", {}),
+                          seconds=num(lv.get("seconds")), outputs=list(lv.get("outputs", [])))
+              for lv in data["levels"]]
+    b = data.get("bounds")
+    return SweepResult(task_type=data["task_type"], levels=levels, weights=QualityWeights(**data["weights"]),
+                       compute_budget=data["compute_budget"], s_min=data["s_min"],
+                       best_measured=data["best_measured"], s_star=data["s_star"], s_star_fit=data.get("s_star_fit"),
+                       fits={k: PowerLawFit(v["coefficient"], v["exponent"], num(v["r2"]), v["n_points"])
+                             for k, v in data.get("fits", {}).items()},
+                       bounds=OptimumBounds(**b) if b else None, bounds_note=data.get("bounds_note", ""),
+                       prompts=data.get("prompts", []), reference=data.get("reference", []),
+                       settings=data.get("settings", {}), plot_path=data.get("plot_path"))
 
 
 def _json_safe(obj: Any) -> Any:

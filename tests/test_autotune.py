@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from hf_creative_sparse.autotune import (HFGenerator, LevelResult, PowerLawFit, _analyse, corollary1_bounds,
-                                         find_optimal_sparsity, fit_power_law, fitted_quality, load_task)
+                                         find_optimal_sparsity, fit_power_law, fitted_quality, load_sweep,
+                                         load_task)
 from hf_creative_sparse.quality import LMScorer, QualityFunctional, QualityWeights, words
 
 
@@ -169,6 +170,9 @@ def test_sweep_with_injected_parts_writes_json_and_png(tmp_path):
     data = json.loads((tmp_path / "sweep.json").read_text())
     assert data["s_star"] == res.s_star and [lv["s"] for lv in data["levels"]] == res.s_values
     assert set(data["fits"]) == {"novelty", "diversity", "incoherence"}
+    again = load_sweep(tmp_path / "sweep.json")                # round trip, then re-plot
+    assert again.to_json() == res.to_json()
+    assert again.quality_curve == res.quality_curve and again.bounds == res.bounds
     image = matplotlib.image.imread(tmp_path / "sweep.png")
     assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 400
     assert image.std() > 0.05                               # not a blank canvas

@@ -53,14 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def format_result(result) -> str:  # noqa: ANN001 (SweepResult, imported lazily)
-    lines = [f"{'s':>5}  {'novelty':>8} {'diversity':>9} {'incoher.':>8} {'Q':>8} {'sd(Q)':>7}  "
+    lines = [f"{'s':>5}  {'novelty':>8} {'diversity':>9} {'incoher.':>8} {'Q':>8} {'se(Q)':>7}  "
              f"{'T':>5} {'top_p':>5} {'k_attn':>6} {'sec':>6}"]
     for lv in result.levels:
         c = lv.control
         knobs = (f"{c['temperature']:5.3f} {c['top_p']:5.3f} {c['attention_budget']:6.3f}" if c
                  else f"{'-':>5} {'-':>5} {'-':>6}")
         lines.append(f"{lv.s:5.2f}  {lv.novelty:8.4f} {lv.diversity:9.4f} {lv.incoherence:8.4f} {lv.quality:8.4f} "
-                     f"{lv.quality_std:7.4f}  {knobs} {lv.seconds:6.1f}")
+                     f"{lv.quality_sem:7.4f}  {knobs} {lv.seconds:6.1f}")
     for key, fit in result.fits.items():
         lines.append(f"fit {key:<11} {fit.coefficient:.4g} * s^{fit.exponent:.4g}  (R² in log space {fit.r2:.3f})")
     if result.bounds is not None:
