@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hf_creative_sparse.calibration import RecordedCall, calibrate_calls  # noqa: E402
+from hf_creative_sparse.calibration_search import PV_GRID, SearchGrid  # noqa: E402
 from hf_creative_sparse.config import SparseAttentionConfig  # noqa: E402
 from hf_creative_sparse.ops import sparse_attention  # noqa: E402
 
@@ -80,39 +81,46 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--method", choices=("cdf", "topk"), default="cdf")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
-    parser.add_argument("--backend", default="auto", help="verification backend (SparseAttentionConfig.backend)")
+    parser.add_argument("--backend", default="auto",
+                        help="verification backend (SparseAttentionConfig.backend). 'auto' is what users get: its GPU "
+                             "cost model may run dense SDPA (measured L1 0); 'flex' or 'cuda' force a sparse kernel "
+                             "(with 'flex' the pvthreshd candidates stop at 20, below which FlexAttention refuses)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.small:
         args.layers, args.heads, args.dim, args.grid = min(args.layers, 2), 2, 32, [2, 8, 64]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    grid = tuple(args.grid)
-    n = grid[0] * grid[1] * grid[2]
+    shape = tuple(args.grid)
+    n = shape[0] * shape[1] * shape[2]
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
           f"{args.layers} layers x {args.calls} calls of B1 H{args.heads} N{n} D{args.dim}, target L1 {args.target_l1}",
           flush=True)
 
     t0 = time.perf_counter()
-    layers = {f"blocks.{i}.attn1": [synthetic_call(grid, args.heads, args.dim, seed=1000 * i + c, dtype=dtype,
+    layers = {f"blocks.{i}.attn1": [synthetic_call(shape, args.heads, args.dim, seed=1000 * i + c, dtype=dtype,
                                                    device=device) for c in range(args.calls)]
               for i in range(args.layers)}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     print(f"inputs made in {time.perf_counter() - t0:.1f} s", flush=True)
 
-    config = SparseAttentionConfig(min_seq_len=0 if args.small else 1024, backend=args.backend)
+    backend = args.backend
+    config = SparseAttentionConfig(min_seq_len=0 if args.small else 1024, backend=backend)
+    grid = SearchGrid(method=args.method)
+    if backend == "flex":
+        grid = SearchGrid(method=args.method, pvthreshd=tuple(p for p in PV_GRID if p >= 20.0))
     # warm-up outside the clock: builds/loads the kernels the verification will use
     first = layers["blocks.0.attn1"][0]
     _, stats = sparse_attention(first.q, first.k, first.v, config=config.replace(max_kept_fraction=1.0), topk=0.1,
                                 return_stats=True)
-    print(f"verification backend: {stats.backend}", flush=True)
+    print(f"warm-up call ran on: {stats.backend} (verification backend setting: {backend!r})", flush=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
-    cal = calibrate_calls(layers, args.target_l1, config=config, method=args.method, progress=not args.no_progress,
+    cal = calibrate_calls(layers, args.target_l1, config=config, grid=grid, progress=not args.no_progress,
                           model_class="synthetic Wan 1.3B self-attention", family="wan")
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -775,7 +775,10 @@ def calibrate_calls(
             for call in calls:
                 if not isinstance(call, RecordedCall):
                     raise TypeError(f"layer {name!r}: calls must be RecordedCall, got {type(call).__name__}")
-                inp = attention_inputs(call.q, call.k, call.v, layout=call.layout, is_causal=call.is_causal,
+                # SDPA's fused kernels (the dense reference) need stride 1 along head_dim
+                q, k, v = (t if not isinstance(t, torch.Tensor) or t.stride(-1) == 1 else t.contiguous()
+                           for t in (call.q, call.k, call.v))
+                inp = attention_inputs(q, k, v, layout=call.layout, is_causal=call.is_causal,
                                        scale=call.scale, key_padding_mask=call.key_padding_mask)
                 dense = None
                 if call.dense_output is not None:

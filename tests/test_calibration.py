@@ -40,7 +40,7 @@ def structured_qkv(b: int, hq: int, hkv: int, n: int, d: int, *, seed: int = 0, 
     q = q / q.norm(dim=-1, keepdim=True) * sharp * d ** 0.5
     k = k / k.norm(dim=-1, keepdim=True) * sharp
     v = torch.randn(b, hkv, n, d, generator=g)
-    return q, k, v
+    return q.contiguous(), k.contiguous(), v
 
 
 CASES = [  # (method, causal, GQA kv heads, key padding, dense prefix, attention sink)
@@ -368,3 +368,55 @@ def test_gpu_benchmark_small_mode_runs_on_cpu(capsys):
     assert "CALIBRATION TIME" in capsys.readouterr().out
     assert result["seconds"] > 0 and result["max_measured_l1"] <= 0.05
     assert result["mean_kept_fraction"] < 1.0
+
+
+class TwoTransformerPipe:
+    """A stand-in for Wan 2.2's pipeline: two transformers, no scheduler."""
+
+    def __init__(self, first, second):
+        self.components = {"transformer": first, "transformer_2": second}
+
+    def __call__(self, i: int):
+        with torch.no_grad():
+            self.components["transformer"](**wan_inputs(i))
+            self.components["transformer_2"](**wan_inputs(i + 10))
+
+
+def test_two_component_pipeline_gets_each_component_its_own_thresholds():
+    from hf_creative_sparse.commands.calibrate import localise_attention
+
+    first = tiny_transformer("wan")
+    second = localise_attention(tiny_transformer("wan"), sharpness=1.5)  # sharper still: other thresholds
+    pipe = TwoTransformerPipe(first, second)
+    cal = calibrate(pipe, pipe, TARGET, num_calls=1, config=BASE, progress=False)
+    assert sorted(cal.layers) == ["transformer.blocks.0.attn1", "transformer.blocks.1.attn1",
+                                  "transformer_2.blocks.0.attn1", "transformer_2.blocks.1.attn1"]
+    handle = enable_creative_sparse(pipe, BASE, calibration=cal)
+    try:
+        for name, state in handle.layer_states().items():
+            expected = cal.layers[name]
+            level = state.config.cdfthreshd
+            assert torch.equal(level, expected.level) and torch.equal(state.config.simthreshd1, expected.simthreshd1)
+    finally:
+        handle.disable()
+    assert any(not torch.equal(cal.layers[f"transformer.blocks.{i}.attn1"].level,
+                               cal.layers[f"transformer_2.blocks.{i}.attn1"].level) for i in (0, 1))
+    with pytest.raises(ValueError, match="does not fit"):  # a one-transformer calibration on the pair
+        enable_creative_sparse(pipe, BASE, calibration=Calibration.dense_for({"blocks.0.attn1": 2}))
+
+
+@pytest.mark.cuda
+def test_gpu_calibration_of_a_long_call_is_verified():
+    q, k, v = (t.cuda().to(torch.bfloat16) for t in structured_qkv(1, 4, 4, 16384, 64, seed=9, sharp=4.0))
+    torch.cuda.reset_peak_memory_stats()
+    # verified on a sparse GPU kernel (auto's cost model may choose dense SDPA); FlexAttention
+    # refuses stage-2 thresholds below 20, so the candidates stop there
+    grid = SearchGrid(pvthreshd=(math.inf, 40.0, 30.0, 20.0))
+    cal = calibrate_calls({"attn": [RecordedCall(q, k, v)]}, TARGET, progress=False, max_chunk_elements=2 ** 24,
+                          config=SparseAttentionConfig(backend="flex"), grid=grid)
+    layer = cal.layers["attn"]
+    assert cal.info["verify_backends"] == {"flex": 1}
+    assert bool((layer.measured_l1 <= TARGET).all()) and bool((layer.measured_l1 > 0).all())
+    assert cal.mean_kept_fraction < 1.0 and float(layer.runtime_kept_fraction.mean()) < 1.0
+    # chunked over query blocks: the fp32 N x N maps of the 4 heads alone would take 4 GiB
+    assert torch.cuda.max_memory_allocated() < 2 ** 30
