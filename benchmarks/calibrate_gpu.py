@@ -132,7 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
               "dense_heads": dense_heads, "heads": total_heads, "max_measured_l1": cal.max_measured_l1,
               "verify_rounds": cal.info.get("verify_rounds"), "pass_seconds": cal.info.get("pass_seconds")}
     print(cal.table() if args.small or args.layers <= 4 else "\n".join(cal.table().splitlines()[:6]) + "\n...")
-    peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+    peak = ""
+    if device.type == "cuda":
+        peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
     print(f"\nCALIBRATION TIME: {seconds:.1f} s total ({result['per_layer_s']:.2f} s per layer){peak}")
     print(f"mean kept fraction {result['mean_kept_fraction']:.3f}; dense heads {dense_heads}/{total_heads}; "
           f"max measured L1 {result['max_measured_l1']:.4f} (target {args.target_l1}); "

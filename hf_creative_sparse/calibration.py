@@ -4,8 +4,10 @@
 patched attention layer in *recording mode* (dense SDPA, a `LayerState` hook observing
 q/k/v), and finds for every layer and head the sparsest thresholds -- simthreshd1,
 cdfthreshd (or topk) and pvthreshd -- whose relative L1 error against dense attention,
-sum |out - dense| / sum |dense| over the recorded calls, stays under ``target_l1``.
-Heads that cannot be sparse within the budget stay dense.
+sum |out - dense| / sum |dense|, stays under ``target_l1`` on every recorded attention
+call (``per_call=True``, the default; this bounds SpargeAttn's metric over all calls
+together, which ``per_call=False`` uses alone). Heads that cannot be sparse within the
+budget stay dense.
 
 How (the passes; each runs the user's calls once, all on the dense trajectory):
 
@@ -236,16 +238,18 @@ class Calibration:
 
     def table(self) -> str:
         """One line per layer: heads, dense heads, kept fraction (search / as run), L1."""
-        rows = [("layer", "heads", "dense", "kept", "kept run", "L1 est max", "L1 measured max")]
+        rows = [("layer", "heads", "dense", "kept", "kept run", "L1 est max", "L1 measured max", "worst call")]
         for name, layer in self.layers.items():
             if not layer.heads:
-                rows.append((name, "?", "all", "1.000", "-", "-", "-"))
+                rows.append((name, "?", "all", "1.000", "-", "-", "-", "-"))
                 continue
-            rows.append((name, str(layer.heads), str(int(layer.dense.sum())), f"{float(layer.kept_fraction.mean()):.3f}",
-                         f"{float(layer.runtime_kept_fraction.mean()):.3f}", f"{float(layer.estimated_l1.max()):.4f}",
-                         f"{float(layer.measured_l1.max()):.4f}"))
+            rows.append((name, str(layer.heads), str(int(layer.dense.sum())),
+                         f"{float(layer.kept_fraction.mean()):.3f}", f"{float(layer.runtime_kept_fraction.mean()):.3f}",
+                         f"{float(layer.estimated_l1.max()):.4f}", f"{float(layer.measured_l1.max()):.4f}",
+                         f"{float(layer.worst_call_l1.max()):.4f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
@@ -561,8 +565,8 @@ class _Search:
                 self.pv_values[name] = per_head("pvthreshd", self.base.pvthreshd, stats.heads, torch.device("cpu"))
             else:
                 self.pv_values[name] = torch.full((stats.heads,), math.inf)
-            self.pv_values[name] = torch.where(self.choices[name].dense, torch.full_like(self.pv_values[name], math.inf),
-                                               self.pv_values[name])
+            no_skip = torch.full_like(self.pv_values[name], math.inf)
+            self.pv_values[name] = torch.where(self.choices[name].dense, no_skip, self.pv_values[name])
             self._configs.pop(name, None)
 
     def solve_pv(self, names: Iterable[str]) -> None:
@@ -619,7 +623,8 @@ class _Search:
                     dense=torch.where(keep, previous.dense, fresh.dense),
                     estimated_l1=torch.where(keep, previous.estimated_l1, fresh.estimated_l1),
                     kept_fraction=torch.where(keep, previous.kept_fraction, fresh.kept_fraction))
-            self.pv_values[name] = torch.where(bad, torch.full_like(self.pv_values[name], math.inf), self.pv_values[name])
+            no_skip = torch.full_like(self.pv_values[name], math.inf)
+            self.pv_values[name] = torch.where(bad, no_skip, self.pv_values[name])
             self._configs.pop(name, None)
 
     def layer_calibration(self, name: str) -> LayerCalibration:
@@ -746,7 +751,7 @@ def calibrate_calls(
     Args:
         layers: layer name -> its recorded calls, or a function returning them afresh
             (called once per pass, so calls need not all stay in memory).
-        safety: as `calibrate`.
+        safety, per_call: as `calibrate`.
         Others: as `calibrate`; ``model_class`` / ``family`` are stored in the result.
 
     Example:
@@ -869,8 +874,9 @@ def _call_runner(target: Any, inputs_or_callable: Any, num_calls: int) -> tuple[
             return target(item)
 
         return len(items), run
-    raise TypeError("inputs_or_callable must be a callable (called as fn(i) or fn(), num_calls times) or a "
-                    f"non-empty list of inputs (dicts of keyword arguments or tuples), got {type(inputs_or_callable).__name__}")
+    raise TypeError("inputs_or_callable must be a callable (called as fn(i) or fn(), num_calls times) or a non-empty "
+                    "list of inputs (dicts of keyword arguments or tuples), got "
+                    f"{type(inputs_or_callable).__name__}")
 
 
 def calibrate(
@@ -1002,7 +1008,8 @@ def calibrate(
     models = list(dict.fromkeys(type(p.model).__name__ for p in handle.patches.values()))
     families = list(dict.fromkeys(p.family for p in handle.patches.values()))
     info = {"seconds": time.perf_counter() - start, "processes": world, "calls": total_calls, "verify_rounds": rounds,
-            "safety": safety, "per_call": per_call, "pass_seconds": dict(search.seconds), "verify_backends": dict(search.backends)}
+            "safety": safety, "per_call": per_call, "pass_seconds": dict(search.seconds),
+            "verify_backends": dict(search.backends)}
     return Calibration(model_class="+".join(models), family="+".join(families), method=grid.method,
                        target_l1=float(target_l1), pv_target_l1=pv_target_l1, config=base, grid=grid,
                        layers=layers, info=info)

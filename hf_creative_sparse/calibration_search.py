@@ -25,7 +25,8 @@ are computed once per recorded call:
 
 Errors are SpargeAttn's relative L1, sum |out - dense| / sum |dense| per head, summed
 over the recorded calls (numerator and denominator separately, so statistics from
-several processes merge by addition). Memory is bounded by chunking over query blocks:
+several processes merge by addition), and the largest relative L1 of a single call
+(merged by maximum). Memory is bounded by chunking over query blocks:
 the largest tensors are [B, H, Qc*128, Nk] scores and [B, H, Qc, Mk, 128, D] block
 numerators, with Qc chosen from ``max_chunk_elements``; never N x N per head at once.
 
@@ -168,7 +169,7 @@ def candidate_segments(inp: AttentionInputs, grid: SearchGrid, opts: CallOptions
         mask that `predict_from_inputs` gives for ``simthreshd1=grid.simthreshd1[s]`` and
         level ``grid.levels[c]`` is ``seg[s] <= c``. C means "never kept" (not attendable).
     """
-    heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
+    group = inp.heads_q // inp.heads_kv
     device = inp.device
     levels = torch.tensor(grid.levels, dtype=torch.float32, device=device)
     n_levels = levels.numel()
@@ -201,7 +202,8 @@ def candidate_segments(inp: AttentionInputs, grid: SearchGrid, opts: CallOptions
         first_sorted = (n_select[..., None, :] <= positions[:, None].float()).sum(-1)  # [B, H, Mq, Mk]
         first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
         forced = ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None] | static
-        seg = torch.where(forced, torch.zeros_like(first), torch.where(candidates, first, torch.full_like(first, n_levels)))
+        never = torch.full_like(first, n_levels)
+        seg = torch.where(forced, torch.zeros_like(first), torch.where(candidates, first, never))
         out.append(torch.where(allowed, seg, torch.full_like(seg, n_levels)))
     return torch.stack(out)
 
@@ -492,7 +494,8 @@ def choose_pv(stats: LayerStats, choice: HeadChoice, targets: torch.Tensor, *, p
     skipped = torch.where(feasible, stats.pv_skipped, torch.full_like(stats.pv_skipped, -1.0))
     # most skipped; ties -> the larger threshold (lower index)
     best = torch.argmax(skipped - torch.arange(skipped.shape[1], dtype=torch.float64) * 1e-9, dim=-1)
-    best = torch.where(choice.dense | (stats.pv_skipped.gather(1, best[:, None])[:, 0] <= 0), torch.zeros_like(best), best)
+    skips_nothing = stats.pv_skipped.gather(1, best[:, None])[:, 0] <= 0
+    best = torch.where(choice.dense | skips_nothing, torch.zeros_like(best), best)
     estimated = torch.where(best > 0, err.gather(1, best[:, None])[:, 0], choice.estimated_l1)
     return HeadChoice(sim_index=choice.sim_index, level_index=choice.level_index, pv_index=best, dense=choice.dense,
                       estimated_l1=estimated, kept_fraction=choice.kept_fraction)

@@ -46,9 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiny", action="store_true", help="offline tiny pipeline with random weights (CPU, seconds)")
     parser.add_argument("--model", default=None, help="pipeline id or folder (without --tiny; default per example)")
     parser.add_argument("--prompt", action="append", default=None, help="prompt of one recorded call (repeatable)")
-    parser.add_argument("--out", required=True, help="directory for creative_sparse_config.json and sparse_params.safetensors")
+    parser.add_argument("--out", required=True,
+                        help="directory for creative_sparse_config.json and sparse_params.safetensors")
     parser.add_argument("--target-l1", type=float, default=0.05, help="relative L1 budget per layer and head")
-    parser.add_argument("--pv-target-l1", type=float, default=None, help="budget with the stage-2 skip (default: --target-l1)")
+    parser.add_argument("--pv-target-l1", type=float, default=None,
+                        help="budget with the stage-2 skip (default: --target-l1)")
     parser.add_argument("--method", choices=("cdf", "topk"), default="cdf")
     parser.add_argument("--num-calls", type=int, default=2, help="recorded pipeline calls")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per call (default 2 tiny, 10 real)")
@@ -119,7 +121,8 @@ def smooth_noise(shape: tuple[int, ...], seed: int, coarse: int = 8) -> torch.Te
     by ``coarse`` plus 10% white noise (float32)."""
     g = torch.Generator().manual_seed(seed)
     *lead, h, w = shape
-    low = torch.randn(int(torch.tensor(lead).prod()) if lead else 1, 1, max(1, h // coarse), max(1, w // coarse), generator=g)
+    planes = int(torch.tensor(lead).prod()) if lead else 1
+    low = torch.randn(planes, 1, max(1, h // coarse), max(1, w // coarse), generator=g)
     up = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
     return (up.view(*shape) + 0.1 * torch.randn(*shape, generator=g)).float()
 
