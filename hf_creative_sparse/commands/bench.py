@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--shape", type=_shape, action="append",
                         help="B,H,N,D[,causal]; repeatable (default: DESIGN.md shapes, scaled down on CPU)")
-    parser.add_argument("--kept", nargs="+", default=["0.25", "1.0", "auto"],
+    parser.add_argument("--kept", nargs="+", default=["1.0", "0.5", "0.25", "0.1", "auto"],
                         help="kept fractions (top-k masks) and/or 'auto' (default config and policy)")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="sparse backends (default: cuda flex on CUDA; cpu reference on CPU)")
@@ -43,5 +43,7 @@ def run(args: argparse.Namespace) -> int:
     kept = [k if k == "auto" else float(k) for k in args.kept]
     rows = run_benchmark(shapes, kept=kept, backends=backends, device=args.device, dtype=dtype, reps=args.reps,
                          given_mask=args.given_mask, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"\ndevice: {name}; torch {torch.__version__}; dtype {str(dtype).replace('torch.', '')}")
     print(format_table(rows))
     return 0
