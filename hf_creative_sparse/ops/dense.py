@@ -30,6 +30,10 @@ def _row_has_key(inp: AttentionInputs) -> torch.Tensor | None:
 def dense_attention(inp: AttentionInputs) -> torch.Tensor:
     """Dense SDPA of validated inputs; returns HND [B, Hq, Nq, D]."""
     q, k, v = inp.q, inp.k, inp.v
+    if q.is_cuda and not all(t.is_contiguous() for t in (q, k, v)):
+        # strided views (NHD layouts, recorded slices) can push SDPA onto its math kernel,
+        # which materialises the N x N matrix; a copy is far cheaper
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if inp.heads_q != inp.heads_kv:
         group = inp.heads_q // inp.heads_kv
         k = k.repeat_interleave(group, dim=1)
