@@ -231,10 +231,14 @@ class SweepResult:
     """The Q(s) curve, the fits, Corollary-1 bounds and s*.
 
     Attributes:
-        s_star: the chosen sparsity: the best measured level, moved to the maximiser of the
-            fitted Q between that level's neighbours when the fit exists.
+        s_star: the chosen sparsity: the best measured level, refined by the fit. The fit
+            refines it only where it agrees with the measurement: when the maximiser of the
+            fitted Q over the measured range lies between the best level's neighbours, s* is
+            that maximiser; otherwise (the fitted peak is elsewhere, or there is no fit) s*
+            stays the best measured level. ``s_star_note`` says which.
         best_measured: the level with the highest measured mean Q.
-        s_star_fit: the maximiser of the fitted Q near ``best_measured`` (None without fit).
+        s_star_fit: the maximiser of the fitted Q over the measured (and allowed) range
+            (None without fit).
         fits: "novelty", "diversity", "incoherence" -> `PowerLawFit` (missing when unfittable).
         bounds: `OptimumBounds` or None; ``bounds_note`` says why not.
         s_min: 1 - compute_budget, the smallest allowed s.
@@ -259,6 +263,7 @@ class SweepResult:
     settings: dict[str, Any] = field(default_factory=dict)
     plot_path: str | None = None
     json_path: str | None = None
+    s_star_note: str = ""
 
     def __float__(self) -> float:
         return float(self.s_star)
@@ -273,7 +278,8 @@ class SweepResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"task_type": self.task_type, "s_star": self.s_star, "best_measured": self.best_measured,
-                "s_star_fit": self.s_star_fit, "compute_budget": self.compute_budget, "s_min": self.s_min,
+                "s_star_fit": self.s_star_fit, "s_star_note": self.s_star_note,
+                "compute_budget": self.compute_budget, "s_min": self.s_min,
                 "weights": self.weights.to_dict(), "fits": {k: v.to_dict() for k, v in self.fits.items()},
                 "bounds": self.bounds.to_dict() if self.bounds else None, "bounds_note": self.bounds_note,
                 "levels": [lv.to_dict() for lv in self.levels], "prompts": self.prompts,
@@ -367,7 +373,8 @@ def load_sweep(path: str | os.PathLike) -> SweepResult:
                              for k, v in data.get("fits", {}).items()},
                        bounds=OptimumBounds(**b) if b else None, bounds_note=data.get("bounds_note", ""),
                        prompts=data.get("prompts", []), reference=data.get("reference", []),
-                       settings=data.get("settings", {}), plot_path=data.get("plot_path"))
+                       settings=data.get("settings", {}), plot_path=data.get("plot_path"),
+                       s_star_note=data.get("s_star_note", ""))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -701,14 +708,19 @@ def _analyse(results: list[LevelResult], task_type: str, weights: QualityWeights
     q = [lv.quality for lv in results]
     k = int(np.argmax(q))
     best = s[k]
-    s_fit = None
+    s_fit, s_star, why = None, best, "best measured level (no fit)"
     if not notes:
-        lo = max(s[k - 1] if k > 0 else s[k], s_min, 1e-6)
-        hi = s[k + 1] if k + 1 < len(s) else s[k]
-        if hi > lo:
-            s_fit = _argmax_on(lambda x: fitted_quality(x, fits, weights), lo, hi)
+        lo_range, hi_range = max(s[0], s_min, 1e-6), s[-1]
+        s_fit = _argmax_on(lambda x: fitted_quality(x, fits, weights), lo_range, hi_range)
+        # the neighbours of the best level (the level itself at either end of the range)
+        lo, hi = (s[k - 1] if k > 0 else s[k]), (s[k + 1] if k + 1 < len(s) else s[k])
+        inside = (lo < s_fit < hi) or (k == 0 and s_fit == lo) or (k == len(s) - 1 and s_fit == hi) \
+            or (lo == hi == s_fit)
+        if inside:
+            s_star, why = s_fit, "fitted optimum, between the best measured level's neighbours"
         else:
-            s_fit = best
+            why = (f"best measured level; the fitted optimum ({s_fit:.4g}) lies outside its neighbours "
+                   f"({lo:g}, {hi:g}), so the fit does not refine it")
     return SweepResult(task_type=task_type, levels=results, weights=weights, compute_budget=budget, s_min=s_min,
-                       best_measured=best, s_star=s_fit if s_fit is not None else best, s_star_fit=s_fit,
-                       fits=fits, bounds=bounds, bounds_note=note, prompts=prompts, reference=reference)
+                       best_measured=best, s_star=s_star, s_star_fit=s_fit, fits=fits, bounds=bounds,
+                       bounds_note=note, prompts=prompts, reference=reference, s_star_note=why)

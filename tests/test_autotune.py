@@ -135,9 +135,15 @@ def test_s_star_is_best_measured_refined_by_the_fit():
     assert res.s_star == pytest.approx(exact.s_star, abs=1e-6)
     assert res.bounds.s_star == pytest.approx(exact.s_star, rel=1e-10)
     # the refinement never leaves the measured range: with only 0.7 and 0.9 measured (budget
-    # 0.4), the fitted optimum (~0.48) lies below it and s* stays at the edge, 0.7
+    # 0.4), the fitted optimum (~0.48) lies below it; its maximiser on [0.7, 0.9] is the edge 0.7
     res = _analyse(levels[3:], "poetry", QualityWeights.coerce(w), 0.4, 0.6, ["p"], ["r"])
     assert res.best_measured == 0.7 and res.s_star == pytest.approx(0.7, abs=1e-6)
+    # when the measurement disagrees with the fit (a noisy peak at 0.9), the measurement wins
+    noisy = _levels_from(n, d, i, [0.1, 0.3, 0.5, 0.7, 0.9], w)
+    noisy[-1].quality = 1.0
+    res = _analyse(noisy, "poetry", QualityWeights.coerce(w), 1.0, 0.0, ["p"], ["r"])
+    assert res.best_measured == 0.9 and res.s_star == 0.9
+    assert res.s_star_fit == pytest.approx(exact.s_star, abs=1e-6) and "outside its neighbours" in res.s_star_note
 
 
 # -------------------------------------------------------------------------------- sweeps
