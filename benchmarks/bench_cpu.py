@@ -72,7 +72,8 @@ def fixed_fraction_mask(b: int, h: int, n: int, causal: bool, kept: float, seed:
 def gather_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                             causal: bool) -> torch.Tensor:
     """The plain PyTorch baseline: per query block, gather the kept key blocks of every
-    head (the same count in each head) and run matmul, softmax, matmul."""
+    head (the same count in each head) and run matmul, softmax, matmul (MKL does the
+    matmuls; the mask is applied only where a block holds unusable keys)."""
     b, h, n, d = q.shape
     mq, mk = mask.shape[2], mask.shape[3]
     pad = mk * BLOCK_N - n
@@ -80,22 +81,22 @@ def gather_matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     vb = F.pad(v, (0, 0, 0, pad)).view(b, h, mk, BLOCK_N, d)
     key_pos = torch.arange(mk * BLOCK_N).view(mk, BLOCK_N)
     out = torch.empty_like(q)
-    scale = d ** -0.5
+    qs = q * d ** -0.5
     bi, hi = torch.arange(b)[:, None, None], torch.arange(h)[None, :, None]
     for i in range(mq):
         r0, r1 = i * BLOCK_M, min(n, (i + 1) * BLOCK_M)
         idx = mask[:, :, i].nonzero()[:, 2].view(b, h, -1)  # same count per head by construction
         kg = kb[bi, hi, idx].flatten(2, 3)  # [B, H, kept * 64, D]
         vg = vb[bi, hi, idx].flatten(2, 3)
-        s = (q[:, :, r0:r1] @ kg.transpose(-1, -2)) * scale
-        cols = key_pos[idx].flatten(2)  # [B, H, kept * 64] key positions
-        invalid = cols >= n
-        if causal:
-            invalid = invalid[:, :, None, :] | (cols[:, :, None, :] > torch.arange(r0, r1)[None, None, :, None])
+        s = qs[:, :, r0:r1] @ kg.transpose(-1, -2)
+        cols = key_pos[idx].flatten(2)[:, :, None, :]  # [B, H, 1, kept * 64] key positions
+        if causal and int(cols.max()) > r0 or int(cols.max()) >= n:
+            invalid = (cols > torch.arange(r0, r1)[None, None, :, None]) if causal else cols >= n
+            s.masked_fill_(invalid | (cols >= n), float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num_(0.0)  # rows with no usable key -> 0
         else:
-            invalid = invalid[:, :, None, :]
-        s = s.masked_fill(invalid, float("-inf"))
-        out[:, :, r0:r1] = torch.softmax(s, dim=-1) @ vg
+            p = torch.softmax(s, dim=-1)
+        out[:, :, r0:r1] = p @ vg
     return out
 
 
