@@ -43,8 +43,8 @@ def test_break_even_fraction_grows_with_size_and_stays_below_efficiency():
 
 
 def test_a_reused_mask_shares_its_prediction_cost():
-    wan = _inp(1, 12, 32760, 128)
-    ratio = gpu_policy.prediction_seconds(wan) / gpu_policy.dense_seconds(wan)
+    cogvideox = _inp(1, 30, 17776, 64)
+    ratio = gpu_policy.prediction_seconds(cogvideox) / gpu_policy.dense_seconds(cogvideox)
     assert ratio > gpu_policy.PREDICTION_BUDGET  # one call: prediction would not pay
     uses = int(ratio / gpu_policy.PREDICTION_BUDGET) + 1
-    assert gpu_policy.skip_prediction_reason(wan, mask_uses=uses) is None  # mask_refresh=uses: it does
+    assert gpu_policy.skip_prediction_reason(cogvideox, mask_uses=uses) is None  # mask_refresh=uses: it does
