@@ -38,7 +38,8 @@ def _needs_build(name: str, sources: list[str]) -> bool:
 
         lib = os.path.join(_get_build_directory(name, False), name + ".so")
         folders = {os.path.dirname(src) for src in sources}
-        inputs = list(sources) + [os.path.join(f, h) for f in folders for h in os.listdir(f) if h.endswith((".h", ".cuh"))]
+        headers = [os.path.join(f, h) for f in folders for h in os.listdir(f) if h.endswith((".h", ".cuh"))]
+        inputs = list(sources) + headers
         return not os.path.exists(lib) or os.path.getmtime(lib) < max(os.path.getmtime(src) for src in inputs)
     except Exception:  # private torch helper moved: err on the side of the notice
         return True
