@@ -11,25 +11,6 @@ import torch.nn.functional as F
 
 from .inputs import AttentionInputs
 
-try:  # the cuDNN-first priority list needs torch >= 2.6 (set_priority); older torch keeps its default
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    _CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                    SDPBackend.MATH]
-    sdpa_kernel(_CUDNN_FIRST, set_priority=True)
-except (ImportError, TypeError, AttributeError):
-    _CUDNN_FIRST = None
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """SDPA preferring cuDNN for half inputs on CUDA: the fastest dense path on Hopper
-    (DESIGN.md), which torch's default order ranks behind flash."""
-    if _CUDNN_FIRST is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        with sdpa_kernel(_CUDNN_FIRST, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return F.scaled_dot_product_attention(q, k, v, **kwargs)
-
-
 def _row_has_key(inp: AttentionInputs) -> torch.Tensor | None:
     """bool [B, 1, Nq, 1], or None when every row has a key."""
     kpm = inp.key_padding_mask
@@ -58,11 +39,11 @@ def dense_attention(inp: AttentionInputs) -> torch.Tensor:
         v = v.repeat_interleave(group, dim=1)
     kpm = inp.key_padding_mask
     if kpm is None:
-        return _sdpa(q, k, v, is_causal=inp.is_causal, scale=inp.scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=inp.is_causal, scale=inp.scale)
     mask = kpm[:, None, None, :]
     if inp.is_causal:
         causal = torch.ones(inp.len_q, inp.len_k, dtype=torch.bool, device=inp.device).tril()
         mask = mask & causal[None, None]
-    out = _sdpa(q, k, v, attn_mask=mask, scale=inp.scale)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=inp.scale)
     has = _row_has_key(inp)
     return out if has is None else torch.where(has, out, torch.zeros((), dtype=out.dtype, device=out.device))
