@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .inputs import AttentionInputs
 
+
 def _row_has_key(inp: AttentionInputs) -> torch.Tensor | None:
     """bool [B, 1, Nq, 1], or None when every row has a key."""
     kpm = inp.key_padding_mask
