@@ -113,8 +113,9 @@ class ModelPatch(abc.ABC):
 
     def make_state(self, name: str) -> LayerState:
         """Create and remember the `LayerState` of layer ``name`` (calibrated config)."""
-        state = LayerState(name, layer_config(self.calibration, name, self.config), schedule=self.schedule,
-                           clock=self.clock, options=self.options)
+        config = layer_config(self.calibration, name, self.config)
+        state = LayerState(name, config, schedule=self.schedule, clock=self.clock, options=self.options,
+                           calibrated=config is not self.config)
         self._states[name] = state
         return state
 

@@ -187,6 +187,23 @@ class StepClock:
         self._forward_step = self.step
 
 
+def _calibrated_under_schedule(calibrated: SparseAttentionConfig, point: Any) -> SparseAttentionConfig:
+    """A calibrated layer at dial point ``point``: the calibration holds the sparsest
+    thresholds that meet its error budget, so the schedule may make the layer denser but
+    never sparser. A dense point gives dense attention; a top-k calibration keeps, per
+    head, the larger of its kept fraction and the point's budget; a cdf calibration keeps
+    its thresholds (its kept fraction is data-dependent and cannot be compared)."""
+    dense = point.attention_config(calibrated)
+    if getattr(point, "is_dense", False):
+        return dense
+    if calibrated.topk is None:
+        return calibrated
+    budget = float(point.attention_budget)
+    topk = calibrated.topk
+    topk = torch.clamp(topk.float(), min=budget) if isinstance(topk, torch.Tensor) else max(float(topk), budget)
+    return calibrated.replace(topk=topk)
+
+
 @dataclass
 class AttentionCall:
     """What one `LayerState.attend` call did; handed to the layer's hooks.
@@ -258,7 +275,8 @@ class LayerState:
     """
 
     def __init__(self, name: str, config: SparseAttentionConfig, *, schedule: Any = None,
-                 clock: StepClock | None = None, options: PatchOptions | None = None) -> None:
+                 clock: StepClock | None = None, options: PatchOptions | None = None,
+                 calibrated: bool = False) -> None:
         if not isinstance(name, str) or not name:
             raise TypeError(f"name must be a non-empty str, got {name!r}")
         if not isinstance(config, SparseAttentionConfig):
@@ -269,6 +287,7 @@ class LayerState:
             raise TypeError(f"options must be a PatchOptions, got {type(options).__name__}")
         self.name = name
         self.config = config
+        self.calibrated = bool(calibrated)
         self.schedule = schedule
         self.clock = clock if clock is not None else StepClock()
         self.options = options if options is not None else PatchOptions()
@@ -312,7 +331,8 @@ class LayerState:
                 from .control import SparsityController
 
                 self._controller = SparsityController()
-            cfg = self._controller.get_sparsity_params(s).attention_config(cfg)
+            point = self._controller.get_sparsity_params(s)
+            cfg = _calibrated_under_schedule(cfg, point) if self.calibrated else point.attention_config(cfg)
         prefix, suffix = max(cfg.dense_prefix, dense_prefix), max(cfg.dense_suffix, dense_suffix)
         if (prefix, suffix) != (cfg.dense_prefix, cfg.dense_suffix):
             cfg = cfg.replace(dense_prefix=prefix, dense_suffix=suffix)

@@ -312,3 +312,22 @@ def test_kv_reuse_ratio_sets_mask_refresh():
     assert PatchOptions(controller=ctl).mask_refresh == 4  # 1 / (1 - 0.75) calls per mask
     assert PatchOptions(controller=ctl, mask_refresh=3).mask_refresh == 3  # an explicit value wins
     assert PatchOptions(controller=SparsityController()).mask_refresh == 1
+
+
+def test_schedule_never_makes_a_calibrated_layer_sparser():
+    import torch
+
+    from hf_creative_sparse.config import SparseAttentionConfig
+    from hf_creative_sparse.control import SparsityController
+    from hf_creative_sparse.state import _calibrated_under_schedule
+
+    ctl = SparsityController()
+    calibrated = SparseAttentionConfig(topk=torch.tensor([0.2, 0.9]), simthreshd1=0.3, pvthreshd=30.0)
+    diverge = ctl.get_sparsity_params(0.7)  # budget ~0.5
+    cfg = _calibrated_under_schedule(calibrated, diverge)
+    assert torch.allclose(cfg.topk, torch.tensor([diverge.attention_budget, 0.9]))
+    assert cfg.simthreshd1 == 0.3 and cfg.pvthreshd == 30.0  # calibrated thresholds survive
+    dense = _calibrated_under_schedule(calibrated, ctl.get_sparsity_params(0.0))
+    assert dense.cdfthreshd == 1.0 and dense.simthreshd1 == 1.0 and dense.topk is None
+    cdf_calibrated = SparseAttentionConfig(cdfthreshd=torch.tensor([0.9, 0.99]))
+    assert _calibrated_under_schedule(cdf_calibrated, diverge) is cdf_calibrated
