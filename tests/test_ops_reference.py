@@ -219,3 +219,27 @@ def test_property_sparse_equals_masked_dense(b, hkv, group, n, d, causal, layout
     ref = masked_attention_f64(to_hnd(q, layout), to_hnd(k, layout), to_hnd(v, layout), mask)
     assert torch.isfinite(out).all()
     assert rel_max_err(to_hnd(out, layout), ref) < 1e-4
+
+
+def test_auto_skips_a_capable_backend_that_measured_slower_but_a_named_one_runs(monkeypatch):
+    from hf_creative_sparse.ops import dispatch
+    from hf_creative_sparse.ops.backend_reference import ReferenceBackend
+
+    class SlowButCapable(ReferenceBackend):
+        name = "cuda"
+        calls = 0
+
+        def auto_skip_reason(self, inp, pvthreshd=None):
+            return "measured slower than the next backend"
+
+        def run(self, inp, block_mask, pvthreshd):
+            SlowButCapable.calls += 1
+            return super().run(inp, block_mask, pvthreshd)
+
+    dispatch._load()
+    monkeypatch.setitem(dispatch._REGISTRY.backends, "cuda", SlowButCapable())
+    q = torch.randn(1, 2, 300, 16)
+    _, stats = hcs.sparse_attention(q, q, q, topk=0.5, min_seq_len=0, return_stats=True)
+    assert stats.backend != "cuda" and SlowButCapable.calls == 0
+    _, stats = hcs.sparse_attention(q, q, q, topk=0.5, backend="cuda", return_stats=True)
+    assert stats.backend == "cuda" and SlowButCapable.calls == 1

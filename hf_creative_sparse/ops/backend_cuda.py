@@ -60,6 +60,12 @@ class CudaBackend:
             return "the cuda kernel needs compute capability >= 8.0"
         if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v)):
             return "the cuda kernel is forward-only and q/k/v require grad (flex and the reference support autograd)"
+        return None
+
+    def auto_skip_reason(self, inp: AttentionInputs, pvthreshd: torch.Tensor | None = None) -> str | None:
+        """Why ``backend="auto"`` should pass over this kernel although it could run the
+        call: where it measured slower than FlexAttention. A named ``backend="cuda"``
+        still runs it."""
         for slower, reason in SLOWER_THAN_FLEX:
             if slower(inp) and why_not("flex", inp, pvthreshd) is None:
                 return reason

@@ -1,5 +1,7 @@
 """Backend dispatch in the manner of xformers' fmha: every backend says whether it is
-available and whether it supports given inputs, and if not, why.
+available and whether it supports given inputs, and if not, why. A backend may also
+define ``auto_skip_reason(inp, pvthreshd)``: inputs it can run but that ``auto`` should
+give to the next backend (measured slower there).
 
 Backends live in ``ops/backend_<name>.py`` modules that define ``BACKEND``; this module
 discovers them, so adding a backend touches no other file. ``auto`` picks the first
@@ -121,6 +123,9 @@ def choose_backend(name: str, inp: AttentionInputs, pvthreshd: torch.Tensor | No
     reasons = []
     for candidate in AUTO_ORDER:
         reason = why_not(candidate, inp, pvthreshd)
+        backend = _REGISTRY.backends.get(candidate)
+        if reason is None and hasattr(backend, "auto_skip_reason"):
+            reason = backend.auto_skip_reason(inp, pvthreshd)  # capable, but measured slower than the next
         if reason is None:
             return _REGISTRY.backends[candidate]
         reasons.append(f"{candidate}: {reason}")
