@@ -65,7 +65,11 @@ class SparseAttentionConfig:
             "self-similar": its pooled mean does not represent it, so it is always kept.
             1.0 (or more) keeps every block. Range [-1, 2]; per-head 1-D tensors allowed.
         cdfthreshd: per query block, keep the fewest key blocks whose compressed-softmax
-            mass reaches this. 1.0 keeps every block. Range [0, 1].
+            mass reaches this. 1.0 keeps every block. Range [0, 1]. The default 0.995 is
+            stricter than SpargeAttn's 0.98 (which its drop-in names keep): on smooth,
+            peaked inputs (hf_creative_sparse.bench.structured_inputs, N=4096) 0.98 kept
+            4.0% of blocks at relative L1 0.18 against dense, 0.995 kept 4.6% at 0.05.
+            `calibrate` sets per-head values to an error budget.
         topk: alternative to ``cdfthreshd``: keep this fraction of the valid key blocks
             (at least one). Range (0, 1]. When set, ``cdfthreshd`` is ignored.
         pvthreshd: stage-2 skip: inside the online softmax, a kept block whose row max is
@@ -85,7 +89,7 @@ class SparseAttentionConfig:
     """
 
     simthreshd1: Any = 0.6
-    cdfthreshd: Any = 0.98
+    cdfthreshd: Any = 0.995
     topk: Any = None
     pvthreshd: Any = 50.0
     attention_sink: bool = False
