@@ -1,6 +1,13 @@
-"""Build script. Pure-Python install by default; the compiled kernels build on first use
-(JIT, see hf_creative_sparse/ops/_ext.py). Set HCS_BUILD_EXT=1 to build them ahead of time
-(needs torch installed in the build environment: use --no-build-isolation)."""
+"""Build script. The compiled kernels build on first use (JIT, see
+hf_creative_sparse/ops/_ext.py) unless they are built here, ahead of time:
+
+* ``HCS_BUILD_EXT`` unset (auto): built when the build environment has torch with a
+  visible GPU and a CUDA toolkit (``pip install --no-build-isolation .`` on a GPU machine);
+  with pip's default build isolation torch is absent and nothing is built here.
+* ``HCS_BUILD_EXT=1``: always build the CPU extension, and the CUDA one when a CUDA toolkit
+  is found (``HCS_FORCE_CUDA=1`` builds it without a visible GPU).
+* ``HCS_BUILD_EXT=0``: never; JIT on first use.
+"""
 
 import os
 
@@ -18,28 +25,36 @@ def _read_version() -> str:
 
 
 def _ahead_of_time_extensions():
-    """(ext_modules, cmdclass) for HCS_BUILD_EXT=1, else nothing."""
-    if os.environ.get("HCS_BUILD_EXT", "0") != "1":
+    """(ext_modules, cmdclass) per HCS_BUILD_EXT (see the module docstring)."""
+    mode = os.environ.get("HCS_BUILD_EXT", "auto")
+    if mode == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        if mode == "1":
+            raise RuntimeError("HCS_BUILD_EXT=1 needs torch in the build environment: "
+                               "pip install --no-build-isolation ...")
+        return [], {}
+    has_cuda = CUDA_HOME is not None and (torch.cuda.is_available() or os.environ.get("HCS_FORCE_CUDA") == "1")
+    if mode != "1" and not has_cuda:
         return [], {}
     import sys
 
     sys.path.insert(0, os.path.join(ROOT, "hf_creative_sparse", "ops"))
-    import _ext_sources  # noqa: E402  (plain module listing sources and flags; no torch import)
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+    import _ext_sources  # noqa: E402  (plain module listing sources and flags)
 
     exts = []
     cpu = _ext_sources.cpu_spec(ROOT)
     if cpu is not None:
         exts.append(CppExtension(name="hf_creative_sparse._C_cpu", sources=cpu["sources"],
                                  extra_compile_args={"cxx": cpu["cflags"]}, extra_link_args=cpu["ldflags"]))
-    import torch
-
     cuda = _ext_sources.cuda_spec(ROOT)
-    if cuda is not None and torch.cuda.is_available() or os.environ.get("HCS_FORCE_CUDA") == "1":
-        if cuda is not None:
-            exts.append(CUDAExtension(name="hf_creative_sparse._C_cuda", sources=cuda["sources"],
-                                      include_dirs=cuda["include_dirs"],
-                                      extra_compile_args={"cxx": cuda["cflags"], "nvcc": cuda["cuda_cflags"]}))
+    if cuda is not None and has_cuda:
+        exts.append(CUDAExtension(name="hf_creative_sparse._C_cuda", sources=cuda["sources"],
+                                  include_dirs=cuda["include_dirs"],
+                                  extra_compile_args={"cxx": cuda["cflags"], "nvcc": cuda["cuda_cflags"]}))
     return exts, {"build_ext": BuildExtension}
 
 
