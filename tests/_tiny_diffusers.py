@@ -10,16 +10,16 @@ import torch
 
 from hf_creative_sparse.config import SparseAttentionConfig
 
+# DENSE and SPARSE name the reference backend so the tests do not depend on (or wait for
+# the JIT build of) the compiled kernels; the kernels have their own tests against it.
 #: Keeps every block and runs the reference kernel (not the SDPA fallback), so a match
 #: with the original model checks the processors' math, not just the fallback.
 DENSE = SparseAttentionConfig.dense(min_seq_len=0, backend="reference")
-# The reference backend is named in both so the tests do not depend on (or wait for the
-# JIT build of) the compiled kernels; the kernels have their own tests against it.
-#: Drops blocks on random weights: simthreshd1=-1 makes every block "self-similar", so
-#: the top-k selection decides (random data is rarely self-similar).
 #: Keeps every block; the dense policy then runs SDPA through the patched processors (fast;
 #: checks the processors' math and the step clock in pipeline runs).
 DENSE_SDPA = SparseAttentionConfig.dense(min_seq_len=0)
+#: Drops blocks on random weights: simthreshd1=-1 makes every block "self-similar", so
+#: the top-k selection decides (random data is rarely self-similar).
 SPARSE = SparseAttentionConfig(min_seq_len=0, topk=0.3, simthreshd1=-1.0, backend="reference")
 
 
@@ -189,3 +189,48 @@ def capture_calls(handle: Any) -> dict[str, list]:
     for name, state in handle.layer_states().items():
         state.add_hook(calls[name].append)
     return calls
+
+
+def assert_dense_config_reproduces(model: torch.nn.Module, inputs: dict[str, Any]) -> Any:
+    """The forced-dense config through the patched processors (reference kernel, no
+    fallback) equals the unpatched model to 1e-4; returns the sparsity report."""
+    import hf_creative_sparse as hcs
+
+    ref = run(model, inputs)
+    hcs.enable_creative_sparse(model, DENSE)
+    try:
+        out = run(model, inputs)
+        report = hcs.sparsity_report(model)
+    finally:
+        hcs.disable_creative_sparse(model)
+    assert all(r["backend"] == "reference" and r["fallbacks"] == 0 for r in report.rows)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    return report
+
+
+def assert_true_cfg_pipeline(family: str, layer: str) -> None:
+    """A pipeline that runs the transformer twice per step (true CFG): the dense config
+    reproduces it and counts one step per pair of calls; the sparse config keeps < 1 of
+    the blocks on every layer; disable restores bit-identical outputs."""
+    import hf_creative_sparse as hcs
+
+    pipe = tiny_pipeline(family)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = pipeline_kwargs(family, cfg=True, steps=2)
+    ref = run_pipeline(pipe, kwargs)
+
+    handle = hcs.enable_creative_sparse(pipe, DENSE_SDPA)
+    calls = capture_calls(handle)
+    dense = run_pipeline(pipe, kwargs)
+    hcs.disable_creative_sparse(pipe)
+    torch.testing.assert_close(dense, ref, atol=1e-4, rtol=0)
+    assert [c.step for c in calls[layer]] == [0, 0, 1, 1]  # cond + uncond per step
+    assert handle.clock.num_steps == 2
+
+    hcs.enable_creative_sparse(pipe, SPARSE)
+    sparse = run_pipeline(pipe, kwargs)
+    report = hcs.sparsity_report(pipe)
+    hcs.disable_creative_sparse(pipe)
+    assert torch.isfinite(sparse).all()
+    assert all(r["calls"] == 4 and r["mean_kept_fraction"] < 1.0 for r in report.rows)
+    assert torch.equal(run_pipeline(pipe, kwargs), ref)

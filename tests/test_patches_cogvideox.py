@@ -7,8 +7,9 @@ pytest.importorskip("diffusers")
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
-from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_text_dense, capture_calls, pipeline_kwargs, run,  # noqa: E402
-                             run_pipeline, tiny_pipeline, tiny_transformer, transformer_inputs)
+from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
+                             capture_calls, pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer,
+                             transformer_inputs)
 
 TEXT = 8  # max_text_seq_length of the tiny config
 
@@ -24,16 +25,8 @@ def inputs():
 
 
 def test_dense_config_reproduces_original(model, inputs):
-    ref = run(model, inputs)
-    hcs.enable_creative_sparse(model, DENSE)
-    try:
-        out = run(model, inputs)
-        report = hcs.sparsity_report(model)
-    finally:
-        hcs.disable_creative_sparse(model)
+    report = assert_dense_config_reproduces(model, inputs)
     assert [r["layer"] for r in report.rows] == ["transformer_blocks.0.attn1"]
-    assert all(r["backend"] == "reference" and r["fallbacks"] == 0 for r in report.rows)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 def test_sparse_config_drops_blocks_keeps_text_and_restores(model, inputs):

@@ -8,8 +8,9 @@ pytest.importorskip("diffusers")
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
-from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_text_dense, capture_calls, pipeline_kwargs, run,  # noqa: E402
-                             run_pipeline, tiny_pipeline, tiny_transformer, transformer_inputs)
+from _tiny_diffusers import (SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
+                             assert_true_cfg_pipeline, capture_calls, pipeline_kwargs, run, run_pipeline,
+                             tiny_transformer, transformer_inputs)
 
 LAYERS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
 
@@ -25,16 +26,8 @@ def inputs():
 
 
 def test_dense_config_reproduces_original(model, inputs):
-    ref = run(model, inputs)
-    hcs.enable_creative_sparse(model, DENSE)
-    try:
-        out = run(model, inputs)
-        report = hcs.sparsity_report(model)
-    finally:
-        hcs.disable_creative_sparse(model)
+    report = assert_dense_config_reproduces(model, inputs)
     assert [r["layer"] for r in report.rows] == LAYERS
-    assert all(r["backend"] == "reference" and r["fallbacks"] == 0 for r in report.rows)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("text_len", [24, 150])
@@ -66,7 +59,7 @@ def test_sparse_config_keeps_text_dense_in_both_block_kinds(model, text_len):
 def test_single_stream_outside_the_forward_falls_back_to_original(model, inputs):
     """Without the transformer's call the text length is unknown: no guess, the original
     processor runs the call."""
-    handle = hcs.enable_creative_sparse(model, SPARSE)
+    hcs.enable_creative_sparse(model, SPARSE)
     try:
         attn = model.single_transformer_blocks[0].attn
         x = torch.randn(1, 300, attn.query_dim)
@@ -80,26 +73,7 @@ def test_single_stream_outside_the_forward_falls_back_to_original(model, inputs)
 
 
 def test_pipeline_true_cfg_counts_one_step_per_pair_of_calls():
-    pipe = tiny_pipeline("flux")
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = pipeline_kwargs("flux", cfg=True, steps=2)
-    ref = run_pipeline(pipe, kwargs)
-
-    handle = hcs.enable_creative_sparse(pipe, DENSE_SDPA)
-    calls = capture_calls(handle)
-    dense = run_pipeline(pipe, kwargs)
-    hcs.disable_creative_sparse(pipe)
-    torch.testing.assert_close(dense, ref, atol=1e-4, rtol=0)
-    assert [c.step for c in calls[LAYERS[1]]] == [0, 0, 1, 1]  # cond + uncond per step
-    assert handle.clock.num_steps == 2
-
-    hcs.enable_creative_sparse(pipe, SPARSE)
-    sparse = run_pipeline(pipe, kwargs)
-    report = hcs.sparsity_report(pipe)
-    hcs.disable_creative_sparse(pipe)
-    assert torch.isfinite(sparse).all()
-    assert all(r["calls"] == 4 and r["mean_kept_fraction"] < 1.0 for r in report.rows)
-    assert torch.equal(run_pipeline(pipe, kwargs), ref)
+    assert_true_cfg_pipeline("flux", LAYERS[1])
 
 
 def test_pipeline_with_vae_decodes_images():

@@ -8,8 +8,8 @@ pytest.importorskip("diffusers")
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.config import BLOCK_M, BLOCK_N  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
-from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_text_dense, capture_calls, pipeline_kwargs,  # noqa: E402
-                             run, run_pipeline, tiny_pipeline, tiny_transformer, transformer_inputs)
+from _tiny_diffusers import (SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
+                             assert_true_cfg_pipeline, capture_calls, run, tiny_transformer, transformer_inputs)
 
 LAYERS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
 VIDEO, TEXT, VALID0 = 512, 20, 12  # sample 0 has 12 real text tokens, 8 padded
@@ -47,15 +47,7 @@ def test_only_the_joint_attention_is_patched(model):
 
 
 def test_dense_config_reproduces_original_with_padding(model, inputs):
-    ref = run(model, inputs)
-    hcs.enable_creative_sparse(model, DENSE)
-    try:
-        out = run(model, inputs)
-        report = hcs.sparsity_report(model)
-    finally:
-        hcs.disable_creative_sparse(model)
-    assert all(r["backend"] == "reference" and r["fallbacks"] == 0 for r in report.rows)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_dense_config_reproduces(model, inputs)
 
 
 def test_sparse_padded_text_keys_get_zero_weight(model, inputs):
@@ -90,22 +82,4 @@ def test_sparse_padded_text_keys_get_zero_weight(model, inputs):
 
 
 def test_pipeline_true_cfg():
-    pipe = tiny_pipeline("hunyuan_video")
-    pipe.set_progress_bar_config(disable=True)
-    kwargs = pipeline_kwargs("hunyuan_video", cfg=True, steps=2)
-    ref = run_pipeline(pipe, kwargs)
-
-    handle = hcs.enable_creative_sparse(pipe, DENSE_SDPA)
-    calls = capture_calls(handle)
-    dense = run_pipeline(pipe, kwargs)
-    hcs.disable_creative_sparse(pipe)
-    torch.testing.assert_close(dense, ref, atol=1e-4, rtol=0)
-    assert [c.step for c in calls[LAYERS[0]]] == [0, 0, 1, 1]
-
-    hcs.enable_creative_sparse(pipe, SPARSE)
-    sparse = run_pipeline(pipe, kwargs)
-    report = hcs.sparsity_report(pipe)
-    hcs.disable_creative_sparse(pipe)
-    assert torch.isfinite(sparse).all()
-    assert all(r["calls"] == 4 and r["mean_kept_fraction"] < 1.0 for r in report.rows)
-    assert torch.equal(run_pipeline(pipe, kwargs), ref)
+    assert_true_cfg_pipeline("hunyuan_video", LAYERS[0])

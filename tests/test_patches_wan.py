@@ -7,8 +7,8 @@ pytest.importorskip("diffusers")
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.state import PatchOptions  # noqa: E402
-from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, capture_calls, pipeline_kwargs, run, run_pipeline,  # noqa: E402
-                             tiny_pipeline, tiny_transformer, transformer_inputs)
+from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_dense_config_reproduces, capture_calls,  # noqa: E402
+                             pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer, transformer_inputs)
 
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 
@@ -38,15 +38,7 @@ def test_only_self_attention_is_patched(model, inputs):
 
 
 def test_dense_config_reproduces_original(model, inputs):
-    ref = run(model, inputs)
-    hcs.enable_creative_sparse(model, DENSE)
-    try:
-        out = run(model, inputs)
-        report = hcs.sparsity_report(model)
-    finally:
-        hcs.disable_creative_sparse(model)
-    assert all(r["backend"] == "reference" and r["fallbacks"] == 0 for r in report.rows)
-    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert_dense_config_reproduces(model, inputs)
 
 
 def test_sparse_config_drops_blocks_and_disable_restores(model, inputs):
