@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -64,18 +63,9 @@ def elapsed() -> float:
 
 def time_fn(fn, reps: int = 10, warmup: int = 2) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    from hf_creative_sparse.bench import device_timer
+
+    return device_timer(torch.device("cuda"))(fn, warmup, reps)
 
 
 def stage_build() -> bool:

@@ -118,7 +118,8 @@ def fixed_fraction_mask(shape: BenchShape, kept: float, device: str | torch.devi
     return (ranks < n_keep).to(device)
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
+def device_timer(device: torch.device) -> Callable[[Callable[[], object], int, int], float]:
+    """``run(fn, warmup, reps) -> median ms``: CUDA events on CUDA, a host clock elsewhere."""
     if device.type == "cuda":
         def run(fn, warmup, reps):
             for _ in range(warmup):
@@ -191,7 +192,7 @@ def run_benchmark(
     fraction (attention alone). Unavailable backends are skipped with a note.
     """
     device = torch.device(device)
-    timer = _timer(device)
+    timer = device_timer(device)
     rows: list[BenchRow] = []
     for shape in shapes:
         q, k, v = structured_inputs(shape, dtype=dtype, device=device)
