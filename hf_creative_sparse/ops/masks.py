@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from ..config import BLOCK_M, BLOCK_N, SparseAttentionConfig
 from .inputs import AttentionInputs, attention_inputs, per_head
 
 
@@ -210,6 +210,8 @@ def predict_block_mask(
     for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    # the same ranges as SparseAttentionConfig, so both entry points refuse the same values
+    SparseAttentionConfig(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk)
     with torch.no_grad():
         return predict_from_inputs(inp, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
                                    attention_sink=attention_sink, dense_prefix=dense_prefix,
