@@ -49,6 +49,9 @@ SHAPES = {
     "gpt2": (8, 12, 1024, 64, True),
 }
 KEPT = (1.0, 0.5, 0.25, 0.1)
+# Compiled kernels by their set_kernel_preference number (csrc/cuda/bindings.cpp).
+CUDA_KERNELS = (("mma", 1), ("wgmma", 2), ("ws", 3), ("ws_serial", 4))
+KERNELS_ONLY = False
 
 
 def log(msg: str = "") -> None:
@@ -212,8 +215,8 @@ def bench_shape(name, results, budget):
         cuda_fn = lambda: block_sparse_fwd(q, k, v, counts, idx, None, causal, inp.scale, pv_off)  # noqa: E731
         entry = {"kept": kept}
         mod = load_extension("cuda").module
-        for kname, pref in (("mma", 1), ("wgmma", 2)):
-            if kname == "wgmma" and (d > 128 or torch.cuda.get_device_capability() != (9, 0)):
+        for kname, pref in CUDA_KERNELS:
+            if kname != "mma" and (d > 128 or torch.cuda.get_device_capability() != (9, 0)):
                 continue
             mod.set_kernel_preference(pref)
             try:
@@ -225,7 +228,8 @@ def bench_shape(name, results, budget):
                 log(f"  {kname} failed: {type(exc).__name__}: {str(exc)[:300]}")
         mod.set_kernel_preference(0)
         out_cuda = entry.pop("_out_mma")
-        cuda_ms = min(entry.get("wgmma_ms", math.inf), entry["mma_ms"])
+        cuda_ms = min(entry.get(f"{kname}_ms", math.inf) for kname, _ in CUDA_KERNELS)
+        entry["best_kernel"] = min((entry.get(f"{kn}_ms", math.inf), kn) for kn, _ in CUDA_KERNELS)[1]
         entry.update(cuda_ms=cuda_ms, cuda_tflops_eff=flops * kept / cuda_ms / 1e9, cuda_vs_cudnn=cud_ms / cuda_ms)
         try:
             bm = backend_flex.build_block_mask(inp, mask)
@@ -242,13 +246,14 @@ def bench_shape(name, results, budget):
         if cud_out is not None:
             entry["rel_l1_vs_dense"] = rel_l1(out_cuda, cud_out)
         row["kept"][f"{frac:.2f}"] = entry
-        log(f"  kept {kept:.3f}: mma {entry['mma_ms']:.3f} ms, wgmma {entry.get('wgmma_ms', math.nan):.3f} ms "
-            f"(L1 vs mma {entry.get('wgmma_rel_l1_vs_mma', math.nan):.2e}); best cuda {cuda_ms:.3f} ms ({entry['cuda_tflops_eff']:.0f} eff TFLOP/s, "
+        times = ", ".join(f"{kn} {entry.get(kn + '_ms', math.nan):.3f} ms (L1 vs mma "
+                          f"{entry.get(kn + '_rel_l1_vs_mma', math.nan):.1e})" for kn, _ in CUDA_KERNELS)
+        log(f"  kept {kept:.3f}: {times}; best cuda {cuda_ms:.3f} ms ({entry['cuda_tflops_eff']:.0f} eff TFLOP/s, "
             f"{entry['cuda_vs_cudnn']:.2f}x cuDNN), flex {entry.get('flex_ms', math.nan):.3f} ms "
             f"({entry.get('flex_tflops_eff', math.nan):.0f}), cuda/flex speedup {entry.get('cuda_vs_flex', math.nan):.2f}, "
             f"L1 vs dense {entry.get('rel_l1_vs_dense', math.nan):.3f}")
 
-    if elapsed() > budget:
+    if elapsed() > budget or KERNELS_ONLY:
         return row
     # The default policy on random (not self-similar) inputs: what most calls look like to
     # the predictor when attention is not local. Must stay within ~5% of cuDNN.
@@ -339,15 +344,16 @@ def markdown_table(results, device: str, torch_version: str) -> str:
     day = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
     lines = [f"GPU: {device}, torch {torch_version}, bf16, {day}. Times in ms (median of 10 after warm-up, CUDA "
              "events); eff TFLOP/s = dense-equivalent FLOP x kept fraction / time.", "",
-             "| shape | kept | cuDNN | cuda mma.sync | cuda wgmma | flex | best cuda eff TFLOP/s | flex eff TFLOP/s "
-             "| cuda x cuDNN | cuda x flex |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| shape | kept | cuDNN | cuda mma.sync | cuda wgmma | cuda warp-spec. | cuda warp-spec. no overlap | flex "
+             "| best cuda eff TFLOP/s | flex eff TFLOP/s | cuda x cuDNN | cuda x flex |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         for key, e in row.get("kept", {}).items():
             lines.append(
                 f"| {row['shape']} (B{row['B']} H{row['H']} N{row['N']} D{row['D']}{' causal' if row['causal'] else ''}) "
                 f"| {e['kept']:.2f} | {row['cudnn_ms']:.3f} | {e.get('mma_ms', math.nan):.3f} | "
-                f"{e.get('wgmma_ms', math.nan):.3f} | {e.get('flex_ms', math.nan):.3f} | {e['cuda_tflops_eff']:.0f} | "
+                f"{e.get('wgmma_ms', math.nan):.3f} | {e.get('ws_ms', math.nan):.3f} | {e.get('ws_serial_ms', math.nan):.3f} | "
+                f"{e.get('flex_ms', math.nan):.3f} | {e['cuda_tflops_eff']:.0f} | "
                 f"{e.get('flex_tflops_eff', math.nan):.0f} | {e['cuda_vs_cudnn']:.2f} | {e.get('cuda_vs_flex', math.nan):.2f} |")
     lines += ["", "Default policy (`sparse_attention`, backend auto, default config; prediction included):", "",
               "| shape | inputs | predicted kept | ran | time | x cuDNN | prediction ms (% of cuDNN) | torch-path "
@@ -376,6 +382,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stages", default="build,test,profile,bench")
     ap.add_argument("--shapes", default="32k,32k_d64,cogvideox,flux,wan,gpt2")
+    ap.add_argument("--kernels-only", action="store_true", help="bench only the kernels on fixed random masks")
     ap.add_argument("--budget", type=float, default=360.0, help="seconds after which benchmarking stops")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -384,6 +391,8 @@ def main() -> int:
     log(f"device {torch.cuda.get_device_name()} cap {torch.cuda.get_device_capability()} torch {torch.__version__} "
         f"cuda {torch.version.cuda}")
     stages = args.stages.split(",")
+    global KERNELS_ONLY
+    KERNELS_ONLY = args.kernels_only
     ok = True
     if "build" in stages:
         ok = stage_build()

@@ -42,16 +42,18 @@ def _case(b, hq, hkv, nq, nk, d, dtype, *, causal=False, padded=False, keep=0.5,
     return inp, mask
 
 
-KERNELS = {"mma": 1, "wgmma": 2}
+# mma.sync (sm_80 style), Hopper wgmma, and the warp-specialized TMA kernel with and
+# without the QK/softmax overlap
+KERNELS = {"mma": 1, "wgmma": 2, "ws": 3, "ws_serial": 4}
 
 
-@pytest.fixture(params=["mma", "wgmma"])
+@pytest.fixture(params=list(KERNELS))
 def kernel(request):
-    """Runs the test with one CUDA kernel forced (sm_80-style mma.sync, or Hopper wgmma)."""
+    """Runs the test with one CUDA kernel forced."""
     mod = load_extension("cuda").module
     assert mod is not None, load_extension("cuda").error
-    if request.param == "wgmma" and torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernel needs an sm_90 GPU")
+    if request.param != "mma" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the {request.param} kernel needs an sm_90 GPU")
     mod.set_kernel_preference(KERNELS[request.param])
     yield request.param
     mod.set_kernel_preference(0)

@@ -27,10 +27,13 @@ int padded_head_dim(int64_t d) {
   return -1;
 }
 
-// Kernel choice: 0 = auto (wgmma on sm_90a for head dims 64/128, else mma.sync),
-// 1 = mma.sync only, 2 = wgmma (error where unavailable). Set by tests and benchmarks.
+// Kernel choice: 0 = auto (on sm_90a for head dims 64/128 the warp-specialized kernel,
+// else wgmma, else mma.sync), 1 = mma.sync only, 2 = wgmma only, 3 = warp-specialized,
+// 4 = warp-specialized without the QK/softmax overlap (error where unavailable).
+// Set by tests and benchmarks.
 int g_kernel_preference = 0;
-// Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = wgmma (sm_90a).
+// Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = wgmma (sm_90a),
+// 3 / 4 = warp-specialized TMA + wgmma with / without the overlap.
 int g_last_kernel = 0;
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
@@ -127,7 +130,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaErrorNotSupported;
   const bool bf16 = dtype == at::kBFloat16;
-  if (g_kernel_preference != 1 && (Dp == 64 || Dp == 128)) {
+  const bool hopper_dim = Dp == 64 || Dp == 128;
+  // auto: warp-specialized -> wgmma -> mma.sync, each falling through on cudaErrorNotSupported
+  if ((g_kernel_preference == 0 || g_kernel_preference >= 3) && hopper_dim) {
+    const bool overlap = g_kernel_preference != 4;
+    if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d64(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d64(p, stream, overlap);
+    else err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d128(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d128(p, stream, overlap);
+    TORCH_CHECK(err == cudaSuccess || (err == cudaErrorNotSupported && g_kernel_preference == 0),
+                "hf_creative_sparse CUDA: the warp-specialized (sm_90a) kernel failed or is unavailable: ",
+                cudaGetErrorString(err));
+    if (err == cudaSuccess) g_last_kernel = overlap ? 3 : 4;
+  }
+  if (err == cudaErrorNotSupported && (g_kernel_preference == 0 || g_kernel_preference == 2) && hopper_dim) {
     if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90_bf16_d64(p, stream) : hcs::launch_fwd_sm90_fp16_d64(p, stream);
     else err = bf16 ? hcs::launch_fwd_sm90_bf16_d128(p, stream) : hcs::launch_fwd_sm90_fp16_d128(p, stream);
     TORCH_CHECK(err == cudaSuccess || (err == cudaErrorNotSupported && g_kernel_preference == 0),
@@ -245,7 +259,9 @@ std::vector<at::Tensor> mask_to_lut(const at::Tensor& mask_in) {
 }
 
 void set_kernel_preference(int64_t pref) {
-  TORCH_CHECK(pref >= 0 && pref <= 2, "kernel preference must be 0 (auto), 1 (mma.sync) or 2 (wgmma)");
+  TORCH_CHECK(pref >= 0 && pref <= 4,
+              "kernel preference must be 0 (auto), 1 (mma.sync), 2 (wgmma), 3 (warp-specialized) or 4 (warp-specialized, "
+              "no overlap)");
   g_kernel_preference = (int)pref;
 }
 
@@ -257,8 +273,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_blocks", &pool_blocks, "per-block mean, mean cosine similarity and count", py::arg("x"),
         py::arg("block"), py::arg("valid"));
   m.def("set_kernel_preference", &set_kernel_preference,
-        "0 = auto (wgmma on sm_90a for head dims 64/128), 1 = mma.sync only, 2 = wgmma only");
-  m.def("last_kernel", []() { return g_last_kernel; }, "kernel of the last forward: 1 = mma.sync, 2 = wgmma");
+        "0 = auto, 1 = mma.sync, 2 = wgmma, 3 = warp-specialized, 4 = warp-specialized without overlap");
+  m.def("last_kernel", []() { return g_last_kernel; },
+        "kernel of the last forward: 1 = mma.sync, 2 = wgmma, 3 / 4 = warp-specialized with / without overlap");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",
         py::arg("score"), py::arg("sim_q"), py::arg("sim_k"), py::arg("count_k"), py::arg("simthr"), py::arg("cdf"),
         py::arg("topk"), py::arg("scale"), py::arg("causal"), py::arg("sink"), py::arg("prefix"), py::arg("suffix"),

@@ -49,6 +49,14 @@ cudaError_t launch_fwd_sm90_bf16_d128(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_sm90_fp16_d64(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_sm90_fp16_d128(const FwdParams& p, cudaStream_t stream);
 
+// Warp-specialized Hopper instances (TMA producer, two wgmma consumer warpgroups, 128-key
+// tiles); `overlap` pipelines the next tile's Q K^T with the current softmax. They return
+// cudaErrorNotSupported where sm_90a code is missing or TMA cannot address the operands.
+cudaError_t launch_fwd_sm90ws_bf16_d64(const FwdParams& p, cudaStream_t stream, bool overlap);
+cudaError_t launch_fwd_sm90ws_bf16_d128(const FwdParams& p, cudaStream_t stream, bool overlap);
+cudaError_t launch_fwd_sm90ws_fp16_d64(const FwdParams& p, cudaStream_t stream, bool overlap);
+cudaError_t launch_fwd_sm90ws_fp16_d128(const FwdParams& p, cudaStream_t stream, bool overlap);
+
 // Mask prediction helpers (predict.cu).
 struct PoolParams {
   const void* x;  // [B, H, N, D], last dim contiguous

@@ -1,0 +1,561 @@
+// Block-sparse flash-attention forward for Hopper (sm_90a), warp-specialized in the manner
+// of FlashAttention-3.
+//
+// One CTA per (query block of 128 rows, q head, batch), 384 threads, one CTA per SM:
+// * warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q and of
+//   the kept K/V blocks into a ring of shared-memory stages, completing on mbarriers;
+//   the warpgroup gives its registers away (setmaxnreg.dec).
+// * warpgroups 1 and 2 are consumers of 64 query rows each (setmaxnreg.inc to 240).
+//   Each iteration takes a tile of two kept 64-key blocks (128 keys), so S = Q K^T is one
+//   m64n128 wgmma chain and P V a k=128 chain; an odd last block runs the n64 half.
+// * kOverlap: the next tile's Q K^T is issued before this tile's P V completes, and the
+//   softmax of tile t+1 runs while the tensor cores do P_t V_t (FA3's intra-warpgroup
+//   pipelining). Without it each tile is QK -> softmax -> PV in turn.
+//
+// Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per
+// consumer warpgroup (64 rows) and per 64-key block, in ascending block order, as the
+// wgmma kernel does: within a tile, block b's decision uses the running max after block a.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "block_sparse_fwd_sm90.cuh"
+
+namespace hcs {
+namespace sm90ws {
+
+using sm90::fence_regs;
+using sm90::make_desc;
+
+constexpr int kTileN = 2 * kBlockN;  // keys per iteration: two kept blocks
+constexpr int kWsThreads = 384;      // producer warpgroup + two consumer warpgroups
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+
+template <int D>
+struct WsTraits {
+  static constexpr int kHalves = D / 64;                   // 64-column (128-byte) halves
+  static constexpr int kStages = D == 64 ? 4 : 3;          // K/V ring depth
+  static constexpr uint32_t kHalfQ = kBlockM * 128;         // one half of the Q tile, bytes
+  static constexpr uint32_t kHalfKV = kTileN * 128;         // one half of a K or V tile
+  static constexpr uint32_t kBlockBytes = kBlockN * 128;    // one key block of one half: a TMA box
+  static constexpr uint32_t kQBytes = kHalves * kHalfQ;
+  static constexpr uint32_t kKVBytes = kHalves * kHalfKV;
+  static constexpr int kSmemBytes = (int)(kQBytes + 2 * kStages * kKVBytes) + 1024;  // + alignment slack
+};
+
+#ifdef HCS_SM90_ENABLED
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred P1;\nLAB_WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 P1, [%0], %1;\n"
+      "@P1 bra DONE;\nbra LAB_WAIT;\nDONE:\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// 4-D tiled bulk copy global -> shared (coordinates innermost first), completing on `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4, %5, %6}], "
+      "[%2];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+      : "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_uregs(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+#endif
+
+template <typename T>
+struct QkOps;
+template <>
+struct QkOps<__nv_bfloat16> {
+  static __device__ __forceinline__ void n128(float (&s)[64], uint64_t da, uint64_t db, int acc) {
+    sm90::wgmma_ss_m64n128k16_bf16(s, da, db, acc);
+  }
+};
+template <>
+struct QkOps<__half> {
+  static __device__ __forceinline__ void n128(float (&s)[64], uint64_t da, uint64_t db, int acc) {
+    sm90::wgmma_ss_m64n128k16_f16(s, da, db, acc);
+  }
+};
+
+// Per-thread state of the consumer: two rows (row0 = lane/4, row1 = row0 + 8 of the warp's
+// 16), their running max (log2 units, scaled), row sums, and pv counters.
+struct RowState {
+  float m0, m1, l0, l1;
+  unsigned visited, skipped;
+};
+
+// Everything a consumer needs about its rows and the call, fixed for the CTA.
+struct ConsumerCtx {
+  int row0, row1, warp_row0, wg_row0;
+  bool rv0, rv1;
+  int t4, lane, wwarp, cwg;
+  float neg_thr2;  // -pvthreshd * log2(e); -inf disables the skip
+  bool use_skip;
+};
+
+#ifdef HCS_SM90_ENABLED
+// S = Q K^T for one tile, issued (not waited). `single`: only the first 64 keys exist.
+// S = Q K^T for one tile, issued (not waited). A single-block tile runs the full n128 chain
+// too: its second half reads stale shared memory, and softmax_tile masks those columns
+// (an n64 wgmma on half of the accumulators makes ptxas serialize the whole pipeline).
+template <typename T, int D>
+__device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t sQw, uint32_t sK) {
+  using Tr = WsTraits<D>;
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const uint32_t half = (uint32_t)(kk >> 2), koff = (uint32_t)(kk & 3) * 32;
+    QkOps<T>::n128(s, make_desc(sQw + half * Tr::kHalfQ + koff, 16, 1024),
+                   make_desc(sK + half * Tr::kHalfKV + koff, 16, 1024), kk > 0 ? 1 : 0);
+  }
+  sm90::wgmma_commit();
+}
+
+// O += P V for one tile, issued (not waited); P from registers.
+template <typename T, int D>
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4], uint32_t sV, bool single) {
+  using Tr = WsTraits<D>;
+  sm90::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
+  if (!single) {
+#pragma unroll
+    for (int kk = 4; kk < 8; ++kk)
+      sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
+  }
+  sm90::wgmma_commit();
+}
+
+// Masking, the pv-skip vote and the online-softmax update of one tile held in `s`
+// (raw scores). On return `s` holds P = exp2(x - m) (zeros where masked or skipped) and
+// al0/al1 the factors by which O must be rescaled. Returns false when the whole tile was
+// skipped (its P V need not run). kba/kbb: first key of blocks a and b (kbb < 0: single).
+__device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, const FwdParams& p,
+                                             const uint8_t* kpm, const ConsumerCtx& c, RowState& st,
+                                             int (*vote)[4], int parity, float& al0, float& al1) {
+  const bool single = kbb < 0;
+  const bool mask_a = (kba + kBlockN > p.Nk) || (p.causal && kba + kBlockN - 1 > c.warp_row0) || kpm != nullptr;
+  const bool mask_b = !single && ((kbb + kBlockN > p.Nk) || (p.causal && kbb + kBlockN - 1 > c.warp_row0) ||
+                                  kpm != nullptr);
+  float bma0 = -INFINITY, bma1 = -INFINITY, bmb0 = -INFINITY, bmb1 = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const bool in_b = nt >= 8;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      float x = s[nt * 4 + e] * p.scale_log2;
+      if (in_b && single) {
+        x = -INFINITY;
+      } else if (in_b ? mask_b : mask_a) {
+        const int col = (in_b ? kbb : kba) + (nt & 7) * 8 + c.t4 * 2 + (e & 1);
+        const int row = (e < 2) ? c.row0 : c.row1;
+        const bool ok = col < p.Nk && (!p.causal || col <= row) && (kpm == nullptr || __ldg(kpm + col) != 0);
+        x = ok ? x : -INFINITY;
+      }
+      s[nt * 4 + e] = x;
+    }
+    if (in_b) {
+      bmb0 = fmaxf(bmb0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
+      bmb1 = fmaxf(bmb1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
+    } else {
+      bma0 = fmaxf(bma0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
+      bma1 = fmaxf(bma1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
+    }
+  }
+#pragma unroll
+  for (int off = 1; off <= 2; off <<= 1) {
+    bma0 = fmaxf(bma0, __shfl_xor_sync(0xffffffffu, bma0, off));
+    bma1 = fmaxf(bma1, __shfl_xor_sync(0xffffffffu, bma1, off));
+    bmb0 = fmaxf(bmb0, __shfl_xor_sync(0xffffffffu, bmb0, off));
+    bmb1 = fmaxf(bmb1, __shfl_xor_sync(0xffffffffu, bmb1, off));
+  }
+  const bool ha0 = c.rv0 && bma0 != -INFINITY, ha1 = c.rv1 && bma1 != -INFINITY;
+  const bool hb0 = c.rv0 && bmb0 != -INFINITY, hb1 = c.rv1 && bmb1 != -INFINITY;
+  if (c.t4 == 0) st.visited += (unsigned)ha0 + (unsigned)ha1 + (unsigned)hb0 + (unsigned)hb1;
+
+  bool skip_a = false, skip_b = false;
+  if (c.use_skip) {
+    const float thr = c.neg_thr2;
+    const bool sa0 = ha0 && st.m0 != -INFINITY && bma0 - st.m0 < thr;
+    const bool sa1 = ha1 && st.m1 != -INFINITY && bma1 - st.m1 < thr;
+    // block b's decision under either outcome of block a's (one barrier for both votes)
+    const bool sbs0 = hb0 && st.m0 != -INFINITY && bmb0 - st.m0 < thr;
+    const bool sbs1 = hb1 && st.m1 != -INFINITY && bmb1 - st.m1 < thr;
+    const float mk0 = fmaxf(st.m0, bma0), mk1 = fmaxf(st.m1, bma1);
+    const bool sbk0 = hb0 && mk0 != -INFINITY && bmb0 - mk0 < thr;
+    const bool sbk1 = hb1 && mk1 != -INFINITY && bmb1 - mk1 < thr;
+    const int wa = __all_sync(0xffffffffu, (!ha0 || sa0) && (!ha1 || sa1));
+    const int wbs = __all_sync(0xffffffffu, (!hb0 || sbs0) && (!hb1 || sbs1));
+    const int wbk = __all_sync(0xffffffffu, (!hb0 || sbk0) && (!hb1 || sbk1));
+    if (c.lane == 0) vote[parity][c.wwarp] = wa | (wbs << 1) | (wbk << 2);
+    named_bar_sync(1 + c.cwg, 128);
+    const int v = vote[parity][0] & vote[parity][1] & vote[parity][2] & vote[parity][3];
+    skip_a = (v & 1) != 0;
+    skip_b = skip_a ? (v & 2) != 0 : (v & 4) != 0;
+    if (c.t4 == 0) {
+      if (skip_a) st.skipped += (unsigned)ha0 + (unsigned)ha1;
+      if (skip_b) st.skipped += (unsigned)hb0 + (unsigned)hb1;
+    }
+    if (skip_a && skip_b) {
+      al0 = al1 = 1.f;
+      return false;
+    }
+  }
+  const float bm0 = fmaxf(skip_a ? -INFINITY : bma0, skip_b ? -INFINITY : bmb0);
+  const float bm1 = fmaxf(skip_a ? -INFINITY : bma1, skip_b ? -INFINITY : bmb1);
+  const float mn0 = fmaxf(st.m0, bm0), mn1 = fmaxf(st.m1, bm1);
+  const float ms0 = mn0 == -INFINITY ? 0.f : mn0, ms1 = mn1 == -INFINITY ? 0.f : mn1;
+  al0 = exp2f(st.m0 - ms0);
+  al1 = exp2f(st.m1 - ms1);
+  st.m0 = mn0;
+  st.m1 = mn1;
+  float rs0 = 0.f, rs1 = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < 16; ++nt) {
+    const bool off = nt < 8 ? skip_a : skip_b;
+    s[nt * 4 + 0] = off ? 0.f : exp2f(s[nt * 4 + 0] - ms0);
+    s[nt * 4 + 1] = off ? 0.f : exp2f(s[nt * 4 + 1] - ms0);
+    s[nt * 4 + 2] = off ? 0.f : exp2f(s[nt * 4 + 2] - ms1);
+    s[nt * 4 + 3] = off ? 0.f : exp2f(s[nt * 4 + 3] - ms1);
+    rs0 += s[nt * 4 + 0] + s[nt * 4 + 1];
+    rs1 += s[nt * 4 + 2] + s[nt * 4 + 3];
+  }
+  st.l0 = st.l0 * al0 + rs0;
+  st.l1 = st.l1 * al1 + rs1;
+  return true;
+}
+
+template <typename T>
+__device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pa)[8][4]) {
+  using Mma = MmaOp<T>;
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    pa[kk][0] = Mma::pack(s[(2 * kk) * 4 + 0], s[(2 * kk) * 4 + 1]);
+    pa[kk][1] = Mma::pack(s[(2 * kk) * 4 + 2], s[(2 * kk) * 4 + 3]);
+    pa[kk][2] = Mma::pack(s[(2 * kk + 1) * 4 + 0], s[(2 * kk + 1) * 4 + 1]);
+    pa[kk][3] = Mma::pack(s[(2 * kk + 1) * 4 + 2], s[(2 * kk + 1) * 4 + 3]);
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void rescale_o(float (&o)[D / 2], float al0, float al1) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    o[i * 4 + 0] *= al0;
+    o[i * 4 + 1] *= al0;
+    o[i * 4 + 2] *= al1;
+    o[i * 4 + 3] *= al1;
+  }
+}
+#endif  // HCS_SM90_ENABLED
+
+template <typename T, int D, bool kOverlap>
+__global__ void __launch_bounds__(kWsThreads, 1)
+    block_sparse_fwd_ws_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                               const __grid_constant__ CUtensorMap tm_v, const FwdParams p) {
+#ifdef HCS_SM90_ENABLED
+  using Tr = WsTraits<D>;
+  constexpr int S = Tr::kStages;
+  extern __shared__ unsigned char smem_raw[];
+  // mbarriers: [0] Q full, [1..S] K full, [S+1..2S] V full, [2S+1..3S] stage empty
+  __shared__ __align__(8) unsigned long long bars[1 + 3 * S];
+  __shared__ int s_vote[2][2][4];  // [consumer warpgroup][tile parity][warp]
+  __shared__ unsigned long long s_counts[2];
+
+  const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
+  const uint32_t sQ = base;
+  const uint32_t sK0 = sQ + Tr::kQBytes;
+  const uint32_t sV0 = sK0 + S * Tr::kKVBytes;
+  const uint32_t bar0 = smem_u32(&bars[0]);
+  const uint32_t bar_q = bar0;
+  auto bar_k = [&](int s) { return bar0 + 8u * (uint32_t)(1 + s); };
+  auto bar_v = [&](int s) { return bar0 + 8u * (uint32_t)(1 + S + s); };
+  auto bar_e = [&](int s) { return bar0 + 8u * (uint32_t)(1 + 2 * S + s); };
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int qb = p.causal ? (p.Mq - 1 - (int)blockIdx.x) : (int)blockIdx.x;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.Hq / p.Hkv);
+  const int64_t row_id = ((int64_t)b * p.Hq + h) * p.Mq + qb;
+  const int count = p.kv_counts[row_id];
+  const int32_t* idx = p.kv_indices + row_id * p.lut_stride;
+  const int ntiles = (count + 1) >> 1;
+
+  if (tid == 0) {
+    mbar_init(bar_q, 1);
+    for (int s = 0; s < S; ++s) {
+      mbar_init(bar_k(s), 1);
+      mbar_init(bar_v(s), 1);
+      mbar_init(bar_e(s), 8);  // one arrival per consumer warp
+    }
+    s_counts[0] = s_counts[1] = 0;
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // Producer warpgroup.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    if (tid == 0 && count > 0) {
+      mbar_expect_tx(bar_q, Tr::kQBytes);
+#pragma unroll
+      for (int hf = 0; hf < Tr::kHalves; ++hf)
+        tma_load_4d(sQ + hf * Tr::kHalfQ, &tm_q, bar_q, hf * 64, qb * kBlockM, h, b);
+      for (int t = 0; t < ntiles; ++t) {
+        const int st = t % S;
+        const uint32_t ph = (uint32_t)(t / S) & 1u;
+        const int nb = min(2, count - 2 * t);
+        const int ja = idx[2 * t];
+        const int jb = nb == 2 ? idx[2 * t + 1] : 0;
+        const uint32_t bytes = (uint32_t)nb * Tr::kHalves * Tr::kBlockBytes;
+        const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
+        mbar_wait(bar_e(st), ph ^ 1u);
+        mbar_expect_tx(bar_k(st), bytes);
+#pragma unroll
+        for (int hf = 0; hf < Tr::kHalves; ++hf) {
+          tma_load_4d(sK + hf * Tr::kHalfKV, &tm_k, bar_k(st), hf * 64, ja * kBlockN, hk, b);
+          if (nb == 2) tma_load_4d(sK + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_k, bar_k(st), hf * 64, jb * kBlockN, hk, b);
+        }
+        mbar_expect_tx(bar_v(st), bytes);
+#pragma unroll
+        for (int hf = 0; hf < Tr::kHalves; ++hf) {
+          tma_load_4d(sV + hf * Tr::kHalfKV, &tm_v, bar_v(st), hf * 64, ja * kBlockN, hk, b);
+          if (nb == 2) tma_load_4d(sV + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_v, bar_v(st), hf * 64, jb * kBlockN, hk, b);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumer warpgroups.
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+  ConsumerCtx c;
+  c.cwg = (warp >> 2) - 1;
+  c.wwarp = warp & 3;
+  c.lane = lane;
+  c.t4 = lane & 3;
+  c.wg_row0 = qb * kBlockM + c.cwg * 64;
+  c.warp_row0 = c.wg_row0 + c.wwarp * 16;
+  c.row0 = c.warp_row0 + (lane >> 2);
+  c.row1 = c.row0 + 8;
+  c.rv0 = c.row0 < p.Nq;
+  c.rv1 = c.row1 < p.Nq;
+  c.neg_thr2 = -p.pvthreshd[h] * 1.4426950408889634f;
+  c.use_skip = c.neg_thr2 != -INFINITY;
+  const uint8_t* kpm = p.kpm ? p.kpm + b * p.kpm_bs : nullptr;
+  const uint32_t sQw = sQ + (uint32_t)c.cwg * 64 * 128;
+
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+  RowState rs{-INFINITY, -INFINITY, 0.f, 0.f, 0u, 0u};
+  float s[64];
+  uint32_t pa[8][4];
+
+  if (ntiles > 0) mbar_wait(bar_q, 0);
+  if constexpr (!kOverlap) {
+    for (int t = 0; t < ntiles; ++t) {
+      const int st = t % S;
+      const uint32_t ph = (uint32_t)(t / S) & 1u;
+      const bool single = 2 * t + 1 >= count;
+      const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
+      const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
+      mbar_wait(bar_k(st), ph);
+      issue_qk<T, D>(s, sQw, sK);
+      sm90::wgmma_wait<0>();
+      fence_regs(s);
+      float al0, al1;
+      const bool run_pv = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[c.cwg], t & 1, al0, al1);
+      mbar_wait(bar_v(st), ph);
+      if (run_pv) {
+        rescale_o<D>(o, al0, al1);
+        pack_p<T>(s, pa);
+        issue_pv<T, D>(o, pa, sV, single);
+        sm90::wgmma_wait<0>();
+        fence_regs(o);
+        fence_uregs(pa);
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_e(st));
+    }
+  } else if (ntiles > 0) {
+    // Tile 0: QK and softmax; its P V is issued together with tile 1's QK.
+    bool single = 1 >= count;
+    mbar_wait(bar_k(0), 0);
+    issue_qk<T, D>(s, sQw, sK0);
+    sm90::wgmma_wait<0>();
+    fence_regs(s);
+    float al0, al1;
+    bool pending = softmax_tile(s, idx[0] * kBlockN, single ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0,
+                                al0, al1);
+    pack_p<T>(s, pa);
+    bool pending_single = single;
+    for (int t = 1; t < ntiles; ++t) {
+      const int st = t % S, pst = (t - 1) % S;
+      const uint32_t ph = (uint32_t)(t / S) & 1u, pph = (uint32_t)((t - 1) / S) & 1u;
+      single = 2 * t + 1 >= count;
+      const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
+      mbar_wait(bar_k(st), ph);
+      issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
+      mbar_wait(bar_v(pst), pph);
+      if (pending) {
+        issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes, pending_single);
+        sm90::wgmma_wait<1>();
+      } else {
+        sm90::wgmma_wait<0>();
+      }
+      fence_regs(s);
+      const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[c.cwg], t & 1, al0, al1);
+      sm90::wgmma_wait<0>();
+      fence_regs(o);
+      fence_uregs(pa);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(bar_e(pst));
+      if (next) {
+        rescale_o<D>(o, al0, al1);
+        pack_p<T>(s, pa);
+      }
+      pending = next;
+      pending_single = single;
+    }
+    const int lst = (ntiles - 1) % S;
+    mbar_wait(bar_v(lst), (uint32_t)((ntiles - 1) / S) & 1u);
+    if (pending) {
+      issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes, pending_single);
+      sm90::wgmma_wait<0>();
+      fence_regs(o);
+      fence_uregs(pa);
+    }
+  }
+
+  float l0 = rs.l0, l1 = rs.l1;
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  using Mma = MmaOp<T>;
+  T* og = static_cast<T*>(p.o) + b * p.o_bs + h * p.o_hs;
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) {
+    const int col = i * 8 + c.t4 * 2;
+    if (c.rv0)
+      *reinterpret_cast<uint32_t*>(og + (int64_t)c.row0 * p.o_rs + col) = Mma::pack(o[i * 4] * inv0, o[i * 4 + 1] * inv0);
+    if (c.rv1)
+      *reinterpret_cast<uint32_t*>(og + (int64_t)c.row1 * p.o_rs + col) =
+          Mma::pack(o[i * 4 + 2] * inv1, o[i * 4 + 3] * inv1);
+  }
+
+  unsigned sk = rs.skipped, vi = rs.visited;
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) {
+    sk += __shfl_xor_sync(0xffffffffu, sk, off);
+    vi += __shfl_xor_sync(0xffffffffu, vi, off);
+  }
+  if (lane == 0) {
+    if (sk) atomicAdd(&s_counts[0], (unsigned long long)sk);
+    if (vi) atomicAdd(&s_counts[1], (unsigned long long)vi);
+  }
+  named_bar_sync(3, 256);
+  if (tid == 128) {
+    if (s_counts[0]) atomicAdd(&p.pv_counts[0], s_counts[0]);
+    if (s_counts[1]) atomicAdd(&p.pv_counts[1], s_counts[1]);
+  }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------
+// Host side: tensor maps and the launch.
+
+// cuTensorMapEncodeTiled through the runtime's driver entry point (no -lcuda needed).
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = []() -> PFN_cuTensorMapEncodeTiled_v12000 {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult status;
+#if CUDART_VERSION >= 12050
+    cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &status);
+#else
+    cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &ptr, cudaEnableDefault, &status);
+#endif
+    if (err != cudaSuccess || status != cudaDriverEntryPointSuccess) return nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// [B, H, N, D] (element strides bs, hs, rs; D contiguous) as a 4-D map with 64 x box_rows
+// boxes in the 128-byte swizzle the wgmma descriptors expect. False when TMA cannot
+// address it (alignment, strides), so the caller falls back to another kernel.
+template <typename T>
+inline bool make_tensor_map(CUtensorMap* map, const void* ptr, int D, int N, int H, int B, int64_t rs, int64_t hs,
+                            int64_t bs, int box_rows) {
+  auto encode = tensor_map_encoder();
+  if (encode == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return false;
+  const int64_t e = (int64_t)sizeof(T);
+  int64_t strides[3] = {rs * e, hs * e, bs * e};
+  const int64_t sizes[3] = {N, H, B};
+  for (int i = 0; i < 3; ++i) {
+    if (sizes[i] == 1) strides[i] = 16;  // never stepped over; any legal value
+    if (strides[i] <= 0 || strides[i] % 16 != 0 || strides[i] >= (int64_t(1) << 40)) return false;
+  }
+  const cuuint64_t gdim[4] = {(cuuint64_t)D, (cuuint64_t)N, (cuuint64_t)H, (cuuint64_t)B};
+  const cuuint64_t gstride[3] = {(cuuint64_t)strides[0], (cuuint64_t)strides[1], (cuuint64_t)strides[2]};
+  const cuuint32_t box[4] = {64, (cuuint32_t)box_rows, 1, 1};
+  const cuuint32_t estride[4] = {1, 1, 1, 1};
+  const CUtensorMapDataType dt =
+      std::is_same<T, __half>::value ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  const CUresult r = encode(map, dt, 4, const_cast<void*>(ptr), gdim, gstride, box, estride, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS;
+}
+
+// cudaErrorNotSupported when this build or device has no sm_90a code, or TMA cannot
+// address the operands: the caller then falls back to the other kernels.
+template <typename T, int D, bool kOverlap>
+cudaError_t launch_block_sparse_fwd_ws(const FwdParams& p, cudaStream_t stream) {
+  auto kernel = block_sparse_fwd_ws_kernel<T, D, kOverlap>;
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess) return err;
+  if (attr.binaryVersion != 90) return cudaErrorNotSupported;
+  CUtensorMap tq, tk, tv;
+  if (!make_tensor_map<T>(&tq, p.q, D, p.Nq, p.Hq, p.B, p.q_rs, p.q_hs, p.q_bs, kBlockM) ||
+      !make_tensor_map<T>(&tk, p.k, D, p.Nk, p.Hkv, p.B, p.k_rs, p.k_hs, p.k_bs, kBlockN) ||
+      !make_tensor_map<T>(&tv, p.v, D, p.Nk, p.Hkv, p.B, p.v_rs, p.v_hs, p.v_bs, kBlockN))
+    return cudaErrorNotSupported;
+  const size_t smem = (size_t)WsTraits<D>::kSmemBytes;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(p.Mq, p.Hq, p.B);
+  kernel<<<grid, kWsThreads, smem, stream>>>(tq, tk, tv, p);
+  return cudaGetLastError();
+}
+
+}  // namespace sm90ws
+}  // namespace hcs
