@@ -35,6 +35,8 @@ int g_kernel_preference = 0;
 // Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = wgmma (sm_90a),
 // 3 / 4 = warp-specialized TMA + wgmma with / without the overlap.
 int g_last_kernel = 0;
+// Probe bits for the warp-specialized kernel (FwdParams::probe); measurement only.
+int g_probe = 0;
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -125,6 +127,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   p.B = (int)B, p.Hq = (int)Hq, p.Hkv = (int)Hkv, p.Nq = (int)Nq, p.Nk = (int)Nk, p.Mq = (int)Mq;
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.causal = is_causal ? 1 : 0;
+  p.probe = g_probe;
   TORCH_CHECK(Nq < (1LL << 31) && Nk < (1LL << 31), "sequence lengths must fit in int32");
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -274,6 +277,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block"), py::arg("valid"));
   m.def("set_kernel_preference", &set_kernel_preference,
         "0 = auto, 1 = mma.sync, 2 = wgmma, 3 = warp-specialized, 4 = warp-specialized without overlap");
+  m.def("set_probe", [](int64_t bits) { g_probe = (int)bits; }, "measurement only: FwdParams::probe bits");
   m.def("last_kernel", []() { return g_last_kernel; },
         "kernel of the last forward: 1 = mma.sync, 2 = wgmma, 3 / 4 = warp-specialized with / without overlap");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",

@@ -31,6 +31,7 @@ struct FwdParams {
   int B, Hq, Hkv, Nq, Nk, Mq;
   float scale_log2;  // softmax scale * log2(e)
   int causal;        // top-left aligned: key c usable by row r iff c <= r
+  int probe;         // measurement only (0 in use): bit 0 skips the softmax, bit 1 the K/V loads after the first ring
 };
 
 // One launcher per (dtype, head dim); defined in block_sparse_fwd_<dtype>_d<D>.cu.

@@ -10,7 +10,9 @@
 //   m64n128 wgmma chain and P V a k=128 chain; an odd last block runs the n64 half.
 // * kOverlap: the next tile's Q K^T is issued before this tile's P V completes, and the
 //   softmax of tile t+1 runs while the tensor cores do P_t V_t (FA3's intra-warpgroup
-//   pipelining). Without it each tile is QK -> softmax -> PV in turn.
+//   pipelining), and the two consumer warpgroups take turns issuing their GEMMs (FA3's
+//   ping-pong), so one's softmax runs under the other's GEMMs. Without it each tile is
+//   QK -> softmax -> PV in turn.
 //
 // Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per
 // consumer warpgroup (64 rows) and per 64-key block, in ascending block order, as the
@@ -33,7 +35,7 @@ using sm90::make_desc;
 
 constexpr int kTileN = 2 * kBlockN;  // keys per iteration: two kept blocks
 constexpr int kWsThreads = 384;      // producer warpgroup + two consumer warpgroups
-constexpr int kProducerRegs = 24;
+constexpr int kProducerRegs = 24;    // setmaxnreg: the producer gives registers to the consumers
 constexpr int kConsumerRegs = 240;
 
 template <int D>
@@ -78,6 +80,14 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ void named_bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Ping-pong between the consumer warpgroups (FA3): a warpgroup issues its GEMMs only on
+// its turn and then hands the turn over, so one's softmax runs under the other's GEMMs.
+constexpr int kSchedBarrier = 4;  // named barriers 4 and 5; 1, 2 (votes) and 3 (epilogue) elsewhere
+__device__ __forceinline__ void sched_wait_turn(int cwg) { named_bar_sync(kSchedBarrier + cwg, 256); }
+__device__ __forceinline__ void sched_pass_turn(int cwg) { named_bar_arrive(kSchedBarrier + (1 - cwg), 256); }
 template <int N>
 __device__ __forceinline__ void fence_uregs(uint32_t (&r)[N][4]) {
 #pragma unroll
@@ -158,10 +168,16 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4]
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, const FwdParams& p,
                                              const uint8_t* kpm, const ConsumerCtx& c, RowState& st,
                                              int (*vote)[4], int parity, float& al0, float& al1) {
+  if (p.probe & 1) {
+    al0 = al1 = 1.f;
+    return true;
+  }
   const bool single = kbb < 0;
   const bool mask_a = (kba + kBlockN > p.Nk) || (p.causal && kba + kBlockN - 1 > c.warp_row0) || kpm != nullptr;
   const bool mask_b = !single && ((kbb + kBlockN > p.Nk) || (p.causal && kbb + kBlockN - 1 > c.warp_row0) ||
                                   kpm != nullptr);
+  // Scaled scores (log2 units) with masked entries at -inf, and each block's row maxima.
+  // (Folding the scale into exp2's FFMA instead made ptxas serialize the wgmma pipeline.)
   float bma0 = -INFINITY, bma1 = -INFINITY, bmb0 = -INFINITY, bmb1 = -INFINITY;
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
@@ -262,6 +278,13 @@ __device__ __forceinline__ void pack_p(const float (&s)[64], uint32_t (&pa)[8][4
   }
 }
 
+__device__ __forceinline__ void zero_p(uint32_t (&pa)[8][4]) {
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) pa[kk][j] = 0u;
+}
+
 template <int D>
 __device__ __forceinline__ void rescale_o(float (&o)[D / 2], float al0, float al1) {
 #pragma unroll
@@ -335,6 +358,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         const uint32_t bytes = (uint32_t)nb * Tr::kHalves * Tr::kBlockBytes;
         const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
         mbar_wait(bar_e(st), ph ^ 1u);
+        if ((p.probe & 2) && t >= S) {
+          mbar_arrive(bar_k(st));
+          mbar_arrive(bar_v(st));
+          continue;
+        }
         mbar_expect_tx(bar_k(st), bytes);
 #pragma unroll
         for (int hf = 0; hf < Tr::kHalves; ++hf) {
@@ -404,16 +432,24 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (lane == 0) mbar_arrive(bar_e(st));
     }
   } else if (ntiles > 0) {
-    // Tile 0: QK and softmax; its P V is issued together with tile 1's QK.
+    // Rounds of GEMM issue: tile 0's QK, then (QK t, PV t-1) for t >= 1, then the last PV;
+    // every round is a ping-pong turn, the same count in both warpgroups. Warpgroup 1's
+    // final pass would have no taker, so it is left out.
+    if (c.cwg == 1) sched_pass_turn(1);  // warpgroup 0 goes first
     bool single = 1 >= count;
     mbar_wait(bar_k(0), 0);
+    sched_wait_turn(c.cwg);
     issue_qk<T, D>(s, sQw, sK0);
+    sched_pass_turn(c.cwg);
     sm90::wgmma_wait<0>();
     fence_regs(s);
     float al0, al1;
-    bool pending = softmax_tile(s, idx[0] * kBlockN, single ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0,
-                                al0, al1);
-    pack_p<T>(s, pa);
+    // A tile the pv skip dropped entirely still runs its P V, with P = 0: a data-dependent
+    // branch around the wgmma issue makes ptxas serialize every wgmma of the kernel.
+    if (softmax_tile(s, idx[0] * kBlockN, single ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0, al0, al1))
+      pack_p<T>(s, pa);
+    else
+      zero_p(pa);
     bool pending_single = single;
     for (int t = 1; t < ntiles; ++t) {
       const int st = t % S, pst = (t - 1) % S;
@@ -421,14 +457,12 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       single = 2 * t + 1 >= count;
       const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
       mbar_wait(bar_k(st), ph);
-      issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
       mbar_wait(bar_v(pst), pph);
-      if (pending) {
-        issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes, pending_single);
-        sm90::wgmma_wait<1>();
-      } else {
-        sm90::wgmma_wait<0>();
-      }
+      sched_wait_turn(c.cwg);
+      issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
+      issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes, pending_single);
+      sched_pass_turn(c.cwg);
+      sm90::wgmma_wait<1>();
       fence_regs(s);
       const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[c.cwg], t & 1, al0, al1);
       sm90::wgmma_wait<0>();
@@ -439,18 +473,19 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (next) {
         rescale_o<D>(o, al0, al1);
         pack_p<T>(s, pa);
+      } else {
+        zero_p(pa);
       }
-      pending = next;
       pending_single = single;
     }
     const int lst = (ntiles - 1) % S;
     mbar_wait(bar_v(lst), (uint32_t)((ntiles - 1) / S) & 1u);
-    if (pending) {
-      issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes, pending_single);
-      sm90::wgmma_wait<0>();
-      fence_regs(o);
-      fence_uregs(pa);
-    }
+    sched_wait_turn(c.cwg);
+    issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes, pending_single);
+    if (c.cwg == 0) sched_pass_turn(0);
+    sm90::wgmma_wait<0>();
+    fence_regs(o);
+    fence_uregs(pa);
   }
 
   float l0 = rs.l0, l1 = rs.l1;
@@ -535,8 +570,8 @@ inline bool make_tensor_map(CUtensorMap* map, const void* ptr, int D, int N, int
   return r == CUDA_SUCCESS;
 }
 
-// cudaErrorNotSupported when this build or device has no sm_90a code, or TMA cannot
-// address the operands: the caller then falls back to the other kernels.
+// cudaErrorNotSupported when this build or device has no sm_90a code or TMA cannot address
+// the operands: the caller then falls back to the other kernels.
 template <typename T, int D, bool kOverlap>
 cudaError_t launch_block_sparse_fwd_ws(const FwdParams& p, cudaStream_t stream) {
   auto kernel = block_sparse_fwd_ws_kernel<T, D, kOverlap>;
