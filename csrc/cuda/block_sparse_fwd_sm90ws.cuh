@@ -129,10 +129,9 @@ struct ConsumerCtx {
 };
 
 #ifdef HCS_SM90_ENABLED
-// S = Q K^T for one tile, issued (not waited). `single`: only the first 64 keys exist.
 // S = Q K^T for one tile, issued (not waited). A single-block tile runs the full n128 chain
-// too: its second half reads stale shared memory, and softmax_tile masks those columns
-// (an n64 wgmma on half of the accumulators makes ptxas serialize the whole pipeline).
+// too (its block sits in both halves) and softmax_tile masks the second half; an n64
+// wgmma on half of the accumulators makes ptxas serialize the whole pipeline.
 template <typename T, int D>
 __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t sQw, uint32_t sK) {
   using Tr = WsTraits<D>;
@@ -146,18 +145,17 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t sQw, uint32_t 
   sm90::wgmma_commit();
 }
 
-// O += P V for one tile, issued (not waited); P from registers.
+// O += P V for one tile, issued (not waited); P from registers. Always the full k = 128
+// chain: a branch inside it would split the commit group, and wgmma_wait<1> would then
+// wait for P V too. A single-block tile holds its block twice (the producer loads it into
+// both halves) and P = 0 on the second half.
 template <typename T, int D>
-__device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4], uint32_t sV, bool single) {
+__device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4], uint32_t sV) {
   using Tr = WsTraits<D>;
   sm90::wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk) sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
-  if (!single) {
-#pragma unroll
-    for (int kk = 4; kk < 8; ++kk)
-      sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
-  }
+  for (int kk = 0; kk < 8; ++kk)
+    sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
   sm90::wgmma_commit();
 }
 
@@ -176,32 +174,32 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, c
   const bool mask_a = (kba + kBlockN > p.Nk) || (p.causal && kba + kBlockN - 1 > c.warp_row0) || kpm != nullptr;
   const bool mask_b = !single && ((kbb + kBlockN > p.Nk) || (p.causal && kbb + kBlockN - 1 > c.warp_row0) ||
                                   kpm != nullptr);
-  // Scaled scores (log2 units) with masked entries at -inf, and each block's row maxima.
-  // (Folding the scale into exp2's FFMA instead made ptxas serialize the wgmma pipeline.)
-  float bma0 = -INFINITY, bma1 = -INFINITY, bmb0 = -INFINITY, bmb1 = -INFINITY;
+  // Scaled scores (log2 units); masked entries at -inf in a separate pass taken only by
+  // tiles that need it (diagonal, ragged end, key padding, single block), so the common
+  // path has no per-element branches.
 #pragma unroll
-  for (int nt = 0; nt < 16; ++nt) {
-    const bool in_b = nt >= 8;
+  for (int i = 0; i < 64; ++i) s[i] *= p.scale_log2;
+  if (mask_a || mask_b || single) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float x = s[nt * 4 + e] * p.scale_log2;
-      if (in_b && single) {
-        x = -INFINITY;
-      } else if (in_b ? mask_b : mask_a) {
+    for (int nt = 0; nt < 16; ++nt) {
+      const bool in_b = nt >= 8;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
         const int col = (in_b ? kbb : kba) + (nt & 7) * 8 + c.t4 * 2 + (e & 1);
         const int row = (e < 2) ? c.row0 : c.row1;
-        const bool ok = col < p.Nk && (!p.causal || col <= row) && (kpm == nullptr || __ldg(kpm + col) != 0);
-        x = ok ? x : -INFINITY;
+        bool ok = !(in_b && single) && col < p.Nk && (!p.causal || col <= row);
+        if (kpm != nullptr) ok = ok && __ldg(kpm + (ok ? col : 0)) != 0;
+        s[nt * 4 + e] = ok ? s[nt * 4 + e] : -INFINITY;
       }
-      s[nt * 4 + e] = x;
     }
-    if (in_b) {
-      bmb0 = fmaxf(bmb0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
-      bmb1 = fmaxf(bmb1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
-    } else {
-      bma0 = fmaxf(bma0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
-      bma1 = fmaxf(bma1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
-    }
+  }
+  float bma0 = -INFINITY, bma1 = -INFINITY, bmb0 = -INFINITY, bmb1 = -INFINITY;
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    bma0 = fmaxf(bma0, fmaxf(s[nt * 4 + 0], s[nt * 4 + 1]));
+    bma1 = fmaxf(bma1, fmaxf(s[nt * 4 + 2], s[nt * 4 + 3]));
+    bmb0 = fmaxf(bmb0, fmaxf(s[32 + nt * 4 + 0], s[32 + nt * 4 + 1]));
+    bmb1 = fmaxf(bmb1, fmaxf(s[32 + nt * 4 + 2], s[32 + nt * 4 + 3]));
   }
 #pragma unroll
   for (int off = 1; off <= 2; off <<= 1) {
@@ -352,10 +350,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       for (int t = 0; t < ntiles; ++t) {
         const int st = t % S;
         const uint32_t ph = (uint32_t)(t / S) & 1u;
-        const int nb = min(2, count - 2 * t);
         const int ja = idx[2 * t];
-        const int jb = nb == 2 ? idx[2 * t + 1] : 0;
-        const uint32_t bytes = (uint32_t)nb * Tr::kHalves * Tr::kBlockBytes;
+        const int jb = 2 * t + 1 < count ? idx[2 * t + 1] : ja;  // an odd last block fills both halves
+        constexpr uint32_t bytes = 2u * Tr::kHalves * Tr::kBlockBytes;
         const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
         mbar_wait(bar_e(st), ph ^ 1u);
         if ((p.probe & 2) && t >= S) {
@@ -367,13 +364,13 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 #pragma unroll
         for (int hf = 0; hf < Tr::kHalves; ++hf) {
           tma_load_4d(sK + hf * Tr::kHalfKV, &tm_k, bar_k(st), hf * 64, ja * kBlockN, hk, b);
-          if (nb == 2) tma_load_4d(sK + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_k, bar_k(st), hf * 64, jb * kBlockN, hk, b);
+          tma_load_4d(sK + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_k, bar_k(st), hf * 64, jb * kBlockN, hk, b);
         }
         mbar_expect_tx(bar_v(st), bytes);
 #pragma unroll
         for (int hf = 0; hf < Tr::kHalves; ++hf) {
           tma_load_4d(sV + hf * Tr::kHalfKV, &tm_v, bar_v(st), hf * 64, ja * kBlockN, hk, b);
-          if (nb == 2) tma_load_4d(sV + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_v, bar_v(st), hf * 64, jb * kBlockN, hk, b);
+          tma_load_4d(sV + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_v, bar_v(st), hf * 64, jb * kBlockN, hk, b);
         }
       }
     }
@@ -423,7 +420,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       if (run_pv) {
         rescale_o<D>(o, al0, al1);
         pack_p<T>(s, pa);
-        issue_pv<T, D>(o, pa, sV, single);
+        issue_pv<T, D>(o, pa, sV);
         sm90::wgmma_wait<0>();
         fence_regs(o);
         fence_uregs(pa);
@@ -436,7 +433,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     // every round is a ping-pong turn, the same count in both warpgroups. Warpgroup 1's
     // final pass would have no taker, so it is left out.
     if (c.cwg == 1) sched_pass_turn(1);  // warpgroup 0 goes first
-    bool single = 1 >= count;
+    const bool single0 = 1 >= count;
     mbar_wait(bar_k(0), 0);
     sched_wait_turn(c.cwg);
     issue_qk<T, D>(s, sQw, sK0);
@@ -446,21 +443,20 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     float al0, al1;
     // A tile the pv skip dropped entirely still runs its P V, with P = 0: a data-dependent
     // branch around the wgmma issue makes ptxas serialize every wgmma of the kernel.
-    if (softmax_tile(s, idx[0] * kBlockN, single ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0, al0, al1))
+    if (softmax_tile(s, idx[0] * kBlockN, single0 ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0, al0, al1))
       pack_p<T>(s, pa);
     else
       zero_p(pa);
-    bool pending_single = single;
     for (int t = 1; t < ntiles; ++t) {
       const int st = t % S, pst = (t - 1) % S;
       const uint32_t ph = (uint32_t)(t / S) & 1u, pph = (uint32_t)((t - 1) / S) & 1u;
-      single = 2 * t + 1 >= count;
+      const bool single = 2 * t + 1 >= count;
       const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
       mbar_wait(bar_k(st), ph);
       mbar_wait(bar_v(pst), pph);
       sched_wait_turn(c.cwg);
       issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
-      issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes, pending_single);
+      issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes);
       sched_pass_turn(c.cwg);
       sm90::wgmma_wait<1>();
       fence_regs(s);
@@ -476,12 +472,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       } else {
         zero_p(pa);
       }
-      pending_single = single;
     }
     const int lst = (ntiles - 1) % S;
     mbar_wait(bar_v(lst), (uint32_t)((ntiles - 1) / S) & 1u);
     sched_wait_turn(c.cwg);
-    issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes, pending_single);
+    issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes);
     if (c.cwg == 0) sched_pass_turn(0);
     sm90::wgmma_wait<0>();
     fence_regs(o);
