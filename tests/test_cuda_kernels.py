@@ -194,6 +194,44 @@ def test_gpu_prediction_agrees_with_torch_prediction(variant):
     assert agree > 0.999, f"GPU and torch predictions agree on {agree:.5f} of the blocks"
 
 
+@pytest.mark.parametrize("variant", [dict(cdfthreshd=0.9), dict(cdfthreshd=None, topk=0.2)])
+def test_gpu_prediction_long_rows_agree_with_torch(variant):
+    # 1100 key blocks: past the warp-per-row selection, through the block-per-row kernel
+    walk = torch.randn(1, 2, 70400, 64, device="cuda").cumsum(2) / 40
+    q = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
+    k = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
+    inp = attention_inputs(q, k, k)
+    assert inp.num_k_blocks > predict_cuda.WARP_SELECT_MAX_KEY_BLOCKS
+    got = predict_from_inputs(inp, simthreshd1=0.3, **variant)
+    predict_cuda.ENABLED = False
+    try:
+        want = predict_from_inputs(inp, simthreshd1=0.3, **variant)
+    finally:
+        predict_cuda.ENABLED = True
+    assert 0.02 < want.float().mean() < 0.98
+    assert (got == want).float().mean().item() > 0.999
+
+
+@pytest.mark.parametrize("causal,hkv,d", [(False, 4, 64), (True, 4, 128), (False, 2, 128)])
+def test_dense_fallback_matches_float64(causal, hkv, d):
+    from hf_creative_sparse.ops.dense import dense_attention
+
+    q = torch.randn(2, 4, 777, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, hkv, 777, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, hkv, 777, d, device="cuda", dtype=torch.bfloat16)
+    inp = attention_inputs(q, k, v, is_causal=causal)
+    with torch.no_grad():
+        out = dense_attention(inp)
+    em = torch.ones(777, 777, dtype=torch.bool).tril() if causal else torch.ones(777, 777, dtype=torch.bool)
+    ref = masked_attention_f64(q, k, v, em[None, None].expand(2, 4, 777, 777))
+    assert out.shape == (2, 4, 777, d) and out.dtype == torch.bfloat16
+    assert _rel(out, ref) < TOL[torch.bfloat16]
+    if torch.cuda.get_device_capability() == (9, 0):
+        from hf_creative_sparse.ops import dense
+
+        assert dense._CUDNN_DIRECT_OK, "the direct cuDNN call should work on Hopper"
+
+
 def test_mask_to_lut_equals_torch():
     mask = torch.rand(3, 5, 7, 133, device="cuda") < 0.3
     mask[0, 0, 0] = False

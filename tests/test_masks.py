@@ -156,3 +156,17 @@ def test_predict_block_mask_rejects_bad_tensors():
         hcs.predict_block_mask(torch.ones(1, 2, 300, 16, dtype=torch.int32), torch.ones(1, 2, 300, 16, dtype=torch.int32))
     with pytest.raises(ValueError, match="multiple"):
         hcs.predict_block_mask(torch.randn(1, 3, 300, 16), torch.randn(1, 2, 300, 16))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attendable_block_count_on_host_equals_the_mask(causal):
+    from hf_creative_sparse.ops.inputs import attention_inputs
+    from hf_creative_sparse.ops.masks import attendable_block_count, attendable_blocks
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(40):
+        nq = int(torch.randint(1, 1400, (1,), generator=gen))
+        nk = nq if causal else int(torch.randint(1, 1400, (1,), generator=gen))
+        q, k = torch.randn(2, 3, nq, 8), torch.randn(2, 3, nk, 8)
+        inp = attention_inputs(q, k, k, is_causal=causal)
+        assert attendable_block_count(inp) == int(attendable_blocks(inp).sum()) * 3

@@ -438,6 +438,149 @@ __global__ void mask_to_lut_kernel(const uint8_t* mask, int64_t rows, int mk, in
   if (lane == 0) counts[row] = n;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// Sort-free block selection for rows of up to kWarpSelMaxMk key blocks: one warp per row,
+// the row in registers (kWarpSelPer values a lane), no shared memory and no block barrier.
+// The selection is the sorted one's (probability descending, then index ascending; the
+// first nsel): the value v* of the last selected block is found by bisection on the bits
+// of the (non-negative) probabilities, every block above v* is selected, and blocks equal
+// to v* are taken in index order until the count (top-k) or the mass (cdf) is reached.
+// For the cdf the mass is summed in a different order than the sorted scan: a block's
+// decision can differ only where the cumulative mass is within float rounding of cdfthreshd.
+constexpr int kWarpSelPer = 32;
+constexpr int kWarpSelMaxMk = 32 * kWarpSelPer;
+constexpr int kWarpSelWarps = 8;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+__global__ void __launch_bounds__(kWarpSelWarps * 32) select_blocks_warp_kernel(const SelectParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t)blockIdx.x * kWarpSelWarps + (threadIdx.x >> 5);
+  const int64_t rows = (int64_t)p.B * p.H * p.Mq;
+  if (row >= rows) return;  // warp-uniform
+  const int i = (int)(row % p.Mq);
+  const int h = (int)((row / p.Mq) % p.H);
+  const int b = (int)(row / ((int64_t)p.Mq * p.H));
+  const int hk = h / (p.H / p.Hkv);
+  const float* score = p.score + row * p.Mk;
+  const float simthr = p.simthr[h];
+  const int last_row = min(i * 128 + 127, p.Nq - 1);
+
+  float v[kWarpSelPer];
+  unsigned allowed_bits = 0, ksim_bits = 0;  // bit r: block lane + 32 r
+  float mx = -INFINITY;
+  int n_allowed = 0, n_cand = 0;
+#pragma unroll
+  for (int r = 0; r < kWarpSelPer; ++r) {
+    const int j = lane + 32 * r;
+    v[r] = -INFINITY;
+    if (j < p.Mk) {
+      const bool allowed = p.count_k[(int64_t)b * p.Mk + j] > 0.f && (!p.causal || j * 64 <= last_row);
+      const bool ksim = p.sim_k[((int64_t)b * p.Hkv + hk) * p.Mk + j] > simthr;
+      allowed_bits |= (unsigned)allowed << r;
+      ksim_bits |= (unsigned)ksim << r;
+      if (allowed && ksim) v[r] = score[j] * p.scale;
+      n_allowed += allowed;
+      n_cand += allowed && ksim;
+      mx = fmaxf(mx, v[r]);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  n_allowed = warp_sum_int(n_allowed);
+  n_cand = warp_sum_int(n_cand);
+  float sum = 0.f;
+#pragma unroll
+  for (int r = 0; r < kWarpSelPer; ++r) {
+    v[r] = (mx == -INFINITY || v[r] == -INFINITY) ? 0.f : __expf(v[r] - mx);
+    sum += v[r];
+  }
+  sum = warp_sum(sum);
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+  for (int r = 0; r < kWarpSelPer; ++r) v[r] *= inv;  // blocks past Mk hold 0 and sort last
+
+  // nsel and the predicate "the top nsel reach past value c" for the bisection.
+  const bool by_count = p.topk != nullptr;
+  const float thr = by_count ? 0.f : p.cdf[h];
+  int nsel = n_cand;
+  if (by_count) nsel = min(max((int)ceilf(p.topk[h] * (float)n_allowed - 1e-6f), 1), n_cand);
+  const bool all = !by_count && thr >= 1.f;
+  unsigned sel_bits = 0;
+  if (nsel > 0 && !all) {
+    // v* = the largest value c with count(p >= c) >= nsel (top-k) or mass(p >= c) >= thr (cdf).
+    unsigned t = 0;
+    for (int bit = 30; bit >= 0; --bit) {
+      const float c = __uint_as_float(t | (1u << bit));
+      float acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < kWarpSelPer; ++r) acc += v[r] >= c ? (by_count ? 1.f : v[r]) : 0.f;
+      acc = warp_sum(acc);
+      if (by_count ? acc >= (float)nsel : acc >= thr) t |= 1u << bit;
+    }
+    const float vstar = __uint_as_float(t);
+    float above_mass = 0.f;
+    int above = 0;
+#pragma unroll
+    for (int r = 0; r < kWarpSelPer; ++r) {
+      above += v[r] > vstar;
+      above_mass += v[r] > vstar ? v[r] : 0.f;
+    }
+    above = warp_sum_int(above);
+    above_mass = warp_sum(above_mass);
+    int take;  // blocks equal to v*, in index order
+    if (by_count) {
+      take = nsel - above;
+    } else {
+      take = vstar > 0.f ? max((int)ceilf((thr - above_mass) / vstar), 1) : kWarpSelMaxMk;
+      take = min(take, nsel - above);  // nsel = n_cand caps the cdf selection as the scan does
+    }
+    int seen = 0;  // ties before this r-row, in index order (j = lane + 32 r)
+#pragma unroll
+    for (int r = 0; r < kWarpSelPer; ++r) {
+      const bool tie = v[r] == vstar && lane + 32 * r < p.Mk;
+      const unsigned ballot = __ballot_sync(0xffffffffu, tie);
+      const int rank = seen + __popc(ballot & ((1u << lane) - 1u));
+      if (v[r] > vstar || (tie && rank < take)) sel_bits |= 1u << r;
+      seen += __popc(ballot);
+    }
+  } else if (all) {
+    sel_bits = allowed_bits & ksim_bits;
+  }
+
+  const bool qsim = p.sim_q[row] > simthr;
+  bool row_dense = !qsim;
+  if (p.prefix > 0 && i < (min(p.prefix, p.Nq) + 127) / 128) row_dense = true;
+  if (p.suffix > 0 && i >= max(p.Nq - p.suffix, 0) / 128) row_dense = true;
+  const int col_prefix = p.prefix > 0 ? (min(p.prefix, p.Nk) + 63) / 64 : 0;
+  const int col_suffix = p.suffix > 0 ? max(p.Nk - p.suffix, 0) / 64 : p.Mk;
+  const int row_lo = i * 128;
+  uint8_t* out = p.mask + row * p.Mk;
+#pragma unroll
+  for (int r = 0; r < kWarpSelPer; ++r) {
+    const int j = lane + 32 * r;
+    if (j < p.Mk) {
+      const bool chosen = (sel_bits >> r) & 1u, ksim = (ksim_bits >> r) & 1u, allowed = (allowed_bits >> r) & 1u;
+      bool keep = row_dense || chosen || !ksim || (p.sink && j == 0) || j < col_prefix || j >= col_suffix;
+      if (p.causal) {
+        const int col_hi = min(j * 64 + 63, p.Nk - 1);
+        keep = keep || (j * 64 <= last_row && col_hi >= row_lo);
+      }
+      out[j] = (keep && allowed) ? 1 : 0;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream) {
@@ -456,6 +599,11 @@ cudaError_t launch_pool_blocks(const PoolParams& p, cudaStream_t stream) {
 cudaError_t launch_select_blocks(const SelectParams& p, cudaStream_t stream) {
   const int64_t rows = (int64_t)p.B * p.H * p.Mq;
   if (rows == 0) return cudaSuccess;
+  if (p.Mk <= kWarpSelMaxMk) {
+    const int64_t blocks = (rows + kWarpSelWarps - 1) / kWarpSelWarps;
+    select_blocks_warp_kernel<<<(unsigned)blocks, kWarpSelWarps * 32, 0, stream>>>(p);
+    return cudaGetLastError();
+  }
   const size_t smem = (size_t)p.mkp * (sizeof(float) + sizeof(int) + 1);
   if (smem > 48 * 1024) {
     cudaError_t err = cudaFuncSetAttribute(select_blocks_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);

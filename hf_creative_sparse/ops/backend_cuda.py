@@ -3,8 +3,10 @@
 Built on first use on a CUDA machine (`_ext.load_extension("cuda")`, ninja, cached); a
 failed build becomes this backend's unavailable reason and ``auto`` moves on to flex.
 float16/bfloat16, head dims 64/128/256 natively (others zero-padded to the next one with
-the caller's scale), GQA, causal, key padding and the pv-threshold skip (decided per warp
-of 16 query rows, see csrc/cuda/block_sparse_fwd.cuh). Forward only.
+the caller's scale), GQA, causal, key padding and the pv-threshold skip. Forward only.
+Three kernels: on Hopper (sm_90a) the warp-specialized TMA + wgmma kernel for head dims
+64 and 128 (csrc/cuda/block_sparse_fwd_sm90ws.cuh; pv skip per 64-row warpgroup), else the
+sm_80-style mma.sync kernel (block_sparse_fwd.cuh; pv skip per warp of 16 rows).
 
 The dispatcher prefers this backend over flex only where it measured faster: see
 `SLOWER_THAN_FLEX` and BENCHMARKS.md.
@@ -23,17 +25,24 @@ NATIVE_HEAD_DIMS = (64, 128, 256)
 MAX_HEAD_DIM = 256
 #: Smallest compute capability with the instructions the kernel uses (mma.sync bf16, cp.async).
 MIN_CAPABILITY = (8, 0)
-#: (condition, reason) rules where the benchmark (benchmarks/gpu_check.py on an H100,
-#: BENCHMARKS.md) measured this kernel slower than FlexAttention on the same block mask;
-#: `auto` then prefers flex, but only where flex can run the call (it cannot do the pv
-#: skip below pvthreshd 20). Measured: from 4.6k keys on, flex is 1.3-1.9x faster at head
-#: dims 64 and 128 for kept fractions 25-100% (this kernel: ~290 TFLOP/s per kept block at
-#: D128 with wgmma, ~200 at D64; flex ~420 and ~385); at 1k keys (GPT-2, causal) this
-#: kernel is 1.0-1.7x faster.
+#: (condition, reason) rules where the benchmark (benchmarks/gpu_check.py, BENCHMARKS.md)
+#: measured this kernel slower than FlexAttention on the same block mask; `auto` then
+#: prefers flex, but only where flex can run the call (it cannot do the pv skip below
+#: pvthreshd 20). Measured on an H200 from 4.6k keys on: the warp-specialized Hopper
+#: kernel (head dims 65-128, padded to 128) runs ~520 TFLOP/s per kept block against
+#: flex's ~420, so it is preferred there; at head dim <= 64 it reaches ~330 against flex's
+#: ~390, and without sm_90a (the mma.sync kernel, ~200-290) flex is 1.3-1.9x faster. At
+#: 1k keys (GPT-2, causal) this kernel is 1.0-1.7x faster than flex.
 SLOWER_THAN_FLEX: tuple = (
-    (lambda inp: inp.len_k >= 2048,
-     "measured slower than FlexAttention for len_k >= 2048 on H100 (0.5-0.8x; BENCHMARKS.md): auto prefers flex"),
+    (lambda inp: inp.len_k >= 2048 and not (_hopper(inp) and 64 < inp.head_dim <= 128),
+     "measured slower than FlexAttention for len_k >= 2048 except at head dims 65-128 on Hopper "
+     "(BENCHMARKS.md): auto prefers flex"),
 )
+
+
+def _hopper(inp: AttentionInputs) -> bool:
+    """Whether the warp-specialized sm_90a kernel serves this call's device."""
+    return inp.q.is_cuda and torch.cuda.get_device_capability(inp.device) == (9, 0)
 
 
 class CudaBackend:

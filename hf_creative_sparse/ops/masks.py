@@ -239,9 +239,23 @@ def check_block_mask(block_mask: object, inp: AttentionInputs, name: str = "bloc
     return (mask.expand(expected) & attendable_blocks(inp)).contiguous()
 
 
+def attendable_block_count(inp: AttentionInputs) -> int:
+    """Attendable blocks summed over B and Hq; on the host (no device sync) unless a key
+    padding mask decides it."""
+    if inp.key_padding_mask is not None:
+        return int(attendable_blocks(inp).sum().item()) * inp.heads_q
+    mk = inp.num_k_blocks
+    if not inp.is_causal:
+        per_head = inp.num_q_blocks * mk
+    else:  # query block i reaches key blocks 0 .. (last row of i) // BLOCK_N
+        per_head = sum(min(mk, min(i * BLOCK_M + BLOCK_M - 1, inp.len_q - 1) // BLOCK_N + 1)
+                       for i in range(inp.num_q_blocks))
+    return per_head * inp.batch * inp.heads_q
+
+
 def kept_fraction(block_mask: torch.Tensor, inp: AttentionInputs) -> tuple[float, int]:
     """(kept blocks / attendable blocks, attendable blocks summed over B and Hq)."""
-    total = int(attendable_blocks(inp).sum().item()) * inp.heads_q
+    total = attendable_block_count(inp)
     kept = int(block_mask.sum().item())
     return (kept / total if total else 1.0), total
 

@@ -4,8 +4,8 @@
 of Q and of K (`pool_blocks_cuda`: one pass each, the bulk of the memory traffic), the
 compressed map pooled_q @ pooled_k^T (one batched matmul, GQA by reshaping, no repeat),
 and one fused kernel per (batch, head, query block) row doing the candidate rules, the
-softmax, the cdf or top-k selection (a bitonic sort in shared memory and a scan) and the
-keep rules (non-self-similar blocks, sink, dense prefix/suffix, causal diagonal). The
+softmax, the cdf or top-k selection (sort-free, by bisection on the probability bits, one
+warp a row; a bitonic sort in shared memory beyond 1024 key blocks) and the keep rules (non-self-similar blocks, sink, dense prefix/suffix, causal diagonal). The
 PyTorch path takes ~40 launches and ~1 ms of host time whatever the size.
 
 Tolerance against the PyTorch path: sums run in a different order and the unit vectors
@@ -63,6 +63,10 @@ def pool_blocks_cuda(x: torch.Tensor, block: int,
 #: The fused selection keeps a row of the compressed map in shared memory (8 KB per 1024
 #: key blocks); longer inputs use the PyTorch path.
 MAX_KEY_BLOCKS = 8192
+#: Rows of up to this many key blocks are selected by one warp each, sort-free, in
+#: registers (csrc/cuda/predict.cu, select_blocks_warp_kernel); longer ones by a CTA each
+#: with a bitonic sort in shared memory.
+WARP_SELECT_MAX_KEY_BLOCKS = 1024
 
 
 _THRESHOLDS: dict[tuple, torch.Tensor] = {}
