@@ -29,6 +29,17 @@ def _row_has_key(inp: AttentionInputs) -> torch.Tensor | None:
 
 #: None until tried; then whether SDPA's cuDNN kernel can be called directly here.
 _CUDNN_DIRECT_OK: bool | None = None
+#: The cuDNN attention op per device index, or None off Hopper (looked up once: this path
+#: serves calls of tens of microseconds).
+_CUDNN_OPS: dict[int, object] = {}
+
+
+def _cudnn_op(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDNN_OPS:
+        op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+        _CUDNN_OPS[index] = op if torch.cuda.get_device_capability(index) == (9, 0) else None
+    return _CUDNN_OPS[index]
 
 
 def _cudnn_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
@@ -46,9 +57,8 @@ def _cudnn_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: 
         return None
     if q.shape[-1] > 128 or q.shape[-1] % 8 or torch.is_grad_enabled() and q.requires_grad:
         return None
-    op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
-    if op is None or torch.cuda.get_device_capability(q.device) != (9, 0):
-        _CUDNN_DIRECT_OK = False
+    op = _cudnn_op(q.device)
+    if op is None:
         return None
     try:
         out = op(q, k, v, None, False, 0.0, is_causal, False, scale=scale)[0]

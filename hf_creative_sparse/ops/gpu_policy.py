@@ -8,11 +8,10 @@ lower rate. Measured on an H100 (benchmarks/gpu_check.py, BENCHMARKS.md):
 * cuDNN dense: ~430 TFLOP/s at head dim 64 and ~580 at 128 on long sequences.
 * the best sparse kernel (FlexAttention on the block mask) reaches 0.6-0.8 of that rate
   per kept block on sequences of 16k and more (0.4-0.6 at 4k).
-* mask prediction (ops/predict_cuda.py, profiled with torch.profiler): ~0.3 ms of host
-  time and launches, plus one read of Q and K (~2.6 TB/s), plus the selection kernel
-  (~38 ns per query-block row for 512 key blocks, growing as m log^2 m with the padded
-  key-block count m: a bitonic sort per row).
-* the rest of the sparse path (index lists, dispatch): ~0.2 ms.
+* mask prediction (ops/predict_cuda.py): ~0.18 ms of host time, launches and the host
+  sync of the kept count, plus one read of Q and K (~2.6 TB/s), plus the selection
+  kernel (~10 ns per query-block row for 512 key blocks with the sort-free warp kernel).
+* the rest of the sparse path (index lists, dispatch): ~0.1 ms.
 
 So the policy predicts only when the prediction costs at most ``PREDICTION_BUDGET`` of
 the dense time (a fallback after predicting then stays within ~5% of dense SDPA), and
@@ -28,19 +27,25 @@ from .inputs import AttentionInputs
 
 #: cuDNN dense rate (FLOP/s) on an H100 by head-dim bound.
 DENSE_RATE = ((64, 430e12), (256, 580e12))
-#: Sparse kernel rate per kept block relative to dense, measured on >= 16k tokens.
-SPARSE_EFFICIENCY = 0.6
-#: Fixed cost of the sparse path (prediction, index lists, dispatch), seconds.
-OVERHEAD_S = 0.8e-3
+#: Sparse kernel rate per kept block relative to dense, measured on >= 16k tokens (H200:
+#: the warp-specialized kernel 0.75-0.82 of cuDNN at D128, flex/ws 0.7-0.84 at D64).
+SPARSE_EFFICIENCY = 0.7
+#: Fixed cost of the sparse path (prediction, index lists, dispatch), seconds (H200:
+#: prediction 0.16-0.32 ms with its host sync, index lists and launch ~0.1 ms).
+OVERHEAD_S = 0.5e-3
 #: Prediction may cost at most this fraction of the estimated dense time, so a call that
 #: then falls back to dense stays within DESIGN.md's 1.05x of cuDNN. Measured on an H200:
 #: 5% let Wan 480p predict (3.5% measured) and then fall back at 1.064x, over the bound.
 PREDICTION_BUDGET = 0.04
-#: Prediction cost model (H100): fixed host/launch time, Q+K read rate, selection cost per
-#: query-block row at 512 padded key blocks.
-PREDICT_FIXED_S = 0.3e-3
+#: Prediction cost model: fixed host/launch time (0.16 ms measured at GPT-2 size, where
+#: reads are negligible), Q+K read rate, selection cost per query-block row at 512 padded
+#: key blocks: ~10 ns for the warp-per-row kernel (<= 1024 key blocks), 38 ns for the
+#: bitonic-sort kernel beyond (H100/H200).
+PREDICT_FIXED_S = 0.18e-3
 PREDICT_READ_RATE = 2.6e12
-PREDICT_ROW_S_AT_512 = 38e-9
+PREDICT_ROW_S_AT_512 = 10e-9
+PREDICT_ROW_S_AT_512_SORTED = 38e-9
+WARP_SELECT_MAX_KEY_BLOCKS = 1024
 
 
 def dense_seconds(inp: AttentionInputs) -> float:
@@ -57,7 +62,8 @@ def prediction_seconds(inp: AttentionInputs) -> float:
     elem = inp.q.element_size()
     read = (inp.q.numel() + inp.k.numel()) * elem / PREDICT_READ_RATE
     m = 2 ** max(1, math.ceil(math.log2(max(inp.num_k_blocks, 2))))
-    per_row = PREDICT_ROW_S_AT_512 * (m * math.log2(m) ** 2) / (512 * 81)
+    row_s = PREDICT_ROW_S_AT_512 if inp.num_k_blocks <= WARP_SELECT_MAX_KEY_BLOCKS else PREDICT_ROW_S_AT_512_SORTED
+    per_row = row_s * (m * math.log2(m) ** 2) / (512 * 81)
     rows = inp.batch * inp.heads_q * inp.num_q_blocks
     return PREDICT_FIXED_S + read + rows * per_row
 
@@ -66,8 +72,22 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
     """Why a CUDA call should run dense without predicting a mask, or None.
 
     ``mask_uses``: how many calls the predicted mask will serve (a patched layer with
-    ``mask_refresh=k`` reuses it k times), so its cost is shared among them.
+    ``mask_refresh=k`` reuses it k times), so its cost is shared among them. Decided once
+    per shape: the dense fallback of a short call must not pay the model's arithmetic.
     """
+    key = (inp.batch, inp.heads_q, inp.heads_kv, inp.len_q, inp.len_k, inp.head_dim, inp.is_causal,
+           inp.q.element_size(), max(1, mask_uses))
+    if key not in _SKIP_CACHE:
+        if len(_SKIP_CACHE) > 4096:
+            _SKIP_CACHE.clear()
+        _SKIP_CACHE[key] = _skip_prediction_reason(inp, mask_uses)
+    return _SKIP_CACHE[key]
+
+
+_SKIP_CACHE: dict[tuple, str | None] = {}
+
+
+def _skip_prediction_reason(inp: AttentionInputs, mask_uses: int) -> str | None:
     t, p = dense_seconds(inp), prediction_seconds(inp) / max(1, mask_uses)
     if p > PREDICTION_BUDGET * t:
         return (f"sparsity cannot pay on the GPU: predicting the mask (~{p * 1e3:.2f} ms per use) would cost more than "
