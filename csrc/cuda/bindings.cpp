@@ -134,8 +134,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   cudaError_t err = cudaErrorNotSupported;
   const bool bf16 = dtype == at::kBFloat16;
   const bool hopper_dim = Dp == 64 || Dp == 128;
-  // auto: warp-specialized -> wgmma -> mma.sync, each falling through on cudaErrorNotSupported
-  if ((g_kernel_preference == 0 || g_kernel_preference >= 3) && hopper_dim) {
+  // auto: warp-specialized -> wgmma -> mma.sync, each falling through on cudaErrorNotSupported.
+  // Up to 2k keys auto keeps the mma.sync kernel: with few tiles per CTA the warp-specialized
+  // kernel's set-up does not pay (H200, GPT-2 causal 1k: 0.055-0.070 ms against 0.082-0.086
+  // at kept 12-26%; BENCHMARKS.md).
+  const bool ws_pays = g_kernel_preference != 0 || Nk > 2048;
+  if ((g_kernel_preference == 0 || g_kernel_preference >= 3) && hopper_dim && ws_pays) {
     const bool overlap = g_kernel_preference != 4;
     if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d64(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d64(p, stream, overlap);
     else err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d128(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d128(p, stream, overlap);
