@@ -3,7 +3,8 @@
 //
 // forward(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd)
 //   -> (out [B, Hq, Nq, D] in q's dtype, pv_counts int64 [2] = (skipped, visited))
-// Semantics: hf_creative_sparse/ops/reference.py; the pv skip is decided per warp of 16 rows.
+// Semantics: hf_creative_sparse/ops/reference.py; the pv skip is decided per warp of 16 rows
+// (mma.sync) or per warpgroup of 64 rows (the Hopper kernels).
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
