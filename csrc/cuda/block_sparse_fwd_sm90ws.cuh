@@ -7,7 +7,8 @@
 //   the warpgroup gives its registers away (setmaxnreg.dec).
 // * warpgroups 1 and 2 are consumers of 64 query rows each (setmaxnreg.inc to 240).
 //   Each iteration takes a tile of two kept 64-key blocks (128 keys), so S = Q K^T is one
-//   m64n128 wgmma chain and P V a k=128 chain; an odd last block runs the n64 half.
+//   m64n128 wgmma chain and P V a k=128 chain; an odd last block is loaded into both
+//   halves and masked in the second (P = 0 there).
 // * kOverlap: the next tile's Q K^T is issued before this tile's P V completes, and the
 //   softmax of tile t+1 runs while the tensor cores do P_t V_t (FA3's intra-warpgroup
 //   pipelining), and the two consumer warpgroups take turns issuing their GEMMs (FA3's
@@ -17,6 +18,10 @@
 // Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per
 // consumer warpgroup (64 rows) and per 64-key block, in ascending block order, as the
 // wgmma kernel does: within a tile, block b's decision uses the running max after block a.
+// A tile skipped for all 64 rows still runs its P V with P = 0 in the overlapped schedule
+// (a branch around the wgmma issue serializes the pipeline); the counts are exact.
+// FwdParams::probe (bits for benchmarks/ws_probe.py, 0 in use) can switch the softmax or
+// the K/V loads off to measure what bounds the kernel.
 #pragma once
 
 #include <cuda.h>
