@@ -282,7 +282,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block"), py::arg("valid"));
   m.def("set_kernel_preference", &set_kernel_preference,
         "0 = auto, 1 = mma.sync, 2 = wgmma, 3 = warp-specialized, 4 = warp-specialized without overlap");
-  m.def("set_probe", [](int64_t bits) { g_probe = (int)bits; }, "measurement only: FwdParams::probe bits");
+  m.def("set_probe", [](int64_t bits) {
+          TORCH_CHECK(bits >= 0 && bits <= 3, "probe bits must be in 0..3 (1: no softmax, 2: no K/V loads), got ", bits);
+          g_probe = (int)bits;
+        }, "measurement only: FwdParams::probe bits");
   m.def("last_kernel", []() { return g_last_kernel; },
         "kernel of the last forward: 1 = mma.sync, 2 = wgmma, 3 / 4 = warp-specialized with / without overlap");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",
