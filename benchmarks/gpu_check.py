@@ -50,8 +50,7 @@ SHAPES = {
 }
 KEPT = (1.0, 0.5, 0.25, 0.1)
 # Compiled kernels by their set_kernel_preference number (csrc/cuda/bindings.cpp).
-# (4, the warp-specialized kernel without overlap, is measured by benchmarks/ws_probe.py.)
-CUDA_KERNELS = (("mma", 1), ("wgmma", 2), ("ws", 3))
+CUDA_KERNELS = (("mma", 1), ("ws", 2))
 KERNELS_ONLY = False
 
 
@@ -345,15 +344,15 @@ def markdown_table(results, device: str, torch_version: str) -> str:
     day = f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d}"
     lines = [f"GPU: {device}, torch {torch_version}, bf16, {day}. Times in ms (median of 10 after warm-up, CUDA "
              "events); eff TFLOP/s = dense-equivalent FLOP x kept fraction / time.", "",
-             "| shape | kept | cuDNN | cuda mma.sync | cuda wgmma | cuda warp-specialized | flex "
+             "| shape | kept | cuDNN | cuda mma.sync | cuda warp-specialized | flex "
              "| best cuda eff TFLOP/s | flex eff TFLOP/s | cuda x cuDNN | cuda x flex |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in results:
         for key, e in row.get("kept", {}).items():
             lines.append(
                 f"| {row['shape']} (B{row['B']} H{row['H']} N{row['N']} D{row['D']}{' causal' if row['causal'] else ''}) "
                 f"| {e['kept']:.2f} | {row['cudnn_ms']:.3f} | {e.get('mma_ms', math.nan):.3f} | "
-                f"{e.get('wgmma_ms', math.nan):.3f} | {e.get('ws_ms', math.nan):.3f} | "
+                f"{e.get('ws_ms', math.nan):.3f} | "
                 f"{e.get('flex_ms', math.nan):.3f} | {e['cuda_tflops_eff']:.0f} | "
                 f"{e.get('flex_tflops_eff', math.nan):.0f} | {e['cuda_vs_cudnn']:.2f} | {e.get('cuda_vs_flex', math.nan):.2f} |")
     lines += ["", "Default policy (`sparse_attention`, backend auto, default config; prediction included):", "",

@@ -1,8 +1,9 @@
 """Where the warp-specialized Hopper kernel spends its time (measurement only).
 
-Times the compiled kernels at B1 H24 N32768 (D128 and D64, all blocks kept) with the
-probe bits of csrc/cuda (bit 0: no softmax, bit 1: no K/V loads after the first ring), so
-GEMM-only, compute-only and full runs compare in one process. Run on a Hopper GPU:
+Times the warp-specialized Hopper kernel (and mma.sync for scale) at B1 H24 N32768 (D128
+and D64, all blocks kept) with the probe bits of csrc/cuda (bit 0: no softmax, bit 1: no
+K/V loads after the first ring), so GEMM-only, compute-only and full runs compare in one
+process. Run on a Hopper GPU:
     PYTHONPATH=$PWD python3 benchmarks/ws_probe.py
 """
 
@@ -18,7 +19,7 @@ from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.predict_cuda import mask_to_lut
 
-KERNELS = {"wgmma": 2, "ws": 3, "ws_serial": 4}
+KERNELS = {"mma": 1, "ws": 2}
 PROBES = {0: "full", 1: "no softmax", 2: "no K/V loads", 3: "GEMMs only"}
 
 
@@ -36,7 +37,7 @@ def main() -> None:
         for name, pref in KERNELS.items():
             mod.set_kernel_preference(pref)
             for bits, label in PROBES.items():
-                if name == "wgmma" and bits:
+                if name == "mma" and bits:
                     continue
                 mod.set_probe(bits)
                 ms = timer(lambda: block_sparse_fwd(q, k, v, counts, idx, None, False, inp.scale, pv), 2, 5)

@@ -42,9 +42,8 @@ def _case(b, hq, hkv, nq, nk, d, dtype, *, causal=False, padded=False, keep=0.5,
     return inp, mask
 
 
-# mma.sync (sm_80 style), Hopper wgmma, and the warp-specialized TMA kernel with and
-# without the QK/softmax overlap
-KERNELS = {"mma": 1, "wgmma": 2, "ws": 3, "ws_serial": 4}
+# mma.sync (sm_80 style) and the Hopper kernel (warp-specialized TMA + wgmma)
+KERNELS = {"mma": 1, "hopper": 2}
 
 
 @pytest.fixture(params=list(KERNELS))
@@ -117,7 +116,7 @@ def test_nhd_views_and_full_mask_equal_sdpa(kernel):
 
 def test_pv_skip_equals_per_row_reference_when_group_rows_agree(kernel):
     # Every 64-row group of a query block holds one repeated row, so the kernel's per-warp
-    # (mma) or per-warpgroup (wgmma) decision is the per-row one: results and counts must
+    # (mma) or per-warpgroup (hopper) decision is the per-row one: results and counts must
     # match the per-row reference.
     b, h, n, d = 1, 2, 384, 64
     base = torch.randn(b, h, n // 64, d, device="cuda") * 2.5
@@ -165,6 +164,17 @@ def test_gpu_pooling_matches_torch(block, d, dtype):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
 
 
+def _gpu_and_torch_predictions(inp, variant: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused GPU prediction and the PyTorch path's, simthreshd1 0.3."""
+    got = predict_from_inputs(inp, simthreshd1=0.3, **variant)
+    predict_cuda.ENABLED = False
+    try:
+        want = predict_from_inputs(inp, simthreshd1=0.3, **variant)
+    finally:
+        predict_cuda.ENABLED = True
+    return got, want
+
+
 @pytest.mark.parametrize("variant", [
     dict(cdfthreshd=0.9),
     dict(cdfthreshd=None, topk=0.3),
@@ -182,12 +192,7 @@ def test_gpu_prediction_agrees_with_torch_prediction(variant):
         k = k[:, ::2].contiguous()
     kpm = None if causal else torch.rand(2, 4000, device="cuda") > 0.1
     inp = attention_inputs(q, k, k, key_padding_mask=kpm, is_causal=causal)
-    got = predict_from_inputs(inp, simthreshd1=0.3, **variant)
-    predict_cuda.ENABLED = False
-    try:
-        want = predict_from_inputs(inp, simthreshd1=0.3, **variant)
-    finally:
-        predict_cuda.ENABLED = True
+    got, want = _gpu_and_torch_predictions(inp, variant)
     assert got.shape == want.shape and got.dtype == torch.bool
     assert 0.02 < want.float().mean() < 0.98, "the test should select a proper subset"
     agree = (got == want).float().mean().item()
@@ -202,12 +207,7 @@ def test_gpu_prediction_long_rows_agree_with_torch(variant):
     k = (walk + 0.3 * torch.randn_like(walk)).to(torch.bfloat16)
     inp = attention_inputs(q, k, k)
     assert inp.num_k_blocks > predict_cuda.WARP_SELECT_MAX_KEY_BLOCKS
-    got = predict_from_inputs(inp, simthreshd1=0.3, **variant)
-    predict_cuda.ENABLED = False
-    try:
-        want = predict_from_inputs(inp, simthreshd1=0.3, **variant)
-    finally:
-        predict_cuda.ENABLED = True
+    got, want = _gpu_and_torch_predictions(inp, variant)
     assert 0.02 < want.float().mean() < 0.98
     assert (got == want).float().mean().item() > 0.999
 
@@ -278,3 +278,11 @@ def test_custom_ops_compile_without_graph_breaks():
     c_out, c_stats = torch.compile(model, fullgraph=True)(q, k, v)
     torch.testing.assert_close(c_out, e_out)
     assert c_stats[0].item() == pytest.approx(e_stats[0].item()) and c_stats[3].item() == 0.0
+
+
+def test_kernel_switches_reject_bad_values():
+    mod = load_extension("cuda").module
+    with pytest.raises(RuntimeError, match="kernel preference must be"):
+        mod.set_kernel_preference(3)
+    with pytest.raises(RuntimeError, match="probe bits must be"):
+        mod.set_probe(-1)

@@ -28,13 +28,12 @@ int padded_head_dim(int64_t d) {
   return -1;
 }
 
-// Kernel choice: 0 = auto (on sm_90a for head dims 64/128 the warp-specialized kernel,
-// else wgmma, else mma.sync), 1 = mma.sync only, 2 = wgmma only, 3 = warp-specialized,
-// 4 = warp-specialized without the QK/softmax overlap (error where unavailable).
-// Set by tests and benchmarks.
+// Kernel choice: 0 = auto (on sm_90a for head dims 64/128 and more than 2k keys the Hopper
+// kernel, else mma.sync), 1 = mma.sync only, 2 = the Hopper kernel (error where
+// unavailable). Set by tests and benchmarks.
 int g_kernel_preference = 0;
-// Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = wgmma (sm_90a),
-// 3 / 4 = warp-specialized TMA + wgmma with / without the overlap.
+// Which kernel the last forward ran: 1 = mma.sync (sm_80 style), 2 = the Hopper kernel
+// (warp-specialized TMA + wgmma, sm_90a).
 int g_last_kernel = 0;
 // Probe bits for the warp-specialized kernel (FwdParams::probe); measurement only.
 int g_probe = 0;
@@ -134,26 +133,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   cudaError_t err = cudaErrorNotSupported;
   const bool bf16 = dtype == at::kBFloat16;
+  // auto: the Hopper kernel, falling through to mma.sync on cudaErrorNotSupported. Up to 2k
+  // keys auto keeps mma.sync: with few tiles per CTA the Hopper kernel's set-up does not
+  // pay (H200, GPT-2 causal 1k: 0.055-0.070 ms against 0.082-0.086 at kept 12-26%).
   const bool hopper_dim = Dp == 64 || Dp == 128;
-  // auto: warp-specialized -> wgmma -> mma.sync, each falling through on cudaErrorNotSupported.
-  // Up to 2k keys auto keeps the mma.sync kernel: with few tiles per CTA the warp-specialized
-  // kernel's set-up does not pay (H200, GPT-2 causal 1k: 0.055-0.070 ms against 0.082-0.086
-  // at kept 12-26%; BENCHMARKS.md).
-  const bool ws_pays = g_kernel_preference != 0 || Nk > 2048;
-  if ((g_kernel_preference == 0 || g_kernel_preference >= 3) && hopper_dim && ws_pays) {
-    const bool overlap = g_kernel_preference != 4;
-    if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d64(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d64(p, stream, overlap);
-    else err = bf16 ? hcs::launch_fwd_sm90ws_bf16_d128(p, stream, overlap) : hcs::launch_fwd_sm90ws_fp16_d128(p, stream, overlap);
-    TORCH_CHECK(err == cudaSuccess || (err == cudaErrorNotSupported && g_kernel_preference == 0),
-                "hf_creative_sparse CUDA: the warp-specialized (sm_90a) kernel failed or is unavailable: ",
-                cudaGetErrorString(err));
-    if (err == cudaSuccess) g_last_kernel = overlap ? 3 : 4;
-  }
-  if (err == cudaErrorNotSupported && (g_kernel_preference == 0 || g_kernel_preference == 2) && hopper_dim) {
+  if ((g_kernel_preference == 2 || (g_kernel_preference == 0 && Nk > 2048)) && hopper_dim) {
     if (Dp == 64) err = bf16 ? hcs::launch_fwd_sm90_bf16_d64(p, stream) : hcs::launch_fwd_sm90_fp16_d64(p, stream);
     else err = bf16 ? hcs::launch_fwd_sm90_bf16_d128(p, stream) : hcs::launch_fwd_sm90_fp16_d128(p, stream);
     TORCH_CHECK(err == cudaSuccess || (err == cudaErrorNotSupported && g_kernel_preference == 0),
-                "hf_creative_sparse CUDA: the wgmma (sm_90a) kernel failed or is unavailable: ", cudaGetErrorString(err));
+                "hf_creative_sparse CUDA: the Hopper (sm_90a) kernel failed or is unavailable: ", cudaGetErrorString(err));
     if (err == cudaSuccess) g_last_kernel = 2;
   }
   if (err == cudaErrorNotSupported) {
@@ -267,9 +255,7 @@ std::vector<at::Tensor> mask_to_lut(const at::Tensor& mask_in) {
 }
 
 void set_kernel_preference(int64_t pref) {
-  TORCH_CHECK(pref >= 0 && pref <= 4,
-              "kernel preference must be 0 (auto), 1 (mma.sync), 2 (wgmma), 3 (warp-specialized) or 4 (warp-specialized, "
-              "no overlap)");
+  TORCH_CHECK(pref >= 0 && pref <= 2, "kernel preference must be 0 (auto), 1 (mma.sync) or 2 (Hopper), got ", pref);
   g_kernel_preference = (int)pref;
 }
 
@@ -281,13 +267,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pool_blocks", &pool_blocks, "per-block mean, mean cosine similarity and count", py::arg("x"),
         py::arg("block"), py::arg("valid"));
   m.def("set_kernel_preference", &set_kernel_preference,
-        "0 = auto, 1 = mma.sync, 2 = wgmma, 3 = warp-specialized, 4 = warp-specialized without overlap");
+        "0 = auto, 1 = mma.sync, 2 = the Hopper kernel (warp-specialized TMA + wgmma)");
   m.def("set_probe", [](int64_t bits) {
           TORCH_CHECK(bits >= 0 && bits <= 3, "probe bits must be in 0..3 (1: no softmax, 2: no K/V loads), got ", bits);
           g_probe = (int)bits;
         }, "measurement only: FwdParams::probe bits");
   m.def("last_kernel", []() { return g_last_kernel; },
-        "kernel of the last forward: 1 = mma.sync, 2 = wgmma, 3 / 4 = warp-specialized with / without overlap");
+        "kernel of the last forward: 1 = mma.sync, 2 = the Hopper kernel");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",
         py::arg("score"), py::arg("sim_q"), py::arg("sim_k"), py::arg("count_k"), py::arg("simthr"), py::arg("cdf"),
         py::arg("topk"), py::arg("scale"), py::arg("causal"), py::arg("sink"), py::arg("prefix"), py::arg("suffix"),

@@ -49,13 +49,9 @@ __global__ void __launch_bounds__(kThreads, FwdTraits<D>::kMinBlocks) block_spar
   T* sV = sK + 2 * kBlockN * kLd;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  // Causal rows near the end visit the most blocks: start them first.
-  const int qb = p.causal ? (p.Mq - 1 - (int)blockIdx.x) : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.Hq / p.Hkv);
-  const int64_t row_id = ((int64_t)b * p.Hq + h) * p.Mq + qb;
-  const int count = p.kv_counts[row_id];
-  const int32_t* idx = p.kv_indices + row_id * p.lut_stride;
+  const LutRow lut(p);
+  const int qb = lut.qb, h = lut.h, b = lut.b, hk = lut.hk, count = lut.count;
+  const int32_t* idx = lut.idx;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_bs + h * p.q_hs;
   const T* kg = static_cast<const T*>(p.k) + b * p.k_bs + hk * p.k_hs;

@@ -34,6 +34,24 @@ struct FwdParams {
   int probe;         // measurement only (0 in use): bit 0 skips the softmax, bit 1 the K/V loads after the first ring
 };
 
+#ifdef __CUDACC__
+// The query block a CTA of grid (Mq, Hq, B) serves and its kept key blocks, ascending.
+// Causal grids start from the last query block: it visits the most key blocks.
+struct LutRow {
+  int qb, h, b, hk, count;
+  const int32_t* idx;
+  __device__ explicit LutRow(const FwdParams& p)
+      : qb(p.causal ? (p.Mq - 1 - (int)blockIdx.x) : (int)blockIdx.x),
+        h((int)blockIdx.y),
+        b((int)blockIdx.z),
+        hk((int)blockIdx.y / (p.Hq / p.Hkv)) {
+    const int64_t row_id = ((int64_t)b * p.Hq + h) * p.Mq + qb;
+    count = p.kv_counts[row_id];
+    idx = p.kv_indices + row_id * p.lut_stride;
+  }
+};
+#endif
+
 // One launcher per (dtype, head dim); defined in block_sparse_fwd_<dtype>_d<D>.cu.
 // Returns the launch's cudaError_t (cudaSuccess when it was queued).
 cudaError_t launch_fwd_bf16_d64(const FwdParams& p, cudaStream_t stream);
@@ -43,20 +61,14 @@ cudaError_t launch_fwd_fp16_d64(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_fp16_d128(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_fp16_d256(const FwdParams& p, cudaStream_t stream);
 
-// Hopper (sm_90a, wgmma) instances for head dims 64 and 128; they return
-// cudaErrorNotSupported when the build or the device has no sm_90a code.
+// Hopper instances for head dims 64 and 128: the warp-specialized kernel (TMA producer,
+// two wgmma consumer warpgroups, 128-key tiles; block_sparse_fwd_sm90ws.cuh). They return
+// cudaErrorNotSupported where sm_90a code is missing or TMA cannot address the operands;
+// the caller then runs the mma.sync kernel.
 cudaError_t launch_fwd_sm90_bf16_d64(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_sm90_bf16_d128(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_sm90_fp16_d64(const FwdParams& p, cudaStream_t stream);
 cudaError_t launch_fwd_sm90_fp16_d128(const FwdParams& p, cudaStream_t stream);
-
-// Warp-specialized Hopper instances (TMA producer, two wgmma consumer warpgroups, 128-key
-// tiles); `overlap` pipelines the next tile's Q K^T with the current softmax. They return
-// cudaErrorNotSupported where sm_90a code is missing or TMA cannot address the operands.
-cudaError_t launch_fwd_sm90ws_bf16_d64(const FwdParams& p, cudaStream_t stream, bool overlap);
-cudaError_t launch_fwd_sm90ws_bf16_d128(const FwdParams& p, cudaStream_t stream, bool overlap);
-cudaError_t launch_fwd_sm90ws_fp16_d64(const FwdParams& p, cudaStream_t stream, bool overlap);
-cudaError_t launch_fwd_sm90ws_fp16_d128(const FwdParams& p, cudaStream_t stream, bool overlap);
 
 // Mask prediction helpers (predict.cu).
 struct PoolParams {

@@ -1,13 +1,9 @@
-// Hopper instantiations of the block-sparse forward for __half, head dim 128: the
-// wgmma kernel and the warp-specialized (TMA + wgmma) kernel.
+// Hopper (warp-specialized TMA + wgmma) instantiation of the block-sparse forward for
+// __half, head dim 128.
 #include "block_sparse_fwd_sm90ws.cuh"
 
 namespace hcs {
 cudaError_t launch_fwd_sm90_fp16_d128(const FwdParams& p, cudaStream_t stream) {
-  return sm90::launch_block_sparse_fwd_sm90<__half, 128>(p, stream);
-}
-cudaError_t launch_fwd_sm90ws_fp16_d128(const FwdParams& p, cudaStream_t stream, bool overlap) {
-  return overlap ? sm90ws::launch_block_sparse_fwd_ws<__half, 128, true>(p, stream)
-                 : sm90ws::launch_block_sparse_fwd_ws<__half, 128, false>(p, stream);
+  return sm90ws::launch_block_sparse_fwd_ws<__half, 128>(p, stream);
 }
 }  // namespace hcs

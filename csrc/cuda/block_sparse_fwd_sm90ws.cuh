@@ -9,16 +9,17 @@
 //   Each iteration takes a tile of two kept 64-key blocks (128 keys), so S = Q K^T is one
 //   m64n128 wgmma chain and P V a k=128 chain; an odd last block is loaded into both
 //   halves and masked in the second (P = 0 there).
-// * kOverlap: the next tile's Q K^T is issued before this tile's P V completes, and the
-//   softmax of tile t+1 runs while the tensor cores do P_t V_t (FA3's intra-warpgroup
-//   pipelining), and the two consumer warpgroups take turns issuing their GEMMs (FA3's
-//   ping-pong), so one's softmax runs under the other's GEMMs. Without it each tile is
-//   QK -> softmax -> PV in turn.
+// * the next tile's Q K^T is issued before this tile's P V completes, and the softmax of
+//   tile t+1 runs while the tensor cores do P_t V_t (FA3's intra-warpgroup pipelining),
+//   and the two consumer warpgroups take turns issuing their GEMMs (FA3's ping-pong), so
+//   one's softmax runs under the other's GEMMs. (Without the overlap, QK -> softmax -> PV
+//   in turn, it measured 472 against 520 TFLOP/s at D128 on an H200: BENCHMARKS.md.)
 //
 // Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per
 // consumer warpgroup (64 rows) and per 64-key block, in ascending block order, as the
-// wgmma kernel does: within a tile, block b's decision uses the running max after block a.
-// A tile skipped for all 64 rows still runs its P V with P = 0 in the overlapped schedule
+// mma.sync kernel does per warp: within a tile, block b's decision uses the running max
+// after block a.
+// A tile skipped for all 64 rows still runs its P V with P = 0
 // (a branch around the wgmma issue serializes the pipeline); the counts are exact.
 // FwdParams::probe (bits for benchmarks/ws_probe.py, 0 in use) can switch the softmax or
 // the K/V loads off to measure what bounds the kernel.
@@ -30,7 +31,9 @@
 #include <cmath>
 #include <type_traits>
 
-#include "block_sparse_fwd_sm90.cuh"
+#include "block_sparse_fwd.h"
+#include "common.cuh"
+#include "wgmma_ops.cuh"
 
 namespace hcs {
 namespace sm90ws {
@@ -102,21 +105,6 @@ __device__ __forceinline__ void fence_uregs(uint32_t (&r)[N][4]) {
 }
 #endif
 
-template <typename T>
-struct QkOps;
-template <>
-struct QkOps<__nv_bfloat16> {
-  static __device__ __forceinline__ void n128(float (&s)[64], uint64_t da, uint64_t db, int acc) {
-    sm90::wgmma_ss_m64n128k16_bf16(s, da, db, acc);
-  }
-};
-template <>
-struct QkOps<__half> {
-  static __device__ __forceinline__ void n128(float (&s)[64], uint64_t da, uint64_t db, int acc) {
-    sm90::wgmma_ss_m64n128k16_f16(s, da, db, acc);
-  }
-};
-
 // Per-thread state of the consumer: two rows (row0 = lane/4, row1 = row0 + 8 of the warp's
 // 16), their running max (log2 units, scaled), row sums, and pv counters.
 struct RowState {
@@ -144,7 +132,7 @@ __device__ __forceinline__ void issue_qk(float (&s)[64], uint32_t sQw, uint32_t 
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const uint32_t half = (uint32_t)(kk >> 2), koff = (uint32_t)(kk & 3) * 32;
-    QkOps<T>::n128(s, make_desc(sQw + half * Tr::kHalfQ + koff, 16, 1024),
+    sm90::WgmmaOps<T>::qk(s, make_desc(sQw + half * Tr::kHalfQ + koff, 16, 1024),
                    make_desc(sK + half * Tr::kHalfKV + koff, 16, 1024), kk > 0 ? 1 : 0);
   }
   sm90::wgmma_commit();
@@ -160,7 +148,7 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4]
   sm90::wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
-    sm90::Wgmma<T, D>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
+    sm90::WgmmaOps<T>::pv(o, pa[kk], make_desc(sV + (uint32_t)kk * 16 * 128, Tr::kHalfKV, 1024));
   sm90::wgmma_commit();
 }
 
@@ -300,7 +288,7 @@ __device__ __forceinline__ void rescale_o(float (&o)[D / 2], float al0, float al
 }
 #endif  // HCS_SM90_ENABLED
 
-template <typename T, int D, bool kOverlap>
+template <typename T, int D>
 __global__ void __launch_bounds__(kWsThreads, 1)
     block_sparse_fwd_ws_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                                const __grid_constant__ CUtensorMap tm_v, const FwdParams p) {
@@ -324,12 +312,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   auto bar_e = [&](int s) { return bar0 + 8u * (uint32_t)(1 + 2 * S + s); };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int qb = p.causal ? (p.Mq - 1 - (int)blockIdx.x) : (int)blockIdx.x;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int hk = h / (p.Hq / p.Hkv);
-  const int64_t row_id = ((int64_t)b * p.Hq + h) * p.Mq + qb;
-  const int count = p.kv_counts[row_id];
-  const int32_t* idx = p.kv_indices + row_id * p.lut_stride;
+  const LutRow lut(p);
+  const int qb = lut.qb, h = lut.h, b = lut.b, hk = lut.hk, count = lut.count;
+  const int32_t* idx = lut.idx;
   const int ntiles = (count + 1) >> 1;
 
   if (tid == 0) {
@@ -407,33 +392,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   float s[64];
   uint32_t pa[8][4];
 
-  if (ntiles > 0) mbar_wait(bar_q, 0);
-  if constexpr (!kOverlap) {
-    for (int t = 0; t < ntiles; ++t) {
-      const int st = t % S;
-      const uint32_t ph = (uint32_t)(t / S) & 1u;
-      const bool single = 2 * t + 1 >= count;
-      const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
-      const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
-      mbar_wait(bar_k(st), ph);
-      issue_qk<T, D>(s, sQw, sK);
-      sm90::wgmma_wait<0>();
-      fence_regs(s);
-      float al0, al1;
-      const bool run_pv = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[c.cwg], t & 1, al0, al1);
-      mbar_wait(bar_v(st), ph);
-      if (run_pv) {
-        rescale_o<D>(o, al0, al1);
-        pack_p<T>(s, pa);
-        issue_pv<T, D>(o, pa, sV);
-        sm90::wgmma_wait<0>();
-        fence_regs(o);
-        fence_uregs(pa);
-      }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(bar_e(st));
-    }
-  } else if (ntiles > 0) {
+  if (ntiles > 0) {
+    mbar_wait(bar_q, 0);
     // Rounds of GEMM issue: tile 0's QK, then (QK t, PV t-1) for t >= 1, then the last PV;
     // every round is a ping-pong turn, the same count in both warpgroups. Warpgroup 1's
     // final pass would have no taker, so it is left out.
@@ -572,9 +532,9 @@ inline bool make_tensor_map(CUtensorMap* map, const void* ptr, int D, int N, int
 
 // cudaErrorNotSupported when this build or device has no sm_90a code or TMA cannot address
 // the operands: the caller then falls back to the other kernels.
-template <typename T, int D, bool kOverlap>
+template <typename T, int D>
 cudaError_t launch_block_sparse_fwd_ws(const FwdParams& p, cudaStream_t stream) {
-  auto kernel = block_sparse_fwd_ws_kernel<T, D, kOverlap>;
+  auto kernel = block_sparse_fwd_ws_kernel<T, D>;
   cudaFuncAttributes attr;
   cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
   if (err != cudaSuccess) return err;

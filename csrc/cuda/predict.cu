@@ -132,6 +132,44 @@ __device__ __forceinline__ bool precedes(float pa, int ia, float pb, int ib) {
   return pa > pb || (pa == pb && ia < ib);
 }
 
+// One (b, h, query block) row of the compressed map and the rules of
+// masks.predict_from_inputs that do not depend on the selection: which key blocks are
+// allowed (attendable) and k-similar (candidates), and which are kept regardless.
+struct SelectRow {
+  int i, h, b, hk, last_row, row_lo, col_prefix, col_suffix;
+  float simthr;
+  bool row_dense;
+  const float* score;
+
+  __device__ SelectRow(const SelectParams& p, int64_t row) {
+    i = (int)(row % p.Mq);
+    h = (int)((row / p.Mq) % p.H);
+    b = (int)(row / ((int64_t)p.Mq * p.H));
+    hk = h / (p.H / p.Hkv);
+    score = p.score + row * p.Mk;
+    simthr = p.simthr[h];
+    last_row = min(i * 128 + 127, p.Nq - 1);
+    row_lo = i * 128;
+    row_dense = !(p.sim_q[row] > simthr);
+    if (p.prefix > 0 && i < (min(p.prefix, p.Nq) + 127) / 128) row_dense = true;
+    if (p.suffix > 0 && i >= max(p.Nq - p.suffix, 0) / 128) row_dense = true;
+    col_prefix = p.prefix > 0 ? (min(p.prefix, p.Nk) + 63) / 64 : 0;
+    col_suffix = p.suffix > 0 ? max(p.Nk - p.suffix, 0) / 64 : p.Mk;
+  }
+  __device__ bool allowed(const SelectParams& p, int j) const {
+    return p.count_k[(int64_t)b * p.Mk + j] > 0.f && (!p.causal || j * 64 <= last_row);
+  }
+  __device__ bool k_similar(const SelectParams& p, int j) const {
+    return p.sim_k[((int64_t)b * p.Hkv + hk) * p.Mk + j] > simthr;
+  }
+  // The mask bit of key block j given whether the selection chose it.
+  __device__ uint8_t keep(const SelectParams& p, int j, bool chosen, bool ksim, bool allow) const {
+    bool k = row_dense || chosen || !ksim || (p.sink && j == 0) || j < col_prefix || j >= col_suffix;
+    if (p.causal) k = k || (j * 64 <= last_row && min(j * 64 + 63, p.Nk - 1) >= row_lo);
+    return (k && allow) ? 1 : 0;
+  }
+};
+
 __global__ void __launch_bounds__(kSelThreads) select_blocks_kernel(const SelectParams p) {
   extern __shared__ unsigned char sel_smem[];
   float* prob = reinterpret_cast<float*>(sel_smem);       // [mkp]
@@ -140,24 +178,17 @@ __global__ void __launch_bounds__(kSelThreads) select_blocks_kernel(const Select
   __shared__ float red[kSelThreads / 32];
   __shared__ int s_nsel;
 
-  const int64_t row = blockIdx.x;
-  const int i = (int)(row % p.Mq);
-  const int h = (int)((row / p.Mq) % p.H);
-  const int b = (int)(row / ((int64_t)p.Mq * p.H));
-  const int hk = h / (p.H / p.Hkv);
-  const float* score = p.score + row * p.Mk;
-  const float simthr = p.simthr[h];
-  const int last_row = min(i * 128 + 127, p.Nq - 1);
-
+  const SelectRow rw(p, blockIdx.x);
+  const int h = rw.h;
   float mx = -INFINITY, n_allowed = 0.f, n_cand = 0.f;
   for (int j = threadIdx.x; j < p.mkp; j += kSelThreads) {
     float v = -INFINITY;
     uint8_t f = 0;
     if (j < p.Mk) {
-      const bool allowed = p.count_k[(int64_t)b * p.Mk + j] > 0.f && (!p.causal || j * 64 <= last_row);
-      const bool ksim = p.sim_k[((int64_t)b * p.Hkv + hk) * p.Mk + j] > simthr;
+      const bool allowed = rw.allowed(p, j);
+      const bool ksim = rw.k_similar(p, j);
       f = (allowed ? 1 : 0) | (ksim ? 2 : 0);
-      if (allowed && ksim) v = score[j] * p.scale;
+      if (allowed && ksim) v = rw.score[j] * p.scale;
       n_allowed += allowed ? 1.f : 0.f;
       n_cand += (allowed && ksim) ? 1.f : 0.f;
     }
@@ -247,22 +278,10 @@ __global__ void __launch_bounds__(kSelThreads) select_blocks_kernel(const Select
   for (int t = threadIdx.x; t < nsel; t += kSelThreads) flags[ids[t]] |= 4;
   __syncthreads();
 
-  const bool qsim = p.sim_q[row] > simthr;
-  bool row_dense = !qsim;
-  if (p.prefix > 0 && i < (min(p.prefix, p.Nq) + 127) / 128) row_dense = true;
-  if (p.suffix > 0 && i >= max(p.Nq - p.suffix, 0) / 128) row_dense = true;
-  const int col_prefix = p.prefix > 0 ? (min(p.prefix, p.Nk) + 63) / 64 : 0;
-  const int col_suffix = p.suffix > 0 ? max(p.Nk - p.suffix, 0) / 64 : p.Mk;
-  const int row_lo = i * 128;
-  uint8_t* out = p.mask + row * p.Mk;
+  uint8_t* out = p.mask + (int64_t)blockIdx.x * p.Mk;
   for (int j = threadIdx.x; j < p.Mk; j += kSelThreads) {
     const uint8_t f = flags[j];
-    bool keep = row_dense || (f & 4) || !(f & 2) || (p.sink && j == 0) || j < col_prefix || j >= col_suffix;
-    if (p.causal) {
-      const int col_hi = min(j * 64 + 63, p.Nk - 1);
-      keep = keep || (j * 64 <= last_row && col_hi >= row_lo);
-    }
-    out[j] = (keep && (f & 1)) ? 1 : 0;
+    out[j] = rw.keep(p, j, (f & 4) != 0, (f & 2) != 0, (f & 1) != 0);
   }
 }
 
@@ -468,13 +487,8 @@ __global__ void __launch_bounds__(kWarpSelWarps * 32) select_blocks_warp_kernel(
   const int64_t row = (int64_t)blockIdx.x * kWarpSelWarps + (threadIdx.x >> 5);
   const int64_t rows = (int64_t)p.B * p.H * p.Mq;
   if (row >= rows) return;  // warp-uniform
-  const int i = (int)(row % p.Mq);
-  const int h = (int)((row / p.Mq) % p.H);
-  const int b = (int)(row / ((int64_t)p.Mq * p.H));
-  const int hk = h / (p.H / p.Hkv);
-  const float* score = p.score + row * p.Mk;
-  const float simthr = p.simthr[h];
-  const int last_row = min(i * 128 + 127, p.Nq - 1);
+  const SelectRow rw(p, row);
+  const int h = rw.h;
 
   float v[kWarpSelPer];
   unsigned allowed_bits = 0, ksim_bits = 0;  // bit r: block lane + 32 r
@@ -485,11 +499,11 @@ __global__ void __launch_bounds__(kWarpSelWarps * 32) select_blocks_warp_kernel(
     const int j = lane + 32 * r;
     v[r] = -INFINITY;
     if (j < p.Mk) {
-      const bool allowed = p.count_k[(int64_t)b * p.Mk + j] > 0.f && (!p.causal || j * 64 <= last_row);
-      const bool ksim = p.sim_k[((int64_t)b * p.Hkv + hk) * p.Mk + j] > simthr;
+      const bool allowed = rw.allowed(p, j);
+      const bool ksim = rw.k_similar(p, j);
       allowed_bits |= (unsigned)allowed << r;
       ksim_bits |= (unsigned)ksim << r;
-      if (allowed && ksim) v[r] = score[j] * p.scale;
+      if (allowed && ksim) v[r] = rw.score[j] * p.scale;
       n_allowed += allowed;
       n_cand += allowed && ksim;
       mx = fmaxf(mx, v[r]);
@@ -558,26 +572,11 @@ __global__ void __launch_bounds__(kWarpSelWarps * 32) select_blocks_warp_kernel(
     sel_bits = allowed_bits & ksim_bits;
   }
 
-  const bool qsim = p.sim_q[row] > simthr;
-  bool row_dense = !qsim;
-  if (p.prefix > 0 && i < (min(p.prefix, p.Nq) + 127) / 128) row_dense = true;
-  if (p.suffix > 0 && i >= max(p.Nq - p.suffix, 0) / 128) row_dense = true;
-  const int col_prefix = p.prefix > 0 ? (min(p.prefix, p.Nk) + 63) / 64 : 0;
-  const int col_suffix = p.suffix > 0 ? max(p.Nk - p.suffix, 0) / 64 : p.Mk;
-  const int row_lo = i * 128;
   uint8_t* out = p.mask + row * p.Mk;
 #pragma unroll
   for (int r = 0; r < kWarpSelPer; ++r) {
     const int j = lane + 32 * r;
-    if (j < p.Mk) {
-      const bool chosen = (sel_bits >> r) & 1u, ksim = (ksim_bits >> r) & 1u, allowed = (allowed_bits >> r) & 1u;
-      bool keep = row_dense || chosen || !ksim || (p.sink && j == 0) || j < col_prefix || j >= col_suffix;
-      if (p.causal) {
-        const int col_hi = min(j * 64 + 63, p.Nk - 1);
-        keep = keep || (j * 64 <= last_row && col_hi >= row_lo);
-      }
-      out[j] = (keep && allowed) ? 1 : 0;
-    }
+    if (j < p.Mk) out[j] = rw.keep(p, j, (sel_bits >> r) & 1u, (ksim_bits >> r) & 1u, (allowed_bits >> r) & 1u);
   }
 }
 

@@ -4,9 +4,10 @@ Built on first use on a CUDA machine (`_ext.load_extension("cuda")`, ninja, cach
 failed build becomes this backend's unavailable reason and ``auto`` moves on to flex.
 float16/bfloat16, head dims 64/128/256 natively (others zero-padded to the next one with
 the caller's scale), GQA, causal, key padding and the pv-threshold skip. Forward only.
-Three kernels: on Hopper (sm_90a) the warp-specialized TMA + wgmma kernel for head dims
-64 and 128 (csrc/cuda/block_sparse_fwd_sm90ws.cuh; pv skip per 64-row warpgroup), else the
-sm_80-style mma.sync kernel (block_sparse_fwd.cuh; pv skip per warp of 16 rows).
+Two kernels: on Hopper (sm_90a) the warp-specialized TMA + wgmma kernel for head dims
+64 and 128 beyond 2k keys (csrc/cuda/block_sparse_fwd_sm90ws.cuh; pv skip per 64-row
+warpgroup), else the sm_80-style mma.sync kernel (block_sparse_fwd.cuh; pv skip per warp
+of 16 rows).
 
 The dispatcher prefers this backend over flex only where it measured faster: see
 `SLOWER_THAN_FLEX` and BENCHMARKS.md.

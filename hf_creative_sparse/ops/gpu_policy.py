@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 from .inputs import AttentionInputs
+from .predict_cuda import WARP_SELECT_MAX_KEY_BLOCKS
 
 #: cuDNN dense rate (FLOP/s) on an H100 by head-dim bound.
 DENSE_RATE = ((64, 430e12), (256, 580e12))
@@ -45,7 +46,6 @@ PREDICT_FIXED_S = 0.18e-3
 PREDICT_READ_RATE = 2.6e12
 PREDICT_ROW_S_AT_512 = 10e-9
 PREDICT_ROW_S_AT_512_SORTED = 38e-9
-WARP_SELECT_MAX_KEY_BLOCKS = 1024
 
 
 def dense_seconds(inp: AttentionInputs) -> float:
