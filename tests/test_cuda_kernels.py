@@ -281,8 +281,22 @@ def test_custom_ops_compile_without_graph_breaks():
 
 
 def test_kernel_switches_reject_bad_values():
-    mod = load_extension("cuda").module
-    with pytest.raises(RuntimeError, match="kernel preference must be"):
-        mod.set_kernel_preference(3)
-    with pytest.raises(RuntimeError, match="probe bits must be"):
-        mod.set_probe(-1)
+    # In a subprocess: on the lent H100/H200 machines (torch 2.11+cu130) any C++ exception
+    # from a torch extension, even a minimal load_inline one, kills Python with SIGSEGV.
+    import subprocess
+    import sys
+
+    code = """
+import pytest
+from hf_creative_sparse.ops._ext import load_extension
+mod = load_extension("cuda").module
+with pytest.raises(RuntimeError, match="kernel preference must be"):
+    mod.set_kernel_preference(3)
+with pytest.raises(RuntimeError, match="probe bits must be"):
+    mod.set_probe(-1)
+print("raised")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if proc.returncode < 0:
+        pytest.skip(f"C++ exceptions from torch extensions crash this Python (signal {-proc.returncode})")
+    assert proc.returncode == 0 and "raised" in proc.stdout, proc.stdout + proc.stderr[-2000:]

@@ -259,6 +259,11 @@ void set_kernel_preference(int64_t pref) {
   g_kernel_preference = (int)pref;
 }
 
+void set_probe(int64_t bits) {
+  TORCH_CHECK(bits >= 0 && bits <= 3, "probe bits must be in 0..3 (1: no softmax, 2: no K/V loads), got ", bits);
+  g_probe = (int)bits;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_creative_sparse CUDA kernels: block-sparse attention forward and mask-prediction helpers";
   m.def("forward", &forward, "block-sparse attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
@@ -268,10 +273,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("block"), py::arg("valid"));
   m.def("set_kernel_preference", &set_kernel_preference,
         "0 = auto, 1 = mma.sync, 2 = the Hopper kernel (warp-specialized TMA + wgmma)");
-  m.def("set_probe", [](int64_t bits) {
-          TORCH_CHECK(bits >= 0 && bits <= 3, "probe bits must be in 0..3 (1: no softmax, 2: no K/V loads), got ", bits);
-          g_probe = (int)bits;
-        }, "measurement only: FwdParams::probe bits");
+  m.def("set_probe", &set_probe, "measurement only: FwdParams::probe bits");
   m.def("last_kernel", []() { return g_last_kernel; },
         "kernel of the last forward: 1 = mma.sync, 2 = the Hopper kernel");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",
