@@ -63,9 +63,17 @@ def _check_kernel_used(kernel: str, d: int) -> None:
     assert load_extension("cuda").module.last_kernel() == expected
 
 
+def _poison_freed_memory(inp) -> None:
+    """Leave NaN-filled blocks of the output's size in the caching allocator, so the
+    kernel's output (allocated next, with at::empty) starts as NaN where it is not written."""
+    poison = [torch.full(inp.q.shape, math.nan, dtype=inp.q.dtype, device="cuda") for _ in range(2)]
+    del poison
+
+
 def _run(inp, mask, pv=math.inf):
     counts, indices = block_mask_to_lut(mask)
     pvt = torch.full((inp.heads_q,), float(pv), device="cuda")
+    _poison_freed_memory(inp)
     return block_sparse_fwd(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, inp.is_causal,
                             inp.scale, pvt)
 
@@ -100,6 +108,61 @@ def test_forward_matches_float64_reference(shape, dtype, kernel):
     assert (out.cpu()[no_key] == 0).all()
     _, skipped, visited = reference_attention(inp, mask, torch.full((hq,), math.inf, device="cuda"))
     assert counts.tolist() == [0, visited]
+
+
+@pytest.fixture(params=[1, 3, 7])
+def few_ctas(request):
+    """The Hopper kernel with a persistent grid of 1, 3 or 7 CTAs, so that each CTA walks
+    many work items: empty rows, odd and even tile counts, heads and batches in turn."""
+    mod = load_extension("cuda").module
+    assert mod is not None, load_extension("cuda").error
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel needs an sm_90 GPU")
+    mod.set_kernel_preference(KERNELS["hopper"])
+    mod.set_max_ctas(request.param)
+    yield request.param
+    mod.set_max_ctas(0)
+    mod.set_kernel_preference(0)
+
+
+@pytest.mark.parametrize("shape", [
+    # (b, hq, hkv, nq, nk, d, causal, padded, dtype)
+    (2, 4, 2, 700, 700, 64, True, True, torch.bfloat16),
+    (2, 3, 3, 450, 1030, 128, False, True, torch.float16),
+    (1, 6, 2, 901, 901, 128, True, False, torch.bfloat16),
+])
+def test_persistent_grid_walks_items_correctly(shape, few_ctas):
+    b, hq, hkv, nq, nk, d, causal, padded, dtype = shape
+    inp, mask = _case(b, hq, hkv, nq, nk, d, dtype, causal=causal, padded=padded, keep=0.4)
+    mask[:, :, 1] = False  # whole query blocks without a kept block, between busy ones
+    mask[0, 0, 2, :3] = True  # and one with a single (odd) kept block next to them
+    mask[0, 0, 2, 3:] = False
+    mask = check_block_mask(mask, inp)
+    out, counts = _run(inp, mask)
+    assert load_extension("cuda").module.last_kernel() == KERNELS["hopper"]
+    em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
+    ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    assert torch.isfinite(out).all(), "unwritten or non-finite output"
+    assert _rel(out, ref) < TOL[dtype], f"relative error {_rel(out, ref):.2e}"
+    assert (out.cpu()[~em.any(-1)] == 0).all()
+    _, _, visited = reference_attention(inp, mask, torch.full((hq,), math.inf, device="cuda"))
+    assert counts.tolist() == [0, visited]
+
+
+def test_persistent_grid_pv_skip_counts(few_ctas):
+    # the pv-skip votes alternate between two vote slots across items: counts must stay exact
+    b, h, n, d = 1, 2, 700, 64
+    base = torch.randn(b, h, math.ceil(n / 64), d, device="cuda") * 2.5
+    q = base.repeat_interleave(64, dim=2)[:, :, :n].to(torch.float16)
+    k = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
+    v = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
+    inp = attention_inputs(q, k, v)
+    mask = check_block_mask(torch.rand(b, h, inp.num_q_blocks, inp.num_k_blocks, device="cuda") < 0.7, inp)
+    out, counts = _run(inp, mask, 3.0)
+    ref, skipped, visited = pv_skip_attention_f64(q, k, v, mask.cpu(), 3.0)
+    assert skipped > 0, "the test inputs should trigger the skip"
+    assert counts.tolist() == [skipped, visited]
+    assert _rel(out, ref) < TOL[torch.float16]
 
 
 def test_nhd_views_and_full_mask_equal_sdpa(kernel):
@@ -294,6 +357,8 @@ with pytest.raises(RuntimeError, match="kernel preference must be"):
     mod.set_kernel_preference(3)
 with pytest.raises(RuntimeError, match="probe bits must be"):
     mod.set_probe(-1)
+with pytest.raises(RuntimeError, match="max_ctas must be"):
+    mod.set_max_ctas(-1)
 print("raised")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)

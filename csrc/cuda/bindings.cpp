@@ -37,6 +37,9 @@ int g_kernel_preference = 0;
 int g_last_kernel = 0;
 // Probe bits for the warp-specialized kernel (FwdParams::probe); measurement only.
 int g_probe = 0;
+// At most this many CTAs in the Hopper kernel's persistent grid (0 = one per SM): tests
+// shrink it so that every CTA walks several work items.
+int g_max_ctas = 0;
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
@@ -128,6 +131,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   p.scale_log2 = (float)(scale * 1.4426950408889634);
   p.causal = is_causal ? 1 : 0;
   p.probe = g_probe;
+  p.max_ctas = g_max_ctas;
   TORCH_CHECK(Nq < (1LL << 31) && Nk < (1LL << 31), "sequence lengths must fit in int32");
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
@@ -264,6 +268,11 @@ void set_probe(int64_t bits) {
   g_probe = (int)bits;
 }
 
+void set_max_ctas(int64_t n) {
+  TORCH_CHECK(n >= 0 && n < (1LL << 20), "max_ctas must be 0 (one CTA per SM) or a positive CTA count, got ", n);
+  g_max_ctas = (int)n;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_creative_sparse CUDA kernels: block-sparse attention forward and mask-prediction helpers";
   m.def("forward", &forward, "block-sparse attention forward", py::arg("q"), py::arg("k"), py::arg("v"),
@@ -274,6 +283,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_kernel_preference", &set_kernel_preference,
         "0 = auto, 1 = mma.sync, 2 = the Hopper kernel (warp-specialized TMA + wgmma)");
   m.def("set_probe", &set_probe, "measurement only: FwdParams::probe bits");
+  m.def("set_max_ctas", &set_max_ctas, "the Hopper kernel's persistent grid size cap (0 = one CTA per SM)");
   m.def("last_kernel", []() { return g_last_kernel; },
         "kernel of the last forward: 1 = mma.sync, 2 = the Hopper kernel");
   m.def("select_blocks", &select_blocks, "fused block selection of the predictor -> bool block mask",

@@ -32,23 +32,24 @@ struct FwdParams {
   float scale_log2;  // softmax scale * log2(e)
   int causal;        // top-left aligned: key c usable by row r iff c <= r
   int probe;         // measurement only (0 in use): bit 0 skips the softmax, bit 1 the K/V loads after the first ring
+  int max_ctas;      // persistent Hopper grid: at most this many CTAs (0 = one per SM); tests set it
 };
 
 #ifdef __CUDACC__
-// The query block a CTA of grid (Mq, Hq, B) serves and its kept key blocks, ascending.
-// Causal grids start from the last query block: it visits the most key blocks.
+// The query block a work item serves and its kept key blocks, ascending. Item x of a head
+// is query block x, except that causal calls start from the last query block: it visits
+// the most key blocks. Grids of (Mq, Hq, B) CTAs take their item from blockIdx; persistent
+// grids pass (x, h, b) of the item.
 struct LutRow {
   int qb, h, b, hk, count;
   const int32_t* idx;
-  __device__ explicit LutRow(const FwdParams& p)
-      : qb(p.causal ? (p.Mq - 1 - (int)blockIdx.x) : (int)blockIdx.x),
-        h((int)blockIdx.y),
-        b((int)blockIdx.z),
-        hk((int)blockIdx.y / (p.Hq / p.Hkv)) {
+  __device__ LutRow(const FwdParams& p, int x, int head, int batch)
+      : qb(p.causal ? (p.Mq - 1 - x) : x), h(head), b(batch), hk(head / (p.Hq / p.Hkv)) {
     const int64_t row_id = ((int64_t)b * p.Hq + h) * p.Mq + qb;
     count = p.kv_counts[row_id];
     idx = p.kv_indices + row_id * p.lut_stride;
   }
+  __device__ explicit LutRow(const FwdParams& p) : LutRow(p, (int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z) {}
 };
 #endif
 

@@ -1,7 +1,9 @@
 // Block-sparse flash-attention forward for Hopper (sm_90a), warp-specialized in the manner
 // of FlashAttention-3.
 //
-// One CTA per (query block of 128 rows, q head, batch), 384 threads, one CTA per SM:
+// Persistent: one CTA of 384 threads per SM walks work items (query block of 128 rows, q
+// head, batch) with a stride of the grid; the K/V ring and the Q buffer run on from one
+// item into the next, so an item's first loads hide under the last one's tail.
 // * warpgroup 0 is the producer: one thread issues bulk tensor copies (TMA) of Q and of
 //   the kept K/V blocks into a ring of shared-memory stages, completing on mbarriers;
 //   the warpgroup gives its registers away (setmaxnreg.dec).
@@ -28,6 +30,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <cmath>
 #include <type_traits>
 
@@ -288,6 +291,13 @@ __device__ __forceinline__ void rescale_o(float (&o)[D / 2], float al0, float al
 }
 #endif  // HCS_SM90_ENABLED
 
+// A persistent CTA's work items, in the same order for the producer and the consumers:
+// item w = x + Mq * (h + Hq * b), consecutive items share a head (and its K/V in L2).
+struct WorkItem {
+  int x, h, b;
+  __device__ WorkItem(const FwdParams& p, int w) : x(w % p.Mq), h((w / p.Mq) % p.Hq), b(w / (p.Mq * p.Hq)) {}
+};
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kWsThreads, 1)
     block_sparse_fwd_ws_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
@@ -296,9 +306,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   using Tr = WsTraits<D>;
   constexpr int S = Tr::kStages;
   extern __shared__ unsigned char smem_raw[];
-  // mbarriers: [0] Q full, [1..S] K full, [S+1..2S] V full, [2S+1..3S] stage empty
-  __shared__ __align__(8) unsigned long long bars[1 + 3 * S];
-  __shared__ int s_vote[2][2][4];  // [consumer warpgroup][tile parity][warp]
+  // mbarriers: [0] Q full, [1..S] K full, [S+1..2S] V full, [2S+1..3S] stage empty, [3S+1] Q empty
+  __shared__ __align__(8) unsigned long long bars[2 + 3 * S];
+  __shared__ int s_vote[2][2][4];  // [consumer warpgroup][vote parity][warp]
   __shared__ unsigned long long s_counts[2];
 
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -306,23 +316,21 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   const uint32_t sK0 = sQ + Tr::kQBytes;
   const uint32_t sV0 = sK0 + S * Tr::kKVBytes;
   const uint32_t bar0 = smem_u32(&bars[0]);
-  const uint32_t bar_q = bar0;
+  const uint32_t bar_q = bar0, bar_qe = bar0 + 8u * (uint32_t)(1 + 3 * S);
   auto bar_k = [&](int s) { return bar0 + 8u * (uint32_t)(1 + s); };
   auto bar_v = [&](int s) { return bar0 + 8u * (uint32_t)(1 + S + s); };
   auto bar_e = [&](int s) { return bar0 + 8u * (uint32_t)(1 + 2 * S + s); };
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const LutRow lut(p);
-  const int qb = lut.qb, h = lut.h, b = lut.b, hk = lut.hk, count = lut.count;
-  const int32_t* idx = lut.idx;
-  const int ntiles = (count + 1) >> 1;
+  const int num_items = p.Mq * p.Hq * p.B;
 
   if (tid == 0) {
     mbar_init(bar_q, 1);
+    mbar_init(bar_qe, 8);  // one arrival per consumer warp
     for (int s = 0; s < S; ++s) {
       mbar_init(bar_k(s), 1);
       mbar_init(bar_v(s), 1);
-      mbar_init(bar_e(s), 8);  // one arrival per consumer warp
+      mbar_init(bar_e(s), 8);
     }
     s_counts[0] = s_counts[1] = 0;
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
@@ -330,37 +338,47 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   __syncthreads();
 
   if (warp < 4) {
-    // Producer warpgroup.
+    // Producer warpgroup. Tiles are counted across items (g), so the ring runs on from one
+    // item into the next: the next item's Q and first tiles load during this one's tail.
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    if (tid == 0 && count > 0) {
-      mbar_expect_tx(bar_q, Tr::kQBytes);
+    if (tid == 0) {
+      uint32_t g = 0, qi = 0;
+      for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+        const WorkItem wi(p, w);
+        const LutRow lut(p, wi.x, wi.h, wi.b);
+        const int count = lut.count, ntiles = (count + 1) >> 1;
+        if (ntiles == 0) continue;  // the consumers write zeros without waiting
+        if (qi > 0) mbar_wait(bar_qe, (qi - 1) & 1u);  // the last item's Q K^T are done
+        mbar_expect_tx(bar_q, Tr::kQBytes);
 #pragma unroll
-      for (int hf = 0; hf < Tr::kHalves; ++hf)
-        tma_load_4d(sQ + hf * Tr::kHalfQ, &tm_q, bar_q, hf * 64, qb * kBlockM, h, b);
-      for (int t = 0; t < ntiles; ++t) {
-        const int st = t % S;
-        const uint32_t ph = (uint32_t)(t / S) & 1u;
-        const int ja = idx[2 * t];
-        const int jb = 2 * t + 1 < count ? idx[2 * t + 1] : ja;  // an odd last block fills both halves
-        constexpr uint32_t bytes = 2u * Tr::kHalves * Tr::kBlockBytes;
-        const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
-        mbar_wait(bar_e(st), ph ^ 1u);
-        if ((p.probe & 2) && t >= S) {
-          mbar_arrive(bar_k(st));
-          mbar_arrive(bar_v(st));
-          continue;
-        }
-        mbar_expect_tx(bar_k(st), bytes);
+        for (int hf = 0; hf < Tr::kHalves; ++hf)
+          tma_load_4d(sQ + hf * Tr::kHalfQ, &tm_q, bar_q, hf * 64, lut.qb * kBlockM, lut.h, lut.b);
+        ++qi;
+        for (int t = 0; t < ntiles; ++t, ++g) {
+          const int st = (int)(g % S);
+          const uint32_t ph = (g / S) & 1u;
+          const int ja = lut.idx[2 * t];
+          const int jb = 2 * t + 1 < count ? lut.idx[2 * t + 1] : ja;  // an odd last block fills both halves
+          constexpr uint32_t bytes = 2u * Tr::kHalves * Tr::kBlockBytes;
+          const uint32_t sK = sK0 + (uint32_t)st * Tr::kKVBytes, sV = sV0 + (uint32_t)st * Tr::kKVBytes;
+          mbar_wait(bar_e(st), ph ^ 1u);
+          if ((p.probe & 2) && g >= S) {
+            mbar_arrive(bar_k(st));
+            mbar_arrive(bar_v(st));
+            continue;
+          }
+          mbar_expect_tx(bar_k(st), bytes);
 #pragma unroll
-        for (int hf = 0; hf < Tr::kHalves; ++hf) {
-          tma_load_4d(sK + hf * Tr::kHalfKV, &tm_k, bar_k(st), hf * 64, ja * kBlockN, hk, b);
-          tma_load_4d(sK + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_k, bar_k(st), hf * 64, jb * kBlockN, hk, b);
-        }
-        mbar_expect_tx(bar_v(st), bytes);
+          for (int hf = 0; hf < Tr::kHalves; ++hf) {
+            tma_load_4d(sK + hf * Tr::kHalfKV, &tm_k, bar_k(st), hf * 64, ja * kBlockN, lut.hk, lut.b);
+            tma_load_4d(sK + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_k, bar_k(st), hf * 64, jb * kBlockN, lut.hk, lut.b);
+          }
+          mbar_expect_tx(bar_v(st), bytes);
 #pragma unroll
-        for (int hf = 0; hf < Tr::kHalves; ++hf) {
-          tma_load_4d(sV + hf * Tr::kHalfKV, &tm_v, bar_v(st), hf * 64, ja * kBlockN, hk, b);
-          tma_load_4d(sV + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_v, bar_v(st), hf * 64, jb * kBlockN, hk, b);
+          for (int hf = 0; hf < Tr::kHalves; ++hf) {
+            tma_load_4d(sV + hf * Tr::kHalfKV, &tm_v, bar_v(st), hf * 64, ja * kBlockN, lut.hk, lut.b);
+            tma_load_4d(sV + hf * Tr::kHalfKV + Tr::kBlockBytes, &tm_v, bar_v(st), hf * 64, jb * kBlockN, lut.hk, lut.b);
+          }
         }
       }
     }
@@ -369,104 +387,135 @@ __global__ void __launch_bounds__(kWsThreads, 1)
 
   // Consumer warpgroups.
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
-  ConsumerCtx c;
-  c.cwg = (warp >> 2) - 1;
-  c.wwarp = warp & 3;
-  c.lane = lane;
-  c.t4 = lane & 3;
-  c.wg_row0 = qb * kBlockM + c.cwg * 64;
-  c.warp_row0 = c.wg_row0 + c.wwarp * 16;
-  c.row0 = c.warp_row0 + (lane >> 2);
-  c.row1 = c.row0 + 8;
-  c.rv0 = c.row0 < p.Nq;
-  c.rv1 = c.row1 < p.Nq;
-  c.neg_thr2 = -p.pvthreshd[h] * 1.4426950408889634f;
-  c.use_skip = c.neg_thr2 != -INFINITY;
-  const uint8_t* kpm = p.kpm ? p.kpm + b * p.kpm_bs : nullptr;
-  const uint32_t sQw = sQ + (uint32_t)c.cwg * 64 * 128;
+  const int cwg = (warp >> 2) - 1;
+  const uint32_t sQw = sQ + (uint32_t)cwg * 64 * 128;
+  // Ping-pong: every item has ntiles + 1 rounds of GEMM issue in each warpgroup (tile 0's
+  // QK, then (QK t, PV t-1), then the last PV) and each round ends by passing the turn.
+  // Warpgroup 1 passes once up front so warpgroup 0 goes first; warpgroup 0 takes that
+  // spare pass back after its last item.
+  if (cwg == 1) sched_pass_turn(1);
+  uint32_t g = 0, qi = 0;  // tiles and Q loads so far, as the producer counts them
+  unsigned skipped_total = 0, visited_total = 0;
+  using Mma = MmaOp<T>;
 
-  float o[D / 2];
+  for (int w = blockIdx.x; w < num_items; w += gridDim.x) {
+    const WorkItem wi(p, w);
+    const LutRow lut(p, wi.x, wi.h, wi.b);
+    const int count = lut.count, ntiles = (count + 1) >> 1;
+    const int32_t* idx = lut.idx;
+    ConsumerCtx c;
+    c.cwg = cwg;
+    c.wwarp = warp & 3;
+    c.lane = lane;
+    c.t4 = lane & 3;
+    c.wg_row0 = lut.qb * kBlockM + cwg * 64;
+    c.warp_row0 = c.wg_row0 + c.wwarp * 16;
+    c.row0 = c.warp_row0 + (lane >> 2);
+    c.row1 = c.row0 + 8;
+    c.rv0 = c.row0 < p.Nq;
+    c.rv1 = c.row1 < p.Nq;
+    c.neg_thr2 = -p.pvthreshd[lut.h] * 1.4426950408889634f;
+    c.use_skip = c.neg_thr2 != -INFINITY;
+    const uint8_t* kpm = p.kpm ? p.kpm + lut.b * p.kpm_bs : nullptr;
+
+    float o[D / 2];
 #pragma unroll
-  for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
-  RowState rs{-INFINITY, -INFINITY, 0.f, 0.f, 0u, 0u};
-  float s[64];
-  uint32_t pa[8][4];
+    for (int i = 0; i < D / 2; ++i) o[i] = 0.f;
+    RowState rs{-INFINITY, -INFINITY, 0.f, 0.f, 0u, 0u};
 
-  if (ntiles > 0) {
-    mbar_wait(bar_q, 0);
-    // Rounds of GEMM issue: tile 0's QK, then (QK t, PV t-1) for t >= 1, then the last PV;
-    // every round is a ping-pong turn, the same count in both warpgroups. Warpgroup 1's
-    // final pass would have no taker, so it is left out.
-    if (c.cwg == 1) sched_pass_turn(1);  // warpgroup 0 goes first
-    const bool single0 = 1 >= count;
-    mbar_wait(bar_k(0), 0);
-    sched_wait_turn(c.cwg);
-    issue_qk<T, D>(s, sQw, sK0);
-    sched_pass_turn(c.cwg);
-    sm90::wgmma_wait<0>();
-    fence_regs(s);
-    float al0, al1;
-    // A tile the pv skip dropped entirely still runs its P V, with P = 0: a data-dependent
-    // branch around the wgmma issue makes ptxas serialize every wgmma of the kernel.
-    if (softmax_tile(s, idx[0] * kBlockN, single0 ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[c.cwg], 0, al0, al1))
-      pack_p<T>(s, pa);
-    else
-      zero_p(pa);
-    for (int t = 1; t < ntiles; ++t) {
-      const int st = t % S, pst = (t - 1) % S;
-      const uint32_t ph = (uint32_t)(t / S) & 1u, pph = (uint32_t)((t - 1) / S) & 1u;
-      const bool single = 2 * t + 1 >= count;
-      const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
-      mbar_wait(bar_k(st), ph);
-      mbar_wait(bar_v(pst), pph);
-      sched_wait_turn(c.cwg);
-      issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
-      issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes);
-      sched_pass_turn(c.cwg);
-      sm90::wgmma_wait<1>();
+    if (ntiles > 0) {
+      float s[64];
+      uint32_t pa[8][4];
+      mbar_wait(bar_q, qi & 1u);
+      ++qi;
+      const uint32_t g0 = g;
+      const bool single0 = 1 >= count;
+      mbar_wait(bar_k((int)(g0 % S)), (g0 / S) & 1u);
+      sched_wait_turn(cwg);
+      issue_qk<T, D>(s, sQw, sK0 + (g0 % S) * Tr::kKVBytes);
+      sched_pass_turn(cwg);
+      sm90::wgmma_wait<0>();
       fence_regs(s);
-      const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[c.cwg], t & 1, al0, al1);
+      if (ntiles == 1) {  // Q is no longer read
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_qe);
+      }
+      float al0, al1;
+      // A tile the pv skip dropped entirely still runs its P V, with P = 0: a data-dependent
+      // branch around the wgmma issue makes ptxas serialize every wgmma of the kernel.
+      if (softmax_tile(s, idx[0] * kBlockN, single0 ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[cwg], g0 & 1, al0,
+                       al1))
+        pack_p<T>(s, pa);
+      else
+        zero_p(pa);
+      for (int t = 1; t < ntiles; ++t) {
+        const uint32_t gt = g0 + (uint32_t)t;
+        const int st = (int)(gt % S), pst = (int)((gt - 1) % S);
+        const uint32_t ph = (gt / S) & 1u, pph = ((gt - 1) / S) & 1u;
+        const bool single = 2 * t + 1 >= count;
+        const int kba = idx[2 * t] * kBlockN, kbb = single ? -1 : idx[2 * t + 1] * kBlockN;
+        mbar_wait(bar_k(st), ph);
+        mbar_wait(bar_v(pst), pph);
+        sched_wait_turn(cwg);
+        issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
+        issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes);
+        sched_pass_turn(cwg);
+        sm90::wgmma_wait<1>();
+        fence_regs(s);
+        if (t == ntiles - 1) {  // Q is no longer read: the producer may load the next item's
+          __syncwarp();
+          if (lane == 0) mbar_arrive(bar_qe);
+        }
+        const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[cwg], gt & 1, al0, al1);
+        sm90::wgmma_wait<0>();
+        fence_regs(o);
+        fence_uregs(pa);
+        __syncwarp();
+        if (lane == 0) mbar_arrive(bar_e(pst));
+        if (next) {
+          rescale_o<D>(o, al0, al1);
+          pack_p<T>(s, pa);
+        } else {
+          zero_p(pa);
+        }
+      }
+      const uint32_t gl = g0 + (uint32_t)ntiles - 1;
+      const int lst = (int)(gl % S);
+      mbar_wait(bar_v(lst), (gl / S) & 1u);
+      sched_wait_turn(cwg);
+      issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes);
+      sched_pass_turn(cwg);
       sm90::wgmma_wait<0>();
       fence_regs(o);
       fence_uregs(pa);
       __syncwarp();
-      if (lane == 0) mbar_arrive(bar_e(pst));
-      if (next) {
-        rescale_o<D>(o, al0, al1);
-        pack_p<T>(s, pa);
-      } else {
-        zero_p(pa);
-      }
+      if (lane == 0) mbar_arrive(bar_e(lst));
+      g = gl + 1;
     }
-    const int lst = (ntiles - 1) % S;
-    mbar_wait(bar_v(lst), (uint32_t)((ntiles - 1) / S) & 1u);
-    sched_wait_turn(c.cwg);
-    issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes);
-    if (c.cwg == 0) sched_pass_turn(0);
-    sm90::wgmma_wait<0>();
-    fence_regs(o);
-    fence_uregs(pa);
-  }
 
-  float l0 = rs.l0, l1 = rs.l1;
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-  l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  using Mma = MmaOp<T>;
-  T* og = static_cast<T*>(p.o) + b * p.o_bs + h * p.o_hs;
+    float l0 = rs.l0, l1 = rs.l1;
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    T* og = static_cast<T*>(p.o) + lut.b * p.o_bs + lut.h * p.o_hs;
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i) {
-    const int col = i * 8 + c.t4 * 2;
-    if (c.rv0)
-      *reinterpret_cast<uint32_t*>(og + (int64_t)c.row0 * p.o_rs + col) = Mma::pack(o[i * 4] * inv0, o[i * 4 + 1] * inv0);
-    if (c.rv1)
-      *reinterpret_cast<uint32_t*>(og + (int64_t)c.row1 * p.o_rs + col) =
-          Mma::pack(o[i * 4 + 2] * inv1, o[i * 4 + 3] * inv1);
+    for (int i = 0; i < D / 8; ++i) {
+      const int col = i * 8 + c.t4 * 2;
+      if (c.rv0)
+        *reinterpret_cast<uint32_t*>(og + (int64_t)c.row0 * p.o_rs + col) =
+            Mma::pack(o[i * 4] * inv0, o[i * 4 + 1] * inv0);
+      if (c.rv1)
+        *reinterpret_cast<uint32_t*>(og + (int64_t)c.row1 * p.o_rs + col) =
+            Mma::pack(o[i * 4 + 2] * inv1, o[i * 4 + 3] * inv1);
+    }
+    skipped_total += rs.skipped;
+    visited_total += rs.visited;
   }
+  if (cwg == 0) sched_wait_turn(0);  // warpgroup 1's spare pass
 
-  unsigned sk = rs.skipped, vi = rs.visited;
+  unsigned sk = skipped_total, vi = visited_total;
 #pragma unroll
   for (int off = 16; off >= 1; off >>= 1) {
     sk += __shfl_xor_sync(0xffffffffu, sk, off);
@@ -547,7 +596,16 @@ cudaError_t launch_block_sparse_fwd_ws(const FwdParams& p, cudaStream_t stream) 
   const size_t smem = (size_t)WsTraits<D>::kSmemBytes;
   err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
-  dim3 grid(p.Mq, p.Hq, p.B);
+  // Persistent: one CTA per SM (or per item, when there are fewer), each walking the items
+  // with a stride of the grid, so one item's tail overlaps the next one's loads.
+  int device = 0, sms = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  const int64_t items = (int64_t)p.Mq * p.Hq * p.B;
+  if (items >= (int64_t(1) << 31)) return cudaErrorNotSupported;
+  const int ctas = p.max_ctas > 0 ? std::min(p.max_ctas, sms) : sms;
+  const int grid = (int)std::min<int64_t>(items, (int64_t)ctas);
   kernel<<<grid, kWsThreads, smem, stream>>>(tq, tk, tv, p);
   return cudaGetLastError();
 }
