@@ -46,6 +46,50 @@ def _dense(inp: AttentionInputs, reason: str, predicted: float | None, total: in
     return dense_attention(inp), stats
 
 
+#: Upper bound on `early_fallback_reason`'s memo (cleared when full): one entry per
+#: (policy, shape, dtype, device type, causal, mask uses), a handful in a real model.
+EARLY_FALLBACK_CACHE_SIZE = 1024
+_EARLY_FALLBACK: dict[tuple, str | None] = {}
+_MISSING = object()
+
+
+def early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int = 1,
+                          predicting: bool = True) -> str | None:
+    """Why the call runs dense before any mask prediction (``backend="sdpa"``, a short
+    sequence, or on CUDA the cost model's "prediction cannot pay"), or None.
+
+    Memoized: a dense fallback on the GPU serves attentions of tens of microseconds, where
+    recomputing the policy from `AttentionInputs` properties cost a sizeable share. The key
+    holds everything the decision reads: the config's ``backend`` and ``min_seq_len`` (by
+    value, so a mutated config is not served a stale entry), the q/k shapes, dtype, device
+    type, causality, ``mask_uses`` and ``predicting`` (False when a block mask is given).
+    """
+    q = inp.q
+    key = (cfg.backend, cfg.min_seq_len, q.shape, inp.k.shape, q.dtype, q.is_cuda, inp.is_causal, mask_uses,
+           predicting)
+    reason = _EARLY_FALLBACK.get(key, _MISSING)
+    if reason is _MISSING:
+        reason = _early_fallback_reason(inp, cfg, mask_uses, predicting)
+        if len(_EARLY_FALLBACK) >= EARLY_FALLBACK_CACHE_SIZE:
+            _EARLY_FALLBACK.clear()
+        _EARLY_FALLBACK[key] = reason
+    return reason  # type: ignore[return-value]
+
+
+def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int,
+                           predicting: bool) -> str | None:
+    """`early_fallback_reason` computed afresh."""
+    if cfg.backend == "sdpa":
+        return "backend='sdpa' requested"
+    if cfg.backend != "auto":
+        return None
+    if inp.len_k < cfg.min_seq_len:
+        return f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}"
+    if predicting and inp.q.is_cuda:  # cost model: ops/gpu_policy.py
+        return skip_prediction_reason(inp, mask_uses)
+    return None
+
+
 def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
                             block_mask: torch.Tensor | None = None,
                             mask_uses: int = 1) -> tuple[torch.Tensor, SparseStats]:
@@ -55,14 +99,11 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     across denoising steps; ``mask_uses`` says how many calls a predicted mask will serve
     (the GPU cost model shares the prediction's cost among them).
     """
-    if cfg.backend == "sdpa":
-        return _dense(inp, "backend='sdpa' requested", None, 0, None)
+    reason = early_fallback_reason(inp, cfg, mask_uses, block_mask is None)
+    if reason is not None:  # the hot dense path: no further Python before the launch
+        return dense_attention(inp), SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason)
     policy = cfg.backend == "auto"
-    if policy and inp.len_k < cfg.min_seq_len:
-        return _dense(inp, f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}", None, 0, None)
-    gpu_policy = policy and inp.q.is_cuda  # cost model: ops/gpu_policy.py
-    if gpu_policy and block_mask is None and (reason := skip_prediction_reason(inp, mask_uses)) is not None:
-        return _dense(inp, reason, None, 0, None)
+    gpu_policy = policy and inp.q.is_cuda
     with torch.no_grad():
         if block_mask is None:
             block_mask = predict_from_inputs(

@@ -6,6 +6,8 @@ Rows with no attendable key return zeros (SDPA alone would return NaN for them).
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -29,17 +31,21 @@ def _row_has_key(inp: AttentionInputs) -> torch.Tensor | None:
 
 #: None until tried; then whether SDPA's cuDNN kernel can be called directly here.
 _CUDNN_DIRECT_OK: bool | None = None
-#: The cuDNN attention op per device index, or None off Hopper (looked up once: this path
-#: serves calls of tens of microseconds).
-_CUDNN_OPS: dict[int, object] = {}
+#: The cuDNN attention overload per CUDA device index, or None off Hopper. Looked up once:
+#: this path serves calls of tens of microseconds, and the overload (``.default``) is
+#: called directly, since the op packet re-resolves its overloads on every call.
+_CUDNN_OPS: dict[int, Callable[..., Any] | None] = {}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_UNSET = object()
 
 
-def _cudnn_op(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _CUDNN_OPS:
-        op = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
-        _CUDNN_OPS[index] = op if torch.cuda.get_device_capability(index) == (9, 0) else None
-    return _CUDNN_OPS[index]
+def _cudnn_op(index: int) -> Callable[..., Any] | None:
+    op = _CUDNN_OPS.get(index, _UNSET)
+    if op is _UNSET:
+        packet = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+        hopper = packet is not None and torch.cuda.get_device_capability(index) == (9, 0)
+        op = _CUDNN_OPS[index] = packet.default if hopper else None
+    return op
 
 
 def _cudnn_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
@@ -53,11 +59,12 @@ def _cudnn_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: 
     8), no mask, no autograd, on compute capability 9.0; any failure turns it off.
     """
     global _CUDNN_DIRECT_OK
-    if _CUDNN_DIRECT_OK is False or q.dtype not in (torch.float16, torch.bfloat16):
+    if _CUDNN_DIRECT_OK is False or q.dtype not in _HALF_DTYPES:
         return None
-    if q.shape[-1] > 128 or q.shape[-1] % 8 or torch.is_grad_enabled() and q.requires_grad:
+    d = q.shape[-1]
+    if d > 128 or d % 8 or q.requires_grad and torch.is_grad_enabled():
         return None
-    op = _cudnn_op(q.device)
+    op = _cudnn_op(q.get_device())
     if op is None:
         return None
     try:
@@ -72,17 +79,19 @@ def _cudnn_direct(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: 
 def dense_attention(inp: AttentionInputs) -> torch.Tensor:
     """Dense SDPA of validated inputs; returns HND [B, Hq, Nq, D]."""
     q, k, v = inp.q, inp.k, inp.v
-    if q.is_cuda and not all(t.is_contiguous() for t in (q, k, v)):
+    cuda = q.is_cuda
+    if cuda and not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()):
         # strided views (NHD layouts, recorded slices) can push SDPA onto its math kernel,
         # which materialises the N x N matrix; a copy is far cheaper
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if inp.heads_q != inp.heads_kv:
-        group = inp.heads_q // inp.heads_kv
+    heads_q, heads_kv = q.shape[1], k.shape[1]
+    if heads_q != heads_kv:
+        group = heads_q // heads_kv
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     kpm = inp.key_padding_mask
     if kpm is None:
-        out = _cudnn_direct(q, k, v, inp.is_causal, inp.scale) if q.is_cuda else None
+        out = _cudnn_direct(q, k, v, inp.is_causal, inp.scale) if cuda else None
         if out is not None:
             return out
         return F.scaled_dot_product_attention(q, k, v, is_causal=inp.is_causal, scale=inp.scale)

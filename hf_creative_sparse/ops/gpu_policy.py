@@ -72,22 +72,10 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
     """Why a CUDA call should run dense without predicting a mask, or None.
 
     ``mask_uses``: how many calls the predicted mask will serve (a patched layer with
-    ``mask_refresh=k`` reuses it k times), so its cost is shared among them. Decided once
-    per shape: the dense fallback of a short call must not pay the model's arithmetic.
+    ``mask_refresh=k`` reuses it k times), so its cost is shared among them. The policy
+    memoizes this per shape (`ops.attention.early_fallback_reason`): the dense fallback of
+    a short call must not pay the model's arithmetic.
     """
-    key = (inp.batch, inp.heads_q, inp.heads_kv, inp.len_q, inp.len_k, inp.head_dim, inp.is_causal,
-           inp.q.element_size(), max(1, mask_uses))
-    if key not in _SKIP_CACHE:
-        if len(_SKIP_CACHE) > 4096:
-            _SKIP_CACHE.clear()
-        _SKIP_CACHE[key] = _skip_prediction_reason(inp, mask_uses)
-    return _SKIP_CACHE[key]
-
-
-_SKIP_CACHE: dict[tuple, str | None] = {}
-
-
-def _skip_prediction_reason(inp: AttentionInputs, mask_uses: int) -> str | None:
     t, p = dense_seconds(inp), prediction_seconds(inp) / max(1, mask_uses)
     if p > PREDICTION_BUDGET * t:
         return (f"sparsity cannot pay on the GPU: predicting the mask (~{p * 1e3:.2f} ms per use) would cost more than "
