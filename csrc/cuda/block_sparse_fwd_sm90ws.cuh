@@ -170,11 +170,11 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, c
   const bool mask_a = (kba + kBlockN > p.Nk) || (p.causal && kba + kBlockN - 1 > c.warp_row0) || kpm != nullptr;
   const bool mask_b = !single && ((kbb + kBlockN > p.Nk) || (p.causal && kbb + kBlockN - 1 > c.warp_row0) ||
                                   kpm != nullptr);
-  // Scaled scores (log2 units); masked entries at -inf in a separate pass taken only by
-  // tiles that need it (diagonal, ragged end, key padding, single block), so the common
-  // path has no per-element branches.
-#pragma unroll
-  for (int i = 0; i < 64; ++i) s[i] *= p.scale_log2;
+  // Raw scores: the softmax scale is folded into the exponent's FFMA below, and the maxima
+  // are scaled after the reduction (the scale is positive, so they commute with it).
+  // Masked entries go to -inf in a separate pass taken only by tiles that need it
+  // (diagonal, ragged end, key padding, single block): the common path has no per-element
+  // branches.
   if (mask_a || mask_b || single) {
 #pragma unroll
     for (int nt = 0; nt < 16; ++nt) {
@@ -204,6 +204,10 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, c
     bmb0 = fmaxf(bmb0, __shfl_xor_sync(0xffffffffu, bmb0, off));
     bmb1 = fmaxf(bmb1, __shfl_xor_sync(0xffffffffu, bmb1, off));
   }
+  bma0 *= p.scale_log2;  // log2 units from here on
+  bma1 *= p.scale_log2;
+  bmb0 *= p.scale_log2;
+  bmb1 *= p.scale_log2;
   const bool ha0 = c.rv0 && bma0 != -INFINITY, ha1 = c.rv1 && bma1 != -INFINITY;
   const bool hb0 = c.rv0 && bmb0 != -INFINITY, hb1 = c.rv1 && bmb1 != -INFINITY;
   if (c.t4 == 0) st.visited += (unsigned)ha0 + (unsigned)ha1 + (unsigned)hb0 + (unsigned)hb1;
@@ -244,14 +248,20 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, c
   al1 = exp2f(st.m1 - ms1);
   st.m0 = mn0;
   st.m1 = mn1;
+  // P = exp2(s * scale - m) as one FFMA and one MUFU per score. A skipped block's offset
+  // is +inf, so its P is exactly 0 with no select (a select costs predicated MUFUs, zeroing
+  // and register moves in every tile).
+  const float sc = p.scale_log2;
+  const float oa0 = skip_a ? INFINITY : ms0, oa1 = skip_a ? INFINITY : ms1;
+  const float ob0 = skip_b ? INFINITY : ms0, ob1 = skip_b ? INFINITY : ms1;
   float rs0 = 0.f, rs1 = 0.f;
 #pragma unroll
   for (int nt = 0; nt < 16; ++nt) {
-    const bool off = nt < 8 ? skip_a : skip_b;
-    s[nt * 4 + 0] = off ? 0.f : exp2f(s[nt * 4 + 0] - ms0);
-    s[nt * 4 + 1] = off ? 0.f : exp2f(s[nt * 4 + 1] - ms0);
-    s[nt * 4 + 2] = off ? 0.f : exp2f(s[nt * 4 + 2] - ms1);
-    s[nt * 4 + 3] = off ? 0.f : exp2f(s[nt * 4 + 3] - ms1);
+    const float o0 = nt < 8 ? oa0 : ob0, o1 = nt < 8 ? oa1 : ob1;
+    s[nt * 4 + 0] = exp2f(fmaf(s[nt * 4 + 0], sc, -o0));
+    s[nt * 4 + 1] = exp2f(fmaf(s[nt * 4 + 1], sc, -o0));
+    s[nt * 4 + 2] = exp2f(fmaf(s[nt * 4 + 2], sc, -o1));
+    s[nt * 4 + 3] = exp2f(fmaf(s[nt * 4 + 3], sc, -o1));
     rs0 += s[nt * 4 + 0] + s[nt * 4 + 1];
     rs1 += s[nt * 4 + 2] + s[nt * 4 + 3];
   }
