@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import hf_creative_sparse as hcs
 from hf_creative_sparse.bench import device_timer
 from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
-from hf_creative_sparse.ops.attention import early_fallback_reason, sparse_attention_inputs
+from hf_creative_sparse.ops.attention import early_fallback, sparse_attention_inputs
 from hf_creative_sparse.ops.dense import dense_attention
 from hf_creative_sparse.ops.inputs import attention_inputs
 
@@ -105,7 +105,7 @@ def main() -> None:
     pieces: list[tuple[str, Fn]] = [
         ("  piece: attention_inputs(q, k, v)", lambda: attention_inputs(q, k, v, is_causal=True)),
         ("  piece: SparseAttentionConfig()", SparseAttentionConfig),
-        ("  piece: early_fallback_reason(gpt2)", lambda: early_fallback_reason(meta, cfg)),
+        ("  piece: early_fallback(gpt2 shape) memo hit", lambda: early_fallback(meta, cfg)),
         ("  piece: SparseStats(dense)", lambda: SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason="x")),
     ]
     print(f"\n{'call':44s} {'host us/call':>13s}")

@@ -1,6 +1,7 @@
-"""The memoized early dense-fallback decision (`ops.attention.early_fallback_reason`): the
+"""The memoized early dense-fallback decision (`ops.attention.early_fallback`): the
 cached answer equals the fresh one, a changed config or shape is never served a stale
-entry, the memo is bounded, and `sparse_attention_inputs` reports the same stats as before.
+entry, the memo is bounded, and `sparse_attention_inputs` reports the same stats as before;
+`sparse_attention`'s shared default config gives what an explicit one gives.
 The CUDA branch of the policy is checked on meta tensors that report ``is_cuda`` (the
 decision reads shapes only)."""
 
@@ -10,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hf_creative_sparse as hcs
 from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
-from hf_creative_sparse.ops import attention, gpu_policy
-from hf_creative_sparse.ops.attention import early_fallback_reason, sparse_attention_inputs
+from hf_creative_sparse.ops import attention, dense, gpu_policy
+from hf_creative_sparse.ops.attention import early_fallback, sparse_attention_inputs
 from hf_creative_sparse.ops.dense import dense_attention
 from hf_creative_sparse.ops.inputs import attention_inputs
 
@@ -35,8 +37,16 @@ def _cpu_inp(n, causal=False, b=1, h=2, d=32):
     return attention_inputs(q, k, v, is_causal=causal)
 
 
+def early_fallback_reason(*args, **kwargs):
+    hit = early_fallback(*args, **kwargs)
+    return None if hit is None else hit.reason
+
+
 @pytest.fixture(autouse=True)
-def _fresh_memo():
+def _fresh_memo(monkeypatch):
+    # the meta tensors that report CUDA have device index -1: no cuDNN op there (and no
+    # CUDA runtime to ask on this machine)
+    monkeypatch.setitem(dense._CUDNN_OPS, -1, None)
     attention._EARLY_FALLBACK.clear()
     yield
     attention._EARLY_FALLBACK.clear()
@@ -123,7 +133,22 @@ def test_dense_fallback_stats_and_output(causal):
 def test_gpt2_dense_fallback_on_cuda():
     q, k, v = (torch.randn(2, 12, 1024, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     inp = attention_inputs(q, k, v, is_causal=True)
+    if torch.cuda.get_device_capability() == (9, 0):
+        assert early_fallback(inp, SparseAttentionConfig()).cudnn_op is not None  # the direct cuDNN call
     for _ in range(2):
         out, stats = sparse_attention_inputs(inp, SparseAttentionConfig())
         assert stats.backend == "sdpa" and stats.fallback_reason == gpu_policy.skip_prediction_reason(inp)
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-2, rtol=2e-2)
+
+
+def test_public_default_config_matches_an_explicit_one():
+    q, k, v = (torch.randn(1, 2, 1024, 32) for _ in range(3))
+    out, stats = hcs.sparse_attention(q, k, v, return_stats=True)  # the shared default config
+    want_out, want = hcs.sparse_attention(q, k, v, config=SparseAttentionConfig(), return_stats=True)
+    torch.testing.assert_close(out, want_out, rtol=0, atol=0)
+    assert (stats.backend, stats.fallback_reason, stats.kept_fraction, stats.predicted_kept_fraction) == (
+        want.backend, want.fallback_reason, want.kept_fraction, want.predicted_kept_fraction)
+    # an override is not served the default: min_seq_len=2048 makes this a short sequence
+    short = hcs.sparse_attention(q, k, v, min_seq_len=2048, return_stats=True)[1]
+    assert short.fallback_reason == "short sequence: len_k=1024 < min_seq_len=2048"
+    assert attention._DEFAULT_CONFIG == SparseAttentionConfig()  # left as it was

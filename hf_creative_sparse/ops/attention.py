@@ -4,16 +4,21 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ..config import SparseAttentionConfig, SparseStats, _check_threshold
-from .dense import dense_attention
+from .dense import cudnn_direct_op, dense_attention, dense_attention_with
 from .dispatch import BACKEND_NAMES, choose_backend
 from .gpu_policy import max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .masks import check_block_mask, kept_fraction, predict_from_inputs
+
+
+#: `sparse_attention`'s config when no threshold is given; never handed out (the ops read a
+#: config and keep nothing of it), so sharing it is safe.
+_DEFAULT_CONFIG = SparseAttentionConfig()
 
 
 def resolve_config(config: SparseAttentionConfig | None, **overrides: Any) -> SparseAttentionConfig:
@@ -46,39 +51,48 @@ def _dense(inp: AttentionInputs, reason: str, predicted: float | None, total: in
     return dense_attention(inp), stats
 
 
-#: Upper bound on `early_fallback_reason`'s memo (cleared when full): one entry per
-#: (policy, shape, dtype, device type, causal, mask uses), a handful in a real model.
+class EarlyFallback(NamedTuple):
+    """A dense run decided before any mask prediction: why, and the direct cuDNN op for
+    these inputs (`dense.cudnn_direct_op`; None where it does not apply)."""
+
+    reason: str
+    cudnn_op: Callable[..., Any] | None
+
+
+#: Upper bound on `early_fallback`'s memo (cleared when full): one entry per (policy,
+#: shape, dtype, device, causal, mask uses), a handful in a real model.
 EARLY_FALLBACK_CACHE_SIZE = 1024
-_EARLY_FALLBACK: dict[tuple, str | None] = {}
+_EARLY_FALLBACK: dict[tuple, EarlyFallback | None] = {}
 _MISSING = object()
 
 
-def early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int = 1,
-                          predicting: bool = True) -> str | None:
-    """Why the call runs dense before any mask prediction (``backend="sdpa"``, a short
+def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int = 1,
+                   predicting: bool = True) -> EarlyFallback | None:
+    """Whether the call runs dense before any mask prediction (``backend="sdpa"``, a short
     sequence, or on CUDA the cost model's "prediction cannot pay"), or None.
 
     Memoized: a dense fallback on the GPU serves attentions of tens of microseconds, where
     recomputing the policy from `AttentionInputs` properties cost a sizeable share. The key
     holds everything the decision reads: the config's ``backend`` and ``min_seq_len`` (by
-    value, so a mutated config is not served a stale entry), the q/k shapes, dtype, device
-    type, causality, ``mask_uses`` and ``predicting`` (False when a block mask is given).
+    value, so a mutated config is not served a stale entry), the q/k shapes, dtype,
+    device, causality, ``mask_uses`` and ``predicting`` (False when a block mask is given).
     """
     q = inp.q
-    key = (cfg.backend, cfg.min_seq_len, q.shape, inp.k.shape, q.dtype, q.is_cuda, inp.is_causal, mask_uses,
+    key = (cfg.backend, cfg.min_seq_len, q.shape, inp.k.shape, q.dtype, q.device, inp.is_causal, mask_uses,
            predicting)
-    reason = _EARLY_FALLBACK.get(key, _MISSING)
-    if reason is _MISSING:
+    hit = _EARLY_FALLBACK.get(key, _MISSING)
+    if hit is _MISSING:
         reason = _early_fallback_reason(inp, cfg, mask_uses, predicting)
+        hit = None if reason is None else EarlyFallback(reason, cudnn_direct_op(q, inp.k))
         if len(_EARLY_FALLBACK) >= EARLY_FALLBACK_CACHE_SIZE:
             _EARLY_FALLBACK.clear()
-        _EARLY_FALLBACK[key] = reason
-    return reason  # type: ignore[return-value]
+        _EARLY_FALLBACK[key] = hit
+    return hit  # type: ignore[return-value]
 
 
 def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int,
                            predicting: bool) -> str | None:
-    """`early_fallback_reason` computed afresh."""
+    """`early_fallback`'s reason, computed afresh."""
     if cfg.backend == "sdpa":
         return "backend='sdpa' requested"
     if cfg.backend != "auto":
@@ -99,9 +113,10 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     across denoising steps; ``mask_uses`` says how many calls a predicted mask will serve
     (the GPU cost model shares the prediction's cost among them).
     """
-    reason = early_fallback_reason(inp, cfg, mask_uses, block_mask is None)
-    if reason is not None:  # the hot dense path: no further Python before the launch
-        return dense_attention(inp), SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason)
+    early = early_fallback(inp, cfg, mask_uses, block_mask is None)
+    if early is not None:  # the hot dense path: as little Python as possible before the launch
+        reason, op = early
+        return dense_attention_with(op, inp), SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason)
     policy = cfg.backend == "auto"
     gpu_policy = policy and inp.q.is_cuda
     with torch.no_grad():
@@ -170,9 +185,14 @@ def sparse_attention(
         >>> out.shape, stats.kept_fraction <= 1.0
         (torch.Size([1, 2, 512, 64]), True)
     """
-    cfg = resolve_config(config, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
-                         attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
-                         min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend)
+    overrides = (simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, dense_prefix, dense_suffix, min_seq_len,
+                 max_kept_fraction, backend)
+    if config is None and all(x is None for x in overrides):
+        cfg = _DEFAULT_CONFIG  # validating a fresh default costs as much as a short attention's launch
+    else:
+        cfg = resolve_config(config, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
+                             attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
+                             min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend)
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     out, stats = sparse_attention_inputs(inp, cfg)
     out = inp.to_layout(out)

@@ -73,7 +73,7 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
 
     ``mask_uses``: how many calls the predicted mask will serve (a patched layer with
     ``mask_refresh=k`` reuses it k times), so its cost is shared among them. The policy
-    memoizes this per shape (`ops.attention.early_fallback_reason`): the dense fallback of
+    memoizes this per shape (`ops.attention.early_fallback`): the dense fallback of
     a short call must not pay the model's arithmetic.
     """
     t, p = dense_seconds(inp), prediction_seconds(inp) / max(1, mask_uses)
