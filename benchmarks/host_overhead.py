@@ -52,10 +52,18 @@ def host_us(fn: Fn, calls: int, batches: int, sync: Fn, ctx: Callable = contextl
     return statistics.median(per_call)
 
 
-def event_us(fn: Fn, device: torch.device, ctx: Callable = contextlib.nullcontext) -> float:
-    """Median per-call time in microseconds, CUDA events around each call."""
-    with ctx():
-        return device_timer(device)(fn, 20, 200) * 1e3
+def event_us(fns: dict[str, tuple[Fn, Callable]], device: torch.device, rounds: int) -> list[dict[str, float]]:
+    """Per round, each fn's median per-call time in microseconds (CUDA events around each
+    call, 200 calls); the fns alternate round by round so host and clock drifts hit all alike."""
+    timer = device_timer(device)
+    out = []
+    for _ in range(rounds):
+        row = {}
+        for name, (fn, ctx) in fns.items():
+            with ctx():
+                row[name] = timer(fn, 20, 200) * 1e3
+        out.append(row)
+    return out
 
 
 def main() -> None:
@@ -63,6 +71,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--calls", type=int, default=None, help="calls a batch (CUDA 200, CPU 400)")
     parser.add_argument("--batches", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved CUDA-event rounds")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -89,8 +98,9 @@ def main() -> None:
     ]
     if cuda:
         packet, scale = torch.ops.aten._scaled_dot_product_cudnn_attention, inp.scale
-        for name, op in (("torch.ops.aten cuDNN op (packet)", packet), ("torch.ops.aten cuDNN op .default", packet.default),
-                         ("torch._scaled_dot_product_cudnn_attention", torch._scaled_dot_product_cudnn_attention)):
+        ops = (("torch.ops.aten cuDNN op (packet)", packet), ("torch.ops.aten cuDNN op .default", packet.default),
+               ("torch._scaled_dot_product_cudnn_attention", torch._scaled_dot_product_cudnn_attention))
+        for name, op in ops:
             rows.append((name, lambda op=op: op(q, k, v, None, False, 0.0, True, False, scale=scale),
                          contextlib.nullcontext))
     rows += [
@@ -118,10 +128,14 @@ def main() -> None:
     if not cuda:
         print("\n(CPU: the direct aten cuDNN op, CUDA-event times and the ratio to cuDNN are CUDA-only; skipped)")
         return
-    sdpa_us = event_us(rows[0][1], device, cudnn_ctx)
-    ours_us = event_us(lambda: sparse_attention_inputs(inp, cfg), device)
-    print(f"\nCUDA events, per call: cuDNN SDPA {sdpa_us:.1f} us, sparse_attention_inputs {ours_us:.1f} us, "
-          f"speed ratio {sdpa_us / ours_us:.3f}x of cuDNN")
+    fns = {"cuDNN SDPA": (rows[0][1], cudnn_ctx), "direct binding": (rows[3][1], contextlib.nullcontext),
+           "sparse_attention_inputs": (lambda: sparse_attention_inputs(inp, cfg), contextlib.nullcontext)}
+    per_round = event_us(fns, device, args.rounds)
+    print(f"\nCUDA events, per call (median of {args.rounds} interleaved rounds of 200 calls):")
+    for name in fns:
+        ratio = statistics.median(r["cuDNN SDPA"] / r[name] for r in per_round)
+        median = statistics.median(r[name] for r in per_round)
+        print(f"  {name:24s} {median:7.1f} us   speed {ratio:.3f}x of cuDNN SDPA")
 
 
 if __name__ == "__main__":
