@@ -71,6 +71,25 @@ def time_fn(fn, reps: int = 10, warmup: int = 2) -> float:
     return device_timer(torch.device("cuda"))(fn, warmup, reps)
 
 
+def paired_ms(q, k, v, causal, fn, rounds: int = 5) -> tuple[float, float, float]:
+    """(cuDNN ms, ``fn`` ms, cuDNN/fn speed ratio), timed in turn over ``rounds`` rounds:
+    medians of each and of the per-round ratios, so that clock drift over a run moves both
+    sides of a ratio alike."""
+    import statistics
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    refs, runs, ratios = [], [], []
+    for _ in range(rounds):
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            ref = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+        run = time_fn(fn)
+        refs.append(ref)
+        runs.append(run)
+        ratios.append(ref / run)
+    return statistics.median(refs), statistics.median(runs), statistics.median(ratios)
+
+
 def stage_build() -> bool:
     from hf_creative_sparse.ops._ext import load_extension
 
@@ -188,6 +207,7 @@ def bench_shape(name, results, budget):
     from hf_creative_sparse.ops import backend_flex, predict_cuda
     from hf_creative_sparse.ops._ext import load_extension
     from hf_creative_sparse.ops.attention import sparse_attention_inputs
+    from hf_creative_sparse.ops.dense import dense_attention
     from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
     from hf_creative_sparse.ops.inputs import attention_inputs
     from hf_creative_sparse.ops.masks import check_block_mask, kept_fraction, predict_from_inputs
@@ -260,11 +280,14 @@ def bench_shape(name, results, budget):
     cfg0 = SparseAttentionConfig()
     with torch.no_grad():
         _, st0 = sparse_attention_inputs(inp, cfg0)
-        auto_ms = time_fn(lambda: sparse_attention_inputs(inp, cfg0))
-    row["auto_random"] = {"ms": auto_ms, "vs_cudnn": cud_ms / auto_ms, "backend": st0.backend,
-                          "fallback": st0.fallback_reason}
-    log(f"  default policy, random inputs: {auto_ms:.3f} ms = {cud_ms / auto_ms:.2f}x cuDNN ({st0.backend}"
-        + (f"; {st0.fallback_reason}" if st0.fallback_reason else "") + ")")
+        ref_ms, auto_ms, auto_ratio = paired_ms(q, k, v, causal, lambda: sparse_attention_inputs(inp, cfg0))
+        # the dense fallback alone, to tell its cost from the prediction's
+        fallback_ms = time_fn(lambda: dense_attention(inp))
+    row["auto_random"] = {"ms": auto_ms, "vs_cudnn": auto_ratio, "cudnn_ms": ref_ms, "backend": st0.backend,
+                          "fallback": st0.fallback_reason, "dense_fallback_ms": fallback_ms}
+    log(f"  default policy, random inputs: {auto_ms:.3f} ms = {auto_ratio:.2f}x cuDNN ({ref_ms:.3f} ms, timed in turn; "
+        f"{st0.backend}" + (f"; {st0.fallback_reason}" if st0.fallback_reason else "")
+        + f"); the dense fallback alone {fallback_ms:.3f} ms")
     # Default predicted mask, end to end (prediction + policy + kernel), on structured
     # inputs: "moderate" locality (the predictor keeps most blocks) and "local".
     row["predicted"] = {}
@@ -275,7 +298,7 @@ def bench_shape(name, results, budget):
         cfg = SparseAttentionConfig()
         with torch.no_grad():
             out_s, stats = sparse_attention_inputs(inp_s, cfg)
-            e2e_ms = time_fn(lambda: sparse_attention_inputs(inp_s, cfg))
+            cud_s_ms, e2e_ms, e2e_ratio = paired_ms(qs, ks, vs, causal, lambda: sparse_attention_inputs(inp_s, cfg))
             pred_fn = lambda: kept_fraction(predict_from_inputs(  # noqa: E731
                 inp_s, simthreshd1=cfg.simthreshd1, cdfthreshd=cfg.cdfthreshd), inp_s)
             kept_pred = pred_fn()[0]
@@ -287,7 +310,7 @@ def bench_shape(name, results, budget):
                 predict_cuda.ENABLED = True
         p = row["predicted"][label] = {
             "kept": kept_pred, "backend": stats.backend, "fallback": stats.fallback_reason,
-            "e2e_ms": e2e_ms, "cudnn_ms": cud_s_ms, "vs_cudnn": cud_s_ms / e2e_ms, "predict_ms": pred_ms,
+            "e2e_ms": e2e_ms, "cudnn_ms": cud_s_ms, "vs_cudnn": e2e_ratio, "predict_ms": pred_ms,
             "predict_torch_ms": pred_torch_ms, "predict_pct_of_cudnn": 100.0 * pred_ms / cud_s_ms,
             "rel_l1_vs_dense": rel_l1(out_s, cud_s_out) if cud_s_out is not None else math.nan,
             "pv_skipped_fraction": stats.pv_skipped_fraction,

@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--kept", default="1.0", help="kept fractions, comma-separated")
     ap.add_argument("--patterns", default="random", help="random and/or contiguous kept blocks")
     ap.add_argument("--max-ctas", default="0", help="persistent grid caps to compare (0 = one CTA per SM)")
+    ap.add_argument("--probes", default="0,1,2,3", help="probe bit sets to time (0: the kernel as shipped)")
+    ap.add_argument("--pv", type=float, default=math.inf, help="pvthreshd (inf: no pv skip; the default config's: 50)")
     args = ap.parse_args()
     mod = load_extension("cuda").module
     timer = device_timer(torch.device("cuda"))
@@ -47,7 +49,7 @@ def main() -> None:
         b, h, n = 1, 24, 32768
         q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         inp = attention_inputs(q, k, v)
-        pv = torch.full((h,), math.inf, device="cuda")
+        pv = torch.full((h,), args.pv, device="cuda")
         for kept in (float(x) for x in args.kept.split(",")):
             for pattern in args.patterns.split(","):
                 mask = _mask(b, h, inp.num_q_blocks, inp.num_k_blocks, kept, pattern)
@@ -57,7 +59,8 @@ def main() -> None:
                     mod.set_kernel_preference(pref)
                     for cap in (int(x) for x in args.max_ctas.split(",")):
                         mod.set_max_ctas(cap)
-                        for bits, label in PROBES.items():
+                        for bits in (int(x) for x in args.probes.split(",")):
+                            label = PROBES[bits]
                             if name == "mma" and (bits or cap):
                                 continue
                             mod.set_probe(bits)

@@ -178,9 +178,8 @@ def test_nhd_views_and_full_mask_equal_sdpa(kernel):
 
 
 def test_pv_skip_equals_per_row_reference_when_group_rows_agree(kernel):
-    # Every 64-row group of a query block holds one repeated row, so the kernel's per-warp
-    # (mma) or per-warpgroup (hopper) decision is the per-row one: results and counts must
-    # match the per-row reference.
+    # Every 64-row group of a query block holds one repeated row, so the kernels' per-warp
+    # decision is the per-row one: results and counts must match the per-row reference.
     b, h, n, d = 1, 2, 384, 64
     base = torch.randn(b, h, n // 64, d, device="cuda") * 2.5
     q = base.repeat_interleave(64, dim=2).to(torch.float16)

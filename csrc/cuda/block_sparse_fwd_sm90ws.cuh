@@ -17,10 +17,9 @@
 //   one's softmax runs under the other's GEMMs. (Without the overlap, QK -> softmax -> PV
 //   in turn, it measured 472 against 520 TFLOP/s at D128 on an H200: BENCHMARKS.md.)
 //
-// Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per
-// consumer warpgroup (64 rows) and per 64-key block, in ascending block order, as the
-// mma.sync kernel does per warp: within a tile, block b's decision uses the running max
-// after block a.
+// Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per warp
+// (16 rows) and per 64-key block, in ascending block order, as the mma.sync kernel does:
+// within a tile, block b's decision uses the running max after block a.
 // A tile skipped for all 64 rows still runs its P V with P = 0
 // (a branch around the wgmma issue serializes the pipeline); the counts are exact.
 // FwdParams::probe (bits for benchmarks/ws_probe.py, 0 in use) can switch the softmax or
@@ -96,7 +95,7 @@ __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
 }
 // Ping-pong between the consumer warpgroups (FA3): a warpgroup issues its GEMMs only on
 // its turn and then hands the turn over, so one's softmax runs under the other's GEMMs.
-constexpr int kSchedBarrier = 4;  // named barriers 4 and 5; 1, 2 (votes) and 3 (epilogue) elsewhere
+constexpr int kSchedBarrier = 4;  // named barriers 4 and 5; 3 (epilogue) elsewhere
 __device__ __forceinline__ void sched_wait_turn(int cwg) { named_bar_sync(kSchedBarrier + cwg, 256); }
 __device__ __forceinline__ void sched_pass_turn(int cwg) { named_bar_arrive(kSchedBarrier + (1 - cwg), 256); }
 template <int N>
@@ -157,11 +156,11 @@ __device__ __forceinline__ void issue_pv(float (&o)[D / 2], uint32_t (&pa)[8][4]
 
 // Masking, the pv-skip vote and the online-softmax update of one tile held in `s`
 // (raw scores). On return `s` holds P = exp2(x - m) (zeros where masked or skipped) and
-// al0/al1 the factors by which O must be rescaled. Returns false when the whole tile was
-// skipped (its P V need not run). kba/kbb: first key of blocks a and b (kbb < 0: single).
+// al0/al1 the factors by which O must be rescaled. Returns false when the warp skipped
+// the whole tile (its P is zero). kba/kbb: first key of blocks a and b (kbb < 0: single).
 __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, const FwdParams& p,
                                              const uint8_t* kpm, const ConsumerCtx& c, RowState& st,
-                                             int (*vote)[4], int parity, float& al0, float& al1) {
+                                             float& al0, float& al1) {
   if (p.probe & 1) {
     al0 = al1 = 1.f;
     return true;
@@ -217,20 +216,18 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[64], int kba, int kbb, c
     const float thr = c.neg_thr2;
     const bool sa0 = ha0 && st.m0 != -INFINITY && bma0 - st.m0 < thr;
     const bool sa1 = ha1 && st.m1 != -INFINITY && bma1 - st.m1 < thr;
-    // block b's decision under either outcome of block a's (one barrier for both votes)
+    // block b's decision given block a's: a skipped block's max lies below the running max,
+    // so it would not have moved it
     const bool sbs0 = hb0 && st.m0 != -INFINITY && bmb0 - st.m0 < thr;
     const bool sbs1 = hb1 && st.m1 != -INFINITY && bmb1 - st.m1 < thr;
     const float mk0 = fmaxf(st.m0, bma0), mk1 = fmaxf(st.m1, bma1);
     const bool sbk0 = hb0 && mk0 != -INFINITY && bmb0 - mk0 < thr;
     const bool sbk1 = hb1 && mk1 != -INFINITY && bmb1 - mk1 < thr;
-    const int wa = __all_sync(0xffffffffu, (!ha0 || sa0) && (!ha1 || sa1));
-    const int wbs = __all_sync(0xffffffffu, (!hb0 || sbs0) && (!hb1 || sbs1));
-    const int wbk = __all_sync(0xffffffffu, (!hb0 || sbk0) && (!hb1 || sbk1));
-    if (c.lane == 0) vote[parity][c.wwarp] = wa | (wbs << 1) | (wbk << 2);
-    named_bar_sync(1 + c.cwg, 128);
-    const int v = vote[parity][0] & vote[parity][1] & vote[parity][2] & vote[parity][3];
-    skip_a = (v & 1) != 0;
-    skip_b = skip_a ? (v & 2) != 0 : (v & 4) != 0;
+    // per warp (16 rows), as the mma.sync kernel: P V runs for the whole warpgroup anyway,
+    // so a coarser vote would only cost a barrier per tile
+    skip_a = __all_sync(0xffffffffu, (!ha0 || sa0) && (!ha1 || sa1));
+    skip_b = skip_a ? __all_sync(0xffffffffu, (!hb0 || sbs0) && (!hb1 || sbs1))
+                    : __all_sync(0xffffffffu, (!hb0 || sbk0) && (!hb1 || sbk1));
     if (c.t4 == 0) {
       if (skip_a) st.skipped += (unsigned)ha0 + (unsigned)ha1;
       if (skip_b) st.skipped += (unsigned)hb0 + (unsigned)hb1;
@@ -318,7 +315,6 @@ __global__ void __launch_bounds__(kWsThreads, 1)
   extern __shared__ unsigned char smem_raw[];
   // mbarriers: [0] Q full, [1..S] K full, [S+1..2S] V full, [2S+1..3S] stage empty, [3S+1] Q empty
   __shared__ __align__(8) unsigned long long bars[2 + 3 * S];
-  __shared__ int s_vote[2][2][4];  // [consumer warpgroup][vote parity][warp]
   __shared__ unsigned long long s_counts[2];
 
   const uint32_t base = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -453,8 +449,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
       float al0, al1;
       // A tile the pv skip dropped entirely still runs its P V, with P = 0: a data-dependent
       // branch around the wgmma issue makes ptxas serialize every wgmma of the kernel.
-      if (softmax_tile(s, idx[0] * kBlockN, single0 ? -1 : idx[1] * kBlockN, p, kpm, c, rs, s_vote[cwg], g0 & 1, al0,
-                       al1))
+      if (softmax_tile(s, idx[0] * kBlockN, single0 ? -1 : idx[1] * kBlockN, p, kpm, c, rs, al0, al1))
         pack_p<T>(s, pa);
       else
         zero_p(pa);
@@ -476,7 +471,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
           __syncwarp();
           if (lane == 0) mbar_arrive(bar_qe);
         }
-        const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, s_vote[cwg], gt & 1, al0, al1);
+        const bool next = softmax_tile(s, kba, kbb, p, kpm, c, rs, al0, al1);
         sm90::wgmma_wait<0>();
         fence_regs(o);
         fence_uregs(pa);
