@@ -207,6 +207,25 @@ def test_pv_skip_per_group_within_tolerance_on_random_rows(kernel):
     assert _rel(out, exact) < TOL[torch.bfloat16] + 16 * math.exp(-thr)
 
 
+def test_hopper_kernel_skips_no_vote_where_the_skip_cannot_change_the_output():
+    # pvthreshd >= 20: skipped weights would be < exp(-20) of the row's largest, far under
+    # bf16 rounding, and the Hopper kernel runs P V regardless; it does not vote then.
+    mod = load_extension("cuda").module
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernel needs an sm_90 GPU")
+    mod.set_kernel_preference(KERNELS["hopper"])
+    try:
+        inp, mask = _case(1, 2, 2, 700, 1500, 128, torch.bfloat16, keep=0.9, scale_q=6.0)
+        exact, exact_counts = _run(inp, mask, math.inf)
+        out, counts = _run(inp, mask, 25.0)
+        low, low_counts = _run(inp, mask, 4.0)
+    finally:
+        mod.set_kernel_preference(0)
+    assert counts.tolist() == exact_counts.tolist() and counts[0] == 0
+    assert torch.equal(out, exact)
+    assert low_counts[0] > 0, "a low threshold must still skip"
+
+
 @pytest.mark.parametrize("block,d,dtype", [
     (128, 128, torch.bfloat16),  # vectorised kernel, 16 lanes a token
     (64, 64, torch.float16),     # vectorised, 8 lanes a token

@@ -10,6 +10,10 @@ namespace hcs {
 // Query blocks of 128 rows, key blocks of 64 keys (the block mask's granularity).
 constexpr int kBlockM = 128;
 constexpr int kBlockN = 64;
+// From this pvthreshd on a skipped block's weights (< exp(-20) ~ 2e-9 of the row's largest)
+// are far under 16-bit rounding: the skip cannot change the output (ops/backend_flex.py's
+// PV_EXACT_THRESHOLD).
+constexpr float kPvExactThreshold = 20.f;
 constexpr int kThreads = 256;  // 8 warps, 16 query rows each
 
 struct FwdParams {

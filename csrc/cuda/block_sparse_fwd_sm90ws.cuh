@@ -20,6 +20,7 @@
 // Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per warp
 // (16 rows) and per 64-key block, in ascending block order, as the mma.sync kernel does:
 // within a tile, block b's decision uses the running max after block a.
+// Thresholds from kPvExactThreshold (20) on cannot change the output and are not tested.
 // A tile skipped for all 64 rows still runs its P V with P = 0
 // (a branch around the wgmma issue serializes the pipeline); the counts are exact.
 // FwdParams::probe (bits for benchmarks/ws_probe.py, 0 in use) can switch the softmax or
@@ -421,7 +422,9 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     c.rv0 = c.row0 < p.Nq;
     c.rv1 = c.row1 < p.Nq;
     c.neg_thr2 = -p.pvthreshd[lut.h] * 1.4426950408889634f;
-    c.use_skip = c.neg_thr2 != -INFINITY;
+    // This kernel runs P V for skipped blocks too, so a skip that cannot change the output
+    // would only cost its votes (~8% at the default pvthreshd 50): not tested, not counted.
+    c.use_skip = p.pvthreshd[lut.h] < kPvExactThreshold;
     const uint8_t* kpm = p.kpm ? p.kpm + lut.b * p.kpm_bs : nullptr;
 
     float o[D / 2];

@@ -4,10 +4,10 @@ Built on first use on a CUDA machine (`_ext.load_extension("cuda")`, ninja, cach
 failed build becomes this backend's unavailable reason and ``auto`` moves on to flex.
 float16/bfloat16, head dims 64/128/256 natively (others zero-padded to the next one with
 the caller's scale), GQA, causal, key padding and the pv-threshold skip. Forward only.
-Two kernels: on Hopper (sm_90a) the warp-specialized TMA + wgmma kernel for head dims
-64 and 128 beyond 2k keys (csrc/cuda/block_sparse_fwd_sm90ws.cuh; pv skip per 64-row
-warpgroup), else the sm_80-style mma.sync kernel (block_sparse_fwd.cuh; pv skip per warp
-of 16 rows).
+Two kernels, both with the pv skip decided per warp of 16 rows: on Hopper (sm_90a) the
+persistent warp-specialized TMA + wgmma kernel for head dims 64 and 128 beyond 2k keys
+(csrc/cuda/block_sparse_fwd_sm90ws.cuh), else the sm_80-style mma.sync kernel
+(block_sparse_fwd.cuh).
 
 The dispatcher prefers this backend over flex only where it measured faster: see
 `SLOWER_THAN_FLEX` and BENCHMARKS.md.
@@ -30,13 +30,15 @@ MIN_CAPABILITY = (8, 0)
 #: measured this kernel slower than FlexAttention on the same block mask; `auto` then
 #: prefers flex, but only where flex can run the call (it cannot do the pv skip below
 #: pvthreshd 20). Measured on an H200 from 4.6k keys on: the warp-specialized Hopper
-#: kernel (head dims 65-128, padded to 128) runs ~520 TFLOP/s per kept block against
-#: flex's ~420, so it is preferred there; at head dim <= 64 it reaches ~330 against flex's
-#: ~390, and without sm_90a (the mma.sync kernel, ~200-290) flex is 1.3-1.9x faster. At
-#: 1k keys (GPT-2, causal) this kernel is 1.0-1.7x faster than flex.
+#: kernel runs 500-575 TFLOP/s per kept block at head dim 128 against flex's 340-400, and
+#: 330-385 at head dim 64 against flex's 300-380 (1.0-1.09x flex, 0.91x at 10% kept on 32k
+#: keys), so it is preferred for head dims 64 and 65-128 (padded to 128); below 64 the
+#: padding wastes its work, and without sm_90a (the mma.sync kernel, ~200-290) flex is
+#: 1.3-1.9x faster. At 1k keys (GPT-2, causal) the mma.sync kernel is 1.1-1.5x faster
+#: than flex.
 SLOWER_THAN_FLEX: tuple = (
-    (lambda inp: inp.len_k >= 2048 and not (_hopper(inp) and 64 < inp.head_dim <= 128),
-     "measured slower than FlexAttention for len_k >= 2048 except at head dims 65-128 on Hopper "
+    (lambda inp: inp.len_k >= 2048 and not (_hopper(inp) and 64 <= inp.head_dim <= 128),
+     "measured slower than FlexAttention for len_k >= 2048 except at head dims 64-128 on Hopper "
      "(BENCHMARKS.md): auto prefers flex"),
 )
 

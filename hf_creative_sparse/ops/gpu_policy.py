@@ -29,7 +29,8 @@ from .predict_cuda import WARP_SELECT_MAX_KEY_BLOCKS
 #: cuDNN dense rate (FLOP/s) on an H100 by head-dim bound.
 DENSE_RATE = ((64, 430e12), (256, 580e12))
 #: Sparse kernel rate per kept block relative to dense, measured on >= 16k tokens (H200:
-#: the warp-specialized kernel 0.75-0.82 of cuDNN at D128, flex/ws 0.7-0.84 at D64).
+#: the warp-specialized kernel 0.87-0.99 of cuDNN at D128 and 0.72-0.88 at D64, the lower
+#: ends at 10% kept); kept below the measured range so that a misjudged call stays dense.
 SPARSE_EFFICIENCY = 0.7
 #: Fixed cost of the sparse path (prediction, index lists, dispatch), seconds (H200:
 #: prediction 0.16-0.32 ms with its host sync, index lists and launch ~0.1 ms).
