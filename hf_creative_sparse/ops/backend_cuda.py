@@ -30,17 +30,22 @@ MIN_CAPABILITY = (8, 0)
 #: measured this kernel slower than FlexAttention on the same block mask; `auto` then
 #: prefers flex, but only where flex can run the call (it cannot do the pv skip below
 #: pvthreshd 20). Measured on an H200 from 4.6k keys on: the warp-specialized Hopper
-#: kernel runs 500-575 TFLOP/s per kept block at head dim 128 against flex's 340-400, and
-#: 330-385 at head dim 64 against flex's 300-380 (1.0-1.09x flex, 0.91x at 10% kept on 32k
-#: keys), so it is preferred for head dims 64 and 65-128 (padded to 128); below 64 the
-#: padding wastes its work, and without sm_90a (the mma.sync kernel, ~200-290) flex is
-#: 1.3-1.9x faster. At 1k keys (GPT-2, causal) the mma.sync kernel is 1.1-1.5x faster
-#: than flex.
+#: kernel runs 500-585 TFLOP/s per kept block at head dims 65-128 (padded to 128) against
+#: flex's 340-400 (1.26-1.58x flex); at head dim 64 it is 1.05-1.27x flex at 17.8k keys
+#: (CogVideoX) but 0.89-1.02x at 32k keys, so flex keeps head dim 64 beyond 24k keys; below
+#: 64 the padding wastes its work, and without sm_90a (the mma.sync kernel, ~200-290) flex
+#: is 1.3-1.9x faster. At 1k keys (GPT-2, causal) the mma.sync kernel is 1.1-1.6x faster
+#: than flex at kept <= 50%.
 SLOWER_THAN_FLEX: tuple = (
-    (lambda inp: inp.len_k >= 2048 and not (_hopper(inp) and 64 <= inp.head_dim <= 128),
-     "measured slower than FlexAttention for len_k >= 2048 except at head dims 64-128 on Hopper "
-     "(BENCHMARKS.md): auto prefers flex"),
+    (lambda inp: inp.len_k >= 2048 and not (_hopper(inp) and _hopper_wins(inp.head_dim, inp.len_k)),
+     "measured slower than FlexAttention for len_k >= 2048 except on Hopper at head dims 65-128, and 64 up "
+     "to 24k keys (BENCHMARKS.md): auto prefers flex"),
 )
+
+
+def _hopper_wins(head_dim: int, len_k: int) -> bool:
+    """Where the Hopper kernel measured faster than flex (see `SLOWER_THAN_FLEX`)."""
+    return 64 < head_dim <= 128 or (head_dim == 64 and len_k <= 24576)
 
 
 def _hopper(inp: AttentionInputs) -> bool:
