@@ -466,6 +466,7 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         mbar_wait(bar_v(pst), pph);
         sched_wait_turn(cwg);
         issue_qk<T, D>(s, sQw, sK0 + (uint32_t)st * Tr::kKVBytes);
+        rescale_o<D>(o, al0, al1);  // for tile t-1's P, under this Q K^T (as FA3)
         issue_pv<T, D>(o, pa, sV0 + (uint32_t)pst * Tr::kKVBytes);
         sched_pass_turn(cwg);
         sm90::wgmma_wait<1>();
@@ -480,17 +481,16 @@ __global__ void __launch_bounds__(kWsThreads, 1)
         fence_uregs(pa);
         __syncwarp();
         if (lane == 0) mbar_arrive(bar_e(pst));
-        if (next) {
-          rescale_o<D>(o, al0, al1);
+        if (next)
           pack_p<T>(s, pa);
-        } else {
+        else
           zero_p(pa);
-        }
       }
       const uint32_t gl = g0 + (uint32_t)ntiles - 1;
       const int lst = (int)(gl % S);
       mbar_wait(bar_v(lst), (gl / S) & 1u);
       sched_wait_turn(cwg);
+      rescale_o<D>(o, al0, al1);
       issue_pv<T, D>(o, pa, sV0 + (uint32_t)lst * Tr::kKVBytes);
       sched_pass_turn(cwg);
       sm90::wgmma_wait<0>();
