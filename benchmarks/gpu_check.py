@@ -71,19 +71,25 @@ def time_fn(fn, reps: int = 10, warmup: int = 2) -> float:
     return device_timer(torch.device("cuda"))(fn, warmup, reps)
 
 
-def paired_ms(q, k, v, causal, fn, rounds: int = 5) -> tuple[float, float, float]:
+def paired_ms(q, k, v, causal, fn, rounds: int = 7) -> tuple[float, float, float]:
     """(cuDNN ms, ``fn`` ms, cuDNN/fn speed ratio), timed in turn over ``rounds`` rounds:
     medians of each and of the per-round ratios, so that clock drift over a run moves both
-    sides of a ratio alike."""
+    sides of a ratio alike. Calls under a millisecond get 50 repetitions a round (their
+    per-call times vary by a few percent)."""
     import statistics
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    def cudnn():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        reps = 50 if time_fn(cudnn, reps=3) < 1.0 else 10
     refs, runs, ratios = [], [], []
     for _ in range(rounds):
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            ref = time_fn(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
-        run = time_fn(fn)
+            ref = time_fn(cudnn, reps=reps)
+        run = time_fn(fn, reps=reps)
         refs.append(ref)
         runs.append(run)
         ratios.append(ref / run)
