@@ -6,10 +6,11 @@ cost (mask prediction, index lists, dispatch) plus the kept fraction of the work
 lower rate. Measured on an H100 (benchmarks/gpu_check.py, BENCHMARKS.md):
 
 * cuDNN dense: ~430 TFLOP/s at head dim 64 and ~580 at 128 on long sequences.
-* the best sparse kernel (FlexAttention on the block mask) reaches 0.6-0.8 of that rate
-  per kept block on sequences of 16k and more (0.4-0.6 at 4k).
-* mask prediction (ops/predict_cuda.py): ~0.18 ms of host time, launches and the host
-  sync of the kept count, plus one read of Q and K (~2.6 TB/s), plus the selection
+* the best sparse kernel (on Hopper the warp-specialized one, else FlexAttention on the
+  block mask) reaches 0.7-0.99 of that rate per kept block on sequences of 16k and more
+  (0.5-0.85 at 4.6k).
+* mask prediction (ops/predict_cuda.py): ~0.1 ms of host time, launches and the host
+  sync of the kept count, plus one read of Q and K (~2.8-3.1 TB/s), plus the selection
   kernel (~10 ns per query-block row for 512 key blocks with the sort-free warp kernel).
 * the rest of the sparse path (index lists, dispatch): ~0.1 ms.
 
@@ -39,11 +40,12 @@ OVERHEAD_S = 0.5e-3
 #: then falls back to dense stays within DESIGN.md's 1.05x of cuDNN. Measured on an H200:
 #: 5% let Wan 480p predict (3.5% measured) and then fall back at 1.064x, over the bound.
 PREDICTION_BUDGET = 0.04
-#: Prediction cost model: fixed host/launch time (0.16 ms measured at GPT-2 size, where
-#: reads are negligible), Q+K read rate, selection cost per query-block row at 512 padded
-#: key blocks: ~10 ns for the warp-per-row kernel (<= 1024 key blocks), 38 ns for the
-#: bitonic-sort kernel beyond (H100/H200).
-PREDICT_FIXED_S = 0.18e-3
+#: Prediction cost model: fixed host/launch time (0.11-0.13 ms measured at GPT-2 and Flux
+#: sizes, where reads are negligible), Q+K read rate, selection cost per query-block row
+#: at 512 padded key blocks: ~10 ns for the warp-per-row kernel (<= 1024 key blocks), 38
+#: ns for the bitonic-sort kernel beyond (H100/H200). Against the H200 session-3 run the
+#: model gives 32k 0.34 ms (measured 0.28-0.30), CogVideoX 0.21 (0.19), Wan 0.23 (0.19).
+PREDICT_FIXED_S = 0.12e-3
 PREDICT_READ_RATE = 2.6e12
 PREDICT_ROW_S_AT_512 = 10e-9
 PREDICT_ROW_S_AT_512_SORTED = 38e-9
