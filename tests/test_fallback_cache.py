@@ -80,9 +80,9 @@ def test_gpu_decisions_follow_the_cost_model():
     assert early_fallback_reason(gpt2, cfg, predicting=False) is None  # a given mask skips the cost model
     assert early_fallback_reason(_gpu_inp(1, 24, 32768, 128), cfg) is None
     # the mask's uses share the prediction's cost: a different mask_uses is a different entry
-    cogvideox = _gpu_inp(1, 30, 17776, 64)
-    assert early_fallback_reason(cogvideox, cfg, mask_uses=1) is not None
-    assert early_fallback_reason(cogvideox, cfg, mask_uses=100) is None
+    flux = _gpu_inp(1, 24, 4608, 128)
+    assert early_fallback_reason(flux, cfg, mask_uses=1) is not None
+    assert early_fallback_reason(flux, cfg, mask_uses=100) is None
 
 
 def test_a_changed_config_is_not_served_a_stale_entry():

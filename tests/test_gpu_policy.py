@@ -31,7 +31,7 @@ def test_prediction_cost_model_matches_the_profile():
     m = 2048  # 1250 key blocks padded
     t = gpu_policy.prediction_seconds(long)
     rows = 2 * 625
-    assert t == pytest.approx(0.18e-3 + 2 * 2 * 80000 * 64 * 2 / 2.6e12 + rows * 38e-9 * m * 11**2 / (512 * 81))
+    assert t == pytest.approx(0.12e-3 + 2 * 2 * 80000 * 64 * 2 / 2.6e12 + rows * 38e-9 * m * 11**2 / (512 * 81))
 
 
 def test_short_problems_skip_prediction_long_ones_do_not():
@@ -49,8 +49,9 @@ def test_break_even_fraction_grows_with_size_and_stays_below_efficiency():
 
 
 def test_a_reused_mask_shares_its_prediction_cost():
-    cogvideox = _inp(1, 30, 17776, 64)
-    ratio = gpu_policy.prediction_seconds(cogvideox) / gpu_policy.dense_seconds(cogvideox)
+    flux = _inp(1, 24, 4608, 128)  # Flux 1024px
+    ratio = gpu_policy.prediction_seconds(flux) / gpu_policy.dense_seconds(flux)
     assert ratio > gpu_policy.PREDICTION_BUDGET  # one call: prediction would not pay
     uses = int(ratio / gpu_policy.PREDICTION_BUDGET) + 1
-    assert gpu_policy.skip_prediction_reason(cogvideox, mask_uses=uses) is None  # mask_refresh=uses: it does
+    assert gpu_policy.skip_prediction_reason(flux, mask_uses=uses - 1) is not None
+    assert gpu_policy.skip_prediction_reason(flux, mask_uses=uses) is None  # mask_refresh=uses: it does
