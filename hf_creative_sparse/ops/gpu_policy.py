@@ -42,11 +42,12 @@ OVERHEAD_S = 0.5e-3
 PREDICTION_BUDGET = 0.04
 #: Prediction cost model: fixed host/launch time, Q+K read rate, selection cost per
 #: query-block row at 512 padded key blocks: ~10 ns for the warp-per-row kernel (<= 1024
-#: key blocks), 38 ns for the bitonic-sort kernel beyond (H100/H200). The fixed part is
-#: kept at 0.18 ms although small shapes measure 0.11-0.13 ms: on random (structureless)
-#: inputs a CogVideoX call that predicted and fell back cost 0.35 ms over dense (0.93x
-#: cuDNN, H200), twice the 0.17 ms its prediction measured on structured inputs. At 0.18
-#: ms CogVideoX (0.27 ms estimated) skips prediction and stays within 1.05x of cuDNN.
+#: key blocks), 38 ns for the bitonic-sort kernel beyond (H100/H200). The prediction alone
+#: measures 0.11-0.14 ms on small shapes, but the fixed part is 0.18 ms because a call that
+#: predicts and then falls back also pays the idle GPU between the kept count's host sync
+#: and the dense launch: on random inputs such a CogVideoX call measured 0.35 ms over dense
+#: (0.93x cuDNN, H200) with a prediction of 0.14 ms. At 0.18 ms CogVideoX (0.27 ms
+#: estimated) skips prediction and stays within 1.05x of cuDNN.
 PREDICT_FIXED_S = 0.18e-3
 PREDICT_READ_RATE = 2.6e12
 PREDICT_ROW_S_AT_512 = 10e-9
