@@ -80,26 +80,16 @@ class SparseHunyuanVideoAttnProcessor(SparseProcessor):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # 3. Rotational positional embeddings applied to latent stream
+        # 3. Rotational positional embeddings applied to latent stream (not to a joined text tail)
         if image_rotary_emb is not None:
-            if attn.add_q_proj is None and encoder_hidden_states is not None:
-                query = torch.cat(
-                    [
-                        apply_rotary_emb(query[:, : -encoder_hidden_states.shape[1]], image_rotary_emb, sequence_dim=1),
-                        query[:, -encoder_hidden_states.shape[1] :],
-                    ],
-                    dim=1,
-                )
-                key = torch.cat(
-                    [
-                        apply_rotary_emb(key[:, : -encoder_hidden_states.shape[1]], image_rotary_emb, sequence_dim=1),
-                        key[:, -encoder_hidden_states.shape[1] :],
-                    ],
-                    dim=1,
-                )
-            else:
-                query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-                key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            tail = text_len if attn.add_q_proj is None else 0
+
+            def rotate(x: torch.Tensor) -> torch.Tensor:
+                if not tail:
+                    return apply_rotary_emb(x, image_rotary_emb, sequence_dim=1)
+                return torch.cat([apply_rotary_emb(x[:, :-tail], image_rotary_emb, sequence_dim=1), x[:, -tail:]], dim=1)
+
+            query, key = rotate(query), rotate(key)
 
         # 4. Encoder condition QKV projection and normalization
         if attn.add_q_proj is not None and encoder_hidden_states is not None:

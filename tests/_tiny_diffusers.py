@@ -34,19 +34,10 @@ def tiny_transformer(family: str) -> torch.nn.Module:
             num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
             text_embed_dim=8, num_layers=1, sample_width=32, sample_height=32, sample_frames=9, patch_size=2,
             temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
-    elif family == "flux":
-        from diffusers import FluxTransformer2DModel
+    elif family in ("flux", "wan"):  # the CLI's tiny examples, before localising
+        from hf_creative_sparse.commands.calibrate import tiny_random_transformer
 
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    elif family == "wan":
-        from diffusers import WanTransformer3DModel
-
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        return tiny_random_transformer(family)
     elif family == "hunyuan_video":
         from diffusers import HunyuanVideoTransformer3DModel
 
@@ -87,6 +78,22 @@ def transformer_inputs(family: str, batch: int = 1, *, seed: int = 1) -> dict[st
         return dict(hidden_states=randn(batch, 4, 2, 16, 16), timestep=t, encoder_hidden_states=randn(batch, 20, 16),
                     pooled_projections=randn(batch, 8), encoder_attention_mask=mask, guidance=torch.full((batch,), 3.5))
     raise ValueError(f"unknown family {family!r}")
+
+
+def family_fixtures(family: str) -> tuple[Any, Any]:
+    """Module-scoped ``model`` and ``inputs`` (batch 2) fixtures for a family's test file:
+    ``model, inputs = family_fixtures("wan")``."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def model() -> torch.nn.Module:
+        return tiny_transformer(family)
+
+    @pytest.fixture(scope="module")
+    def inputs() -> dict[str, Any]:
+        return transformer_inputs(family, batch=2)
+
+    return model, inputs
 
 
 def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:

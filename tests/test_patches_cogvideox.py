@@ -8,20 +8,12 @@ pytest.importorskip("diffusers")
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
 from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
-                             capture_calls, pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer,
-                             transformer_inputs)
+                             capture_calls, family_fixtures, pipeline_kwargs, run, run_pipeline, tiny_pipeline)
 
 TEXT = 8  # max_text_seq_length of the tiny config
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_transformer("cogvideox")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs("cogvideox", batch=2)
+model, inputs = family_fixtures("cogvideox")
 
 
 def test_dense_config_reproduces_original(model, inputs):

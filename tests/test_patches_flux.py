@@ -9,20 +9,13 @@ pytest.importorskip("diffusers")
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
 from _tiny_diffusers import (SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
-                             assert_true_cfg_pipeline, capture_calls, pipeline_kwargs, run, run_pipeline,
-                             tiny_transformer, transformer_inputs)
+                             assert_true_cfg_pipeline, capture_calls, family_fixtures, pipeline_kwargs, run,
+                             run_pipeline, tiny_transformer, transformer_inputs)
 
 LAYERS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_transformer("flux")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs("flux", batch=2)
+model, inputs = family_fixtures("flux")
 
 
 def test_dense_config_reproduces_original(model, inputs):

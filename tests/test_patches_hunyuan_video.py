@@ -9,20 +9,13 @@ import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.config import BLOCK_M, BLOCK_N  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
 from _tiny_diffusers import (SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
-                             assert_true_cfg_pipeline, capture_calls, run, tiny_transformer, transformer_inputs)
+                             assert_true_cfg_pipeline, capture_calls, family_fixtures, run)
 
 LAYERS = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
 VIDEO, TEXT, VALID0 = 512, 20, 12  # sample 0 has 12 real text tokens, 8 padded
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_transformer("hunyuan_video")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs("hunyuan_video", batch=2)
+model, inputs = family_fixtures("hunyuan_video")
 
 
 def _masked_reference(call) -> torch.Tensor:

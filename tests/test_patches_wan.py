@@ -8,19 +8,13 @@ pytest.importorskip("diffusers")
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.state import PatchOptions  # noqa: E402
 from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_dense_config_reproduces, capture_calls,  # noqa: E402
-                             pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer, transformer_inputs)
+                             family_fixtures, pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer,
+                             transformer_inputs)
 
 LAYERS = ["blocks.0.attn1", "blocks.1.attn1"]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return tiny_transformer("wan")
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    return transformer_inputs("wan", batch=2)
+model, inputs = family_fixtures("wan")
 
 
 def test_only_self_attention_is_patched(model, inputs):

@@ -115,13 +115,13 @@ struct RowState {
   unsigned visited, skipped;
 };
 
-// Everything a consumer needs about its rows and the call, fixed for the CTA.
+// What the softmax needs about a thread's rows and the call, fixed for a work item.
 struct ConsumerCtx {
-  int row0, row1, warp_row0, wg_row0;
-  bool rv0, rv1;
-  int t4, lane, wwarp, cwg;
-  float neg_thr2;  // -pvthreshd * log2(e); -inf disables the skip
-  bool use_skip;
+  int row0, row1, warp_row0;  // the thread's two rows and its warp's first row
+  bool rv0, rv1;              // rows inside Nq
+  int t4;                     // lane % 4: the thread's column pair within 8-column groups
+  float neg_thr2;             // -pvthreshd * log2(e)
+  bool use_skip;              // pvthreshd < kPvExactThreshold
 };
 
 #ifdef HCS_SM90_ENABLED
@@ -411,12 +411,8 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     const int count = lut.count, ntiles = (count + 1) >> 1;
     const int32_t* idx = lut.idx;
     ConsumerCtx c;
-    c.cwg = cwg;
-    c.wwarp = warp & 3;
-    c.lane = lane;
     c.t4 = lane & 3;
-    c.wg_row0 = lut.qb * kBlockM + cwg * 64;
-    c.warp_row0 = c.wg_row0 + c.wwarp * 16;
+    c.warp_row0 = lut.qb * kBlockM + cwg * 64 + (warp & 3) * 16;
     c.row0 = c.warp_row0 + (lane >> 2);
     c.row1 = c.row0 + 8;
     c.rv0 = c.row0 < p.Nq;

@@ -25,13 +25,53 @@ __device__ __forceinline__ float load_as_float(const void* base, int64_t i, int 
   return __bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]);
 }
 
+// Per-warp partial sums of one block of tokens, combined by the epilogue below.
+struct PoolShared {
+  float x[kPoolWarps][256];  // sum of the tokens, per warp and dim (head dims up to 256)
+  float u[kPoolWarps][256];  // sum of the unit-normalized tokens
+  float cnt[kPoolWarps];     // tokens counted
+  float red[kPoolWarps];
+};
+
+// Both pooling kernels end alike: once each warp has stored its sums in `sh` (and passes
+// its token count `cnt`), write the block's mean, mean cosine similarity and count.
+__device__ __forceinline__ void pool_block_epilogue(const PoolParams& p, PoolShared& sh, float cnt) {
+  const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) sh.cnt[warp] = cnt;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kPoolWarps; ++w) total += sh.cnt[w];
+  float usq = 0.f;
+  const int64_t out_row = ((int64_t)b * p.H + h) * p.nb + blk;
+  for (int d = threadIdx.x; d < p.D; d += kPoolWarps * 32) {
+    float x = 0.f, u = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPoolWarps; ++w) {
+      x += sh.x[w][d];
+      u += sh.u[w][d];
+    }
+    p.pooled[out_row * p.D + d] = x / fmaxf(total, 1.f);
+    usq += u * u;
+  }
+#pragma unroll
+  for (int off = 16; off >= 1; off >>= 1) usq += __shfl_xor_sync(0xffffffffu, usq, off);
+  if (lane == 0) sh.red[warp] = usq;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPoolWarps; ++w) acc += sh.red[w];
+    p.sim[out_row] = acc / fmaxf(total * total, 1.f);
+    if (h == 0) p.count[(int64_t)b * p.nb + blk] = total;
+  }
+}
+
 __global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_kernel(const PoolParams p) {
   const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __shared__ float s_x[kPoolWarps][256];
-  __shared__ float s_u[kPoolWarps][256];
-  __shared__ float s_cnt[kPoolWarps];
-  __shared__ float s_red[kPoolWarps];
+  __shared__ PoolShared sh;
 
   float sx[kMaxDPerLane], su[kMaxDPerLane];
 #pragma unroll
@@ -65,38 +105,11 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_kernel(const Pool
   for (int i = 0; i < kMaxDPerLane; ++i) {
     const int d = lane + 32 * i;
     if (d < p.D) {
-      s_x[warp][d] = sx[i];
-      s_u[warp][d] = su[i];
+      sh.x[warp][d] = sx[i];
+      sh.u[warp][d] = su[i];
     }
   }
-  if (lane == 0) s_cnt[warp] = cnt;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kPoolWarps; ++w) total += s_cnt[w];
-  float usq = 0.f;
-  const int64_t out_row = ((int64_t)b * p.H + h) * p.nb + blk;
-  for (int d = threadIdx.x; d < p.D; d += kPoolWarps * 32) {
-    float x = 0.f, u = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPoolWarps; ++w) {
-      x += s_x[w][d];
-      u += s_u[w][d];
-    }
-    p.pooled[out_row * p.D + d] = x / fmaxf(total, 1.f);
-    usq += u * u;
-  }
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) usq += __shfl_xor_sync(0xffffffffu, usq, off);
-  if (lane == 0) s_red[warp] = usq;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPoolWarps; ++w) acc += s_red[w];
-    p.sim[out_row] = acc / fmaxf(total * total, 1.f);
-    if (h == 0) p.count[(int64_t)b * p.nb + blk] = total;
-  }
+  pool_block_epilogue(p, sh, cnt);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -331,10 +344,7 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_vec_kernel(const 
   const int blk = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int team = lane / L, tl = lane % L;
-  __shared__ float s_x[kPoolWarps][256];
-  __shared__ float s_u[kPoolWarps][256];
-  __shared__ float s_cnt[kPoolWarps];
-  __shared__ float s_red[kPoolWarps];
+  __shared__ PoolShared sh;
 
   const T* base = static_cast<const T*>(p.x) + b * p.x_bs + h * p.x_hs + tl * VPL;
   const int tok0 = blk * p.block;
@@ -385,38 +395,11 @@ __global__ void __launch_bounds__(kPoolWarps * 32) pool_blocks_vec_kernel(const 
   if (team == 0) {
 #pragma unroll
     for (int i = 0; i < VPL; ++i) {
-      s_x[warp][tl * VPL + i] = sx[i];
-      s_u[warp][tl * VPL + i] = su[i];
+      sh.x[warp][tl * VPL + i] = sx[i];
+      sh.u[warp][tl * VPL + i] = su[i];
     }
   }
-  if (lane == 0) s_cnt[warp] = cnt;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int w = 0; w < kPoolWarps; ++w) total += s_cnt[w];
-  float usq = 0.f;
-  const int64_t out_row = ((int64_t)b * p.H + h) * p.nb + blk;
-  for (int d = threadIdx.x; d < p.D; d += kPoolWarps * 32) {
-    float x = 0.f, u = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPoolWarps; ++w) {
-      x += s_x[w][d];
-      u += s_u[w][d];
-    }
-    p.pooled[out_row * p.D + d] = x / fmaxf(total, 1.f);
-    usq += u * u;
-  }
-#pragma unroll
-  for (int off = 16; off >= 1; off >>= 1) usq += __shfl_xor_sync(0xffffffffu, usq, off);
-  if (lane == 0) s_red[warp] = usq;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float acc = 0.f;
-#pragma unroll
-    for (int w = 0; w < kPoolWarps; ++w) acc += s_red[w];
-    p.sim[out_row] = acc / fmaxf(total * total, 1.f);
-    if (h == 0) p.count[(int64_t)b * p.nb + blk] = total;
-  }
+  pool_block_epilogue(p, sh, cnt);
 }
 
 template <typename T>

@@ -97,6 +97,12 @@ def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHA
 def tiny_transformer(family: str) -> torch.nn.Module:
     """A tiny random transformer of ``family`` ("wan" or "flux"; diffusers' test configs),
     localised, in eval mode (seeded)."""
+    return localise_attention(tiny_random_transformer(family))
+
+
+def tiny_random_transformer(family: str) -> torch.nn.Module:
+    """`tiny_transformer` before localising: diffusers' test config with seeded random
+    weights, in eval mode (the tests build on it too)."""
     torch.manual_seed(0)
     if family == "wan":
         from diffusers import WanTransformer3DModel
@@ -113,7 +119,7 @@ def tiny_transformer(family: str) -> torch.nn.Module:
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
     else:
         raise ValueError(f"unknown tiny example {family!r}; choose wan or flux")
-    return localise_attention(model.eval())
+    return model.eval()
 
 
 def smooth_noise(shape: tuple[int, ...], seed: int, coarse: int = 8) -> torch.Tensor:
