@@ -25,11 +25,14 @@ AUTO_ORDER = ("cuda", "flex", "cpu", "reference")
 
 @dataclass
 class BackendResult:
-    """Output of a sparse backend: out [B, Hq, Nq, D] (HND, q's dtype) and stage-2 counts."""
+    """Output of a sparse backend: out [B, Hq, Nq, D] (HND, q's dtype), stage-2 counts and
+    the per-row log-sum-exp (float32 [B, Hq, Nq], natural log, -inf for rows that used no
+    key; docs/DESIGN.md "Partial softmax"), None from a backend that cannot give it."""
 
     out: torch.Tensor
     pv_skipped: int = 0
     pv_visited: int = 0
+    lse: torch.Tensor | None = None
 
 
 class SparseBackend(Protocol):
