@@ -32,8 +32,10 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -105,7 +107,7 @@ def _fmt(x: float) -> str:
     return "-" if x != x else f"{x:.3f}"
 
 
-@dataclass
+@dataclass(repr=False)
 class CreativeSparseHandle:
     """What `enable_creative_sparse` installed; `disable` undoes it.
 
@@ -124,6 +126,13 @@ class CreativeSparseHandle:
     options: PatchOptions
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
     active: bool = True
+
+    def __repr__(self) -> str:
+        """One line: what is patched, how many layers, whether it is active."""
+        parts = ", ".join(f"{component or type(patch.model).__name__}: {patch.family}"
+                          for component, patch in self.patches.items())
+        return (f"CreativeSparseHandle({type(self.target).__name__}; {parts or 'nothing patched'}; "
+                f"{len(self.layer_states())} layers; {'active' if self.active else 'disabled'})")
 
     def layer_states(self) -> dict[str, LayerState]:
         """Layer name -> state; names carry the component ("transformer_2.blocks.0.attn1")
@@ -262,6 +271,8 @@ def enable_creative_sparse(
     schedule: Any = None,
     calibration: Any = None,
     options: PatchOptions | None = None,
+    allow_other_model: bool = False,
+    retention: Any = None,
 ) -> CreativeSparseHandle:
     """Swap sparse attention into a diffusers pipeline or transformer model.
 
@@ -269,27 +280,49 @@ def enable_creative_sparse(
         pipe_or_model: a pipeline (its ``transformer`` / ``transformer_2`` are patched) or
             a transformer model (CogVideoX, Flux, Wan, HunyuanVideo, or any family a
             registered `ModelPatch` handles).
-        config: kernel thresholds (default `SparseAttentionConfig()`); text tokens are
-            always kept dense.
+        config: kernel thresholds and policy; text tokens are always kept dense. Default:
+            with a `Calibration`, the config it was fitted with (its ``min_seq_len``,
+            backend, ...: what was calibrated is what runs), else `SparseAttentionConfig()`.
+            A config given here overrides the calibration's policy fields.
         schedule: a `TwoStageSchedule`: the dial s follows the denoising progress and sets
             the thresholds through `SparsityController` (``options.controller``). Without
             it the config's thresholds are fixed.
         calibration: per-layer thresholds: a `Calibration`, the directory it was saved
-            to (checked against the model's layers and head counts), or a mapping layer
-            name -> config or dict of fields.
+            to (checked against the model's class, family, layers and head counts), or a
+            mapping layer name -> config or dict of fields (every name must be a patched
+            layer of the model).
         options: `PatchOptions` (dense_steps, mask_refresh, num_inference_steps).
+        retention: diffusion LMs (DiffusionGemma): keep this share of the cached context KV
+            after ``delay_step`` dense denoising steps of each canvas: a `RetentionConfig`, a
+            ratio, or one per batch row (see `hf_creative_sparse.retention`); the other
+            arguments do not apply to it.
+        allow_other_model: apply a `Calibration` made for another model class or family
+            (e.g. a fine-tune defined as another class); its layer names and head counts
+            must still match.
 
     Returns:
         A `CreativeSparseHandle`. Calling this again on the same object first disables
         the previous handle.
 
     Raises:
-        ValueError: no supported transformer (the message lists the families), or a
-            schedule on a bare transformer without ``options.num_inference_steps``.
+        ValueError: no supported transformer (the message lists the families), a
+            schedule on a bare transformer without ``options.num_inference_steps``, or a
+            calibration that does not fit the model.
         TypeError: arguments of the wrong type.
     """
+    if retention is not None:  # diffusion LMs: context KV retention (hf_creative_sparse/retention.py)
+        from .retention import enable_retention
+
+        return enable_retention(pipe_or_model, retention)
+    if not isinstance(allow_other_model, bool):
+        raise TypeError(f"allow_other_model must be a bool, got {type(allow_other_model).__name__}")
+    if calibration is not None and not isinstance(calibration, Mapping):
+        from .calibration import as_calibration  # local: loads safetensors only when used
+
+        calibration = as_calibration(calibration)  # a path is loaded (and checked) here
     if config is None:
-        config = SparseAttentionConfig()
+        fitted = getattr(calibration, "config", None)  # a Calibration's base config
+        config = fitted if isinstance(fitted, SparseAttentionConfig) else SparseAttentionConfig()
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig or None, got {type(config).__name__}")
     if options is None:
@@ -297,10 +330,6 @@ def enable_creative_sparse(
     if not isinstance(options, PatchOptions):
         raise TypeError(f"options must be a PatchOptions or None, got {type(options).__name__}")
     _check_schedule(schedule)
-    if calibration is not None and not isinstance(calibration, Mapping):
-        from .calibration import as_calibration  # local: loads safetensors only when used
-
-        calibration = as_calibration(calibration)  # a path is loaded (and checked) here
     targets = _targets(pipe_or_model)
     is_pipe = _is_pipeline(pipe_or_model)
     scheduler = pipe_or_model.components.get("scheduler") if is_pipe else None
@@ -337,8 +366,10 @@ def enable_creative_sparse(
             handle._undo.append(patch.remove)
             handle.patches[component] = patch
             _set_handle(model, handle)
-        if hasattr(calibration, "check_fits"):
-            calibration.check_fits(handle)  # layer names and head counts; ValueError otherwise
+        if hasattr(calibration, "check_fits"):  # class, family, layer names, head counts
+            calibration.check_fits(handle, allow_other_model=allow_other_model)
+        elif isinstance(calibration, Mapping):
+            _check_mapping_names(calibration, handle)
         _set_handle(pipe_or_model, handle)
     except BaseException:
         handle.disable()
@@ -362,28 +393,84 @@ def _set_handle(obj: Any, handle: CreativeSparseHandle) -> None:
     handle._undo.append(undo)
 
 
-def _require_handle(pipe_or_model: Any, what: str) -> CreativeSparseHandle:
-    handle = get_handle(pipe_or_model)
-    if handle is None:
-        raise ValueError(f"{what}: creative sparsity is not enabled on this {type(pipe_or_model).__name__}; "
-                         "call enable_creative_sparse first")
-    return handle
+def _check_mapping_names(calibration: Mapping, handle: CreativeSparseHandle) -> None:
+    """A mapping calibration may only name patched layers: a typo or a layer of another
+    model would otherwise be accepted and do nothing."""
+    known = {name for patch in handle.patches.values() for name in patch.layer_states()}
+    bad_keys = [key for key in calibration if not isinstance(key, str)]
+    if bad_keys:
+        raise TypeError(f"calibration keys must be layer names (str), got {bad_keys[0]!r}")
+    unknown = sorted(key for key in calibration if key not in known)
+    if unknown:
+        shown = ", ".join(sorted(known)[:6]) + (", ..." if len(known) > 6 else "")
+        raise ValueError(f"calibration names {len(unknown)} layer(s) that this model does not have or does not "
+                         f"patch: {', '.join(unknown[:6])}{', ...' if len(unknown) > 6 else ''}; its patched "
+                         f"layers: {shown or 'none'}")
+
+
+#: ``attn_implementation`` under which transformers models run sparse attention without a
+#: handle (``from_pretrained(..., attn_implementation="creative_sparse")``).
+TRANSFORMERS_IMPLEMENTATION = "creative_sparse"
+
+
+def _uses_creative_sparse_attention(model: Any) -> bool:
+    """Whether a transformers model (or one of its sub-models) was loaded or switched to
+    ``attn_implementation="creative_sparse"``."""
+    if not isinstance(model, torch.nn.Module):
+        return False
+    return any(getattr(getattr(m, "config", None), "_attn_implementation", None) == TRANSFORMERS_IMPLEMENTATION
+               for m in model.modules())
+
+
+def _implementation_report(model: torch.nn.Module) -> SparsityReport:
+    """The report of a model using the attention implementation without a handle: one row
+    per attention layer that has run (layers get their state on their first call)."""
+    from .registry import load_builtin_patches
+
+    load_builtin_patches()  # makes hf_creative_sparse.patches importable from a checkout
+    module = importlib.import_module("hf_creative_sparse.patches.transformers_attention")
+    rows = []
+    for name, state in module.layer_states(model).items():
+        row = state.report_row()
+        row["layer"] = name
+        rows.append(row)
+    return SparsityReport(rows)
 
 
 def disable_creative_sparse(pipe_or_model: Any) -> None:
     """Restore the original attention processors (outputs become bit-identical to those
-    before enabling). Works on the pipeline or on any model the handle patched.
-
-    Raises:
-        ValueError: creative sparsity is not enabled on ``pipe_or_model``.
+    before enabling). Works on the pipeline or on any model the handle patched. On an
+    object without an active handle (already disabled, or never enabled) it does nothing
+    and warns.
     """
-    _require_handle(pipe_or_model, "disable_creative_sparse").disable()
+    handle = get_handle(pipe_or_model)
+    if handle is not None:
+        handle.disable()
+        return
+    hint = ""
+    if _uses_creative_sparse_attention(pipe_or_model):
+        hint = (" (it was loaded with attn_implementation='creative_sparse': switch back with "
+                "model.set_attn_implementation('sdpa'))")
+    warnings.warn(f"disable_creative_sparse: creative sparsity is not enabled on this "
+                  f"{type(pipe_or_model).__name__} (already disabled, or never enabled); nothing to do{hint}",
+                  stacklevel=2)
 
 
 def sparsity_report(pipe_or_model: Any) -> SparsityReport:
     """Per layer: calls, mean kept fraction, backend, fallbacks, time (``print`` it).
 
+    Works however sparse attention was switched on: `enable_creative_sparse`, or a
+    transformers model loaded with ``attn_implementation="creative_sparse"`` (its
+    layers appear after their first call).
+
     Raises:
         ValueError: creative sparsity is not enabled on ``pipe_or_model``.
     """
-    return _require_handle(pipe_or_model, "sparsity_report").report()
+    handle = get_handle(pipe_or_model)
+    if handle is not None:
+        return handle.report()
+    if _uses_creative_sparse_attention(pipe_or_model):
+        return _implementation_report(pipe_or_model)
+    raise ValueError(f"sparsity_report: creative sparsity is not enabled on this {type(pipe_or_model).__name__}; "
+                     "call enable_creative_sparse first (or load a transformers model with "
+                     "attn_implementation='creative_sparse')")

@@ -59,7 +59,7 @@ import inspect
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -197,9 +197,34 @@ class Calibration:
         more than one component is patched, as in `CreativeSparseHandle.layer_states`)."""
         return _ComponentView(self, f"{component}." if prefixed and component else "")
 
-    def check_fits(self, handle: Any) -> None:
-        """Raise ValueError unless this calibration has exactly the handle's patched
-        layers with the same head counts (read from the layer modules where they say)."""
+    def check_model(self, handle: Any) -> None:
+        """Raise ValueError unless every patched model of ``handle`` is of the class and
+        family this calibration was made for (a subclass of that class counts). Layer
+        names and head counts can match across families (Flux and HunyuanVideo blocks,
+        say) while the attention they calibrate differs. A calibration from
+        `calibrate_calls` names no class or family and is not checked here."""
+        classes = [c for c in self.model_class.split("+") if c]
+        families = [f for f in self.family.split("+") if f]
+        wrong = []
+        for patch in handle.patches.values():
+            lineage = {klass.__name__ for klass in type(patch.model).__mro__}
+            if (classes and not lineage.intersection(classes)) or (families and patch.family not in families):
+                wrong.append(f"{type(patch.model).__name__} (family {patch.family})")
+        if wrong:
+            where = f" ({self.source})" if self.source else ""
+            raise ValueError(f"this calibration{where} does not fit {', '.join(wrong)}: it was made for "
+                             f"{self.model_class or '?'} (family {self.family or '?'}). Calibrate this model with "
+                             "hf_creative_sparse.calibrate(...), or pass allow_other_model=True to "
+                             "enable_creative_sparse if the models share their attention layers (a fine-tune "
+                             "defined as another class, say)")
+
+    def check_fits(self, handle: Any, *, allow_other_model: bool = False) -> None:
+        """Raise ValueError unless this calibration was made for the handle's model class
+        and family (`check_model`; skipped with ``allow_other_model``) and has exactly its
+        patched layers with the same head counts (read from the layer modules where they
+        say)."""
+        if not allow_other_model:
+            self.check_model(handle)
         model_heads = handle_layer_heads(handle)
         missing = [n for n in model_heads if n not in self.layers]
         extra = [n for n in self.layers if n not in model_heads]
@@ -321,8 +346,17 @@ def _listing(items: Sequence[str], limit: int = 4) -> str:
 
 
 def _atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, then rename it over ``path``.
+    The file is created with mode 0o666 less the user's umask, as ``open`` would
+    (``tempfile.mkstemp`` would make it 0o600, unreadable to the user's group)."""
     folder, base = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder or ".", prefix=f".{base}.", suffix=".tmp")
+    while True:
+        tmp = os.path.join(folder or ".", f".{base}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -420,3 +420,104 @@ def test_gpu_calibration_of_a_long_call_is_verified():
     assert cal.mean_kept_fraction < 1.0 and float(layer.runtime_kept_fraction.mean()) < 1.0
     # chunked over query blocks: the fp32 N x N maps of the 4 heads alone would take 4 GiB
     assert torch.cuda.max_memory_allocated() < 2 ** 30
+
+
+# -- what a new user hits (issue 17): wrong model, unknown layers, the fitted policy, umask ------
+
+
+def _patched_layers(model) -> dict:
+    """Layer name -> q heads of ``model``'s patched layers (enabled once, then undone)."""
+    from hf_creative_sparse.calibration import handle_layer_heads
+
+    handle = enable_creative_sparse(model, BASE)
+    try:
+        return handle_layer_heads(handle)
+    finally:
+        handle.disable()
+
+
+def test_a_calibration_of_another_family_is_refused_even_when_the_layers_match():
+    sys.path.insert(0, os.path.dirname(__file__))
+    from _tiny_diffusers import tiny_transformer as tiny_family_transformer
+
+    hunyuan = tiny_family_transformer("hunyuan_video")
+    layers = _patched_layers(hunyuan)
+    # a calibration whose layer names and head counts fit, made for Flux
+    flux_cal = Calibration.dense_for(layers, model_class="FluxTransformer2DModel", family="flux")
+    with pytest.raises(ValueError, match=r"does not fit HunyuanVideoTransformer3DModel \(family hunyuan_video\).*"
+                                         r"made for FluxTransformer2DModel \(family flux\).*allow_other_model"):
+        enable_creative_sparse(hunyuan, BASE, calibration=flux_cal)
+    assert getattr(hunyuan, "_hf_creative_sparse_handle", None) is None  # nothing left installed
+    same_class_other_family = Calibration.dense_for(layers, model_class="HunyuanVideoTransformer3DModel", family="flux")
+    with pytest.raises(ValueError, match="family flux"):
+        enable_creative_sparse(hunyuan, BASE, calibration=same_class_other_family)
+    # the explicit override applies it (layer names and head counts are still checked)
+    handle = enable_creative_sparse(hunyuan, BASE, calibration=flux_cal, allow_other_model=True)
+    assert handle.active and all(s.calibrated for s in handle.layer_states().values())
+    handle.disable()
+    with pytest.raises(ValueError, match="not in this model"):
+        enable_creative_sparse(hunyuan, BASE, calibration=Calibration.dense_for(
+            {**layers, "blocks.9.attn": 2}, model_class="FluxTransformer2DModel"), allow_other_model=True)
+    with pytest.raises(TypeError, match="allow_other_model"):
+        enable_creative_sparse(hunyuan, BASE, calibration=flux_cal, allow_other_model="yes")
+    # its own class and family (or a subclass of it) fit
+    own = Calibration.dense_for(layers, model_class="HunyuanVideoTransformer3DModel", family="hunyuan_video")
+    enable_creative_sparse(hunyuan, BASE, calibration=own).disable()
+    sub = type("MyHunyuan", (type(hunyuan),), {})
+    hunyuan.__class__ = sub
+    enable_creative_sparse(hunyuan, BASE, calibration=own).disable()
+
+
+def test_a_layer_mapping_naming_an_unknown_layer_is_refused():
+    model = tiny_transformer("wan")
+    with pytest.raises(ValueError, match=r"does not have or does not patch: blocks\.9\.attn1.*blocks\.0\.attn1"):
+        enable_creative_sparse(model, BASE, calibration={"blocks.9.attn1": {"topk": 0.5}})
+    with pytest.raises(ValueError, match="blocks.0.attn2"):  # cross-attention: not patched
+        enable_creative_sparse(model, BASE, calibration={"blocks.0.attn2": {"topk": 0.5}})
+    assert getattr(model, "_hf_creative_sparse_handle", None) is None
+    handle = enable_creative_sparse(model, BASE, calibration={"blocks.1.attn1": {"topk": 0.5}})
+    assert handle.layer_states()["blocks.1.attn1"].config.topk == 0.5
+    assert handle.layer_states()["blocks.0.attn1"].config.topk is None
+    handle.disable()
+
+
+def test_the_calibrations_stored_policy_is_what_runs(tmp_path):
+    """Enabled without a config, a calibration runs with the config it was fitted with
+    (min_seq_len 0 here: the 1024-token tiny calls run sparse, not 'short sequence')."""
+    model = tiny_transformer("wan")
+    fitted = SparseAttentionConfig(min_seq_len=0, backend="reference")
+    cal = Calibration.dense_for(_patched_layers(model), model_class="WanTransformer3DModel", family="wan",
+                                method="topk", config=fitted)
+    for layer in cal.layers.values():  # keep 30% of the blocks of every head
+        layer.level, layer.simthreshd1 = torch.full((2,), 0.3), torch.full((2,), -1.0)
+    cal.save(tmp_path)
+    for source in (cal, str(tmp_path)):
+        handle = enable_creative_sparse(model, calibration=source)
+        assert handle.config.min_seq_len == 0 and handle.config.backend == "reference"
+        with torch.no_grad():
+            model(**wan_inputs(0))
+        report = sparsity_report(model)
+        disable_creative_sparse(model)
+        assert not any(r["fallback_reasons"] for r in report.rows), report
+        assert report.mean_kept_fraction < 0.5
+    # an explicit config overrides the calibration's policy
+    enable_creative_sparse(model, SparseAttentionConfig(min_seq_len=4096), calibration=str(tmp_path))
+    with torch.no_grad():
+        model(**wan_inputs(0))
+    report = sparsity_report(model)
+    disable_creative_sparse(model)
+    assert all(any("short sequence" in reason for reason in r["fallback_reasons"]) for r in report.rows), report
+
+
+def test_calibration_files_follow_the_umask(tmp_path):
+    cal = Calibration.dense_for({"blocks.0.attn1": 2})
+    old = os.umask(0o022)
+    try:
+        cal.save(tmp_path / "a")
+        os.umask(0o077)
+        cal.save(tmp_path / "b")
+    finally:
+        os.umask(old)
+    for name in (CONFIG_NAME, TENSORS_NAME):
+        assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "b" / name).stat().st_mode & 0o777 == 0o600

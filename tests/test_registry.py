@@ -83,6 +83,40 @@ def test_custom_patch_enable_report_disable(toy_registry):
     assert "layers.0" in text and "total" in text and "reference" in text
 
 
+def test_disable_twice_warns_and_the_handle_prints_on_one_line(toy_registry):
+    model = ToyModel()
+    x = torch.randn(1, 300, 32)
+    ref = model(x)
+    handle = hcs.enable_creative_sparse(model, SPARSE)
+    text = repr(handle)
+    assert "\n" not in text and len(text) < 200, text
+    assert "ToyModel" in text and "toy" in text and "2 layers" in text and "active" in text
+    hcs.disable_creative_sparse(model)
+    with pytest.warns(UserWarning, match="already disabled"):
+        hcs.disable_creative_sparse(model)
+    assert "disabled" in repr(handle) and torch.equal(model(x), ref)
+
+
+def test_sparsity_report_of_a_model_loaded_with_the_attention_implementation():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                      max_position_embeddings=2048)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="not enabled"):
+        hcs.sparsity_report(model)
+    model.set_attn_implementation("creative_sparse")
+    assert hcs.sparsity_report(model).calls == 0  # layers appear on their first call
+    with torch.no_grad():
+        model(torch.randint(0, 100, (1, 40)))
+    report = hcs.sparsity_report(model)
+    assert [r["layer"] for r in report.rows] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert all(r["calls"] == 1 for r in report.rows) and "total" in str(report)
+    with pytest.warns(UserWarning, match="set_attn_implementation"):
+        hcs.disable_creative_sparse(model)
+
+
 def test_find_patch_for_each_family():
     pytest.importorskip("diffusers")
     from _tiny_diffusers import tiny_transformer
@@ -120,7 +154,7 @@ def test_bad_arguments(toy_registry):
         hcs.enable_creative_sparse(model, schedule=0.5)
     with pytest.raises(ValueError, match="num_inference_steps"):
         hcs.enable_creative_sparse(model, schedule=TwoStageSchedule())
-    with pytest.raises(ValueError, match="not enabled"):
+    with pytest.warns(UserWarning, match="not enabled"):
         hcs.disable_creative_sparse(model)
     with pytest.raises(ValueError, match="not enabled"):
         hcs.sparsity_report(model)
