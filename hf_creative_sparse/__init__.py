@@ -48,6 +48,8 @@ _EXPORTS: dict[str, str] = {
     "calibrate": "calibration",
     "load_calibration": "calibration",
     "Calibration": "calibration",
+    "RetentionConfig": "retention",
+    "DiffusionDialProcessor": "diffusion_dial",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
