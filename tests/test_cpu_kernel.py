@@ -91,6 +91,113 @@ def test_pv_threshold_counts_and_output_match(ext, causal, pvthreshd):
     assert rel_max_err(got.out, loop) < 1e-5
 
 
+def _used_keys_f64(inp, mask, pvthreshd: float) -> torch.Tensor:
+    """bool [B, Hq, Nq, Nk]: the keys each row's softmax used. Written row-vectorised
+    (all rows of a query block at once, blocks in ascending order), unlike the per-row
+    loop of reference_impl.pv_skip_attention_f64: a block is used by a row unless its max
+    falls more than pvthreshd below the row's running max."""
+    q, k = inp.q.double(), inp.k.double()
+    b, hq, nq, _ = q.shape
+    nk = k.shape[2]
+    allowed = element_mask(mask, nq, nk, is_causal=inp.is_causal, key_padding_mask=inp.key_padding_mask)
+    allowed = allowed.expand(b, hq, nq, nk)
+    k = k.repeat_interleave(hq // k.shape[1], 1)
+    s = (q @ k.transpose(-1, -2)) * inp.scale
+    used = torch.zeros_like(allowed)
+    running = torch.full((b, hq, nq), -math.inf, dtype=torch.float64)
+    for j in range(0, nk, 64):
+        cols = slice(j, min(j + 64, nk))
+        here = allowed[..., cols]
+        block_max = s[..., cols].masked_fill(~here, -math.inf).amax(-1)
+        visited = here.any(-1)
+        skip = visited & torch.isfinite(running) & (block_max - running < -pvthreshd)
+        take = visited & ~skip
+        used[..., cols] = here & take[..., None]
+        running = torch.where(take, torch.maximum(running, block_max), running)
+    return used
+
+
+def _lse_f64(inp, used: torch.Tensor) -> torch.Tensor:
+    """float64 [B, Hq, Nq]: log sum over the used keys of exp(scale q.k); -inf without any."""
+    k = inp.k.double().repeat_interleave(inp.heads_q // inp.k.shape[1], 1)
+    s = (inp.q.double() @ k.transpose(-1, -2)) * inp.scale
+    return torch.logsumexp(s.masked_fill(~used, -math.inf), dim=-1)
+
+
+def _assert_lse_close(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    empty = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(got), empty), "rows with no used key must be exactly -inf"
+    assert torch.isfinite(got[~empty]).all()
+    err = (got.double()[~empty] - ref[~empty]).abs()
+    assert err.numel() == 0 or err.max().item() < 2e-5 * (1 + ref[~empty].abs().max().item())
+
+
+@pytest.mark.parametrize("b,hq,hkv,nq,nk,d,causal,padding", CASES)
+def test_lse_matches_f64_logsumexp(ext, b, hq, hkv, nq, nk, d, causal, padding):
+    """The third output: natural log-sum-exp over the used keys (docs/DESIGN.md "Partial
+    softmax"), at odd sizes, GQA, causal, padding (a fully padded batch row: -inf)."""
+    inp, mask = _random_case(b, hq, hkv, nq, nk, d, causal=causal, padding=padding, seed=nq + d + 1)
+    mask = mask.clone()
+    mask[0, 0, -1] = False  # a query block that keeps nothing: its rows are -inf
+    got, ref = _both(inp, mask)
+    used = _used_keys_f64(inp, mask, math.inf)
+    _assert_lse_close(got.lse, _lse_f64(inp, used))
+    assert torch.isneginf(got.lse[0, 0, (inp.num_q_blocks - 1) * 128:]).all()
+    if ref.lse is not None:
+        _assert_lse_close(got.lse, ref.lse.double())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_leaves_out_pv_skipped_blocks(ext, causal):
+    """pv-skipped blocks are not used: their keys are not in the lse (the scale is large so
+    that blocks do get skipped, and the lse then differs from the one over all kept keys)."""
+    inp, mask = _random_case(2, 4, 2, 400, 400, 32, causal=causal, padding=[400, 333], kept=0.8, seed=21)
+    inp = attention_inputs(inp.q, inp.k, inp.v, is_causal=causal, key_padding_mask=inp.key_padding_mask, scale=0.6)
+    got, _ = _both(inp, mask, 2.0)
+    assert got.pv_skipped > 0
+    used = _used_keys_f64(inp, mask, 2.0)
+    ref = _lse_f64(inp, used)
+    _assert_lse_close(got.lse, ref)
+    kept_all = _lse_f64(inp, _used_keys_f64(inp, mask, math.inf))
+    some = torch.isfinite(kept_all)
+    assert (kept_all - got.lse.double())[some].abs().max().item() > 1e-4  # the skip is visible in the lse
+
+
+def test_lse_every_isa_and_forward_out(ext):
+    """forward_out writes a given (poisoned) lse in every instance; bfloat16 inputs too."""
+    for dtype in (torch.float32, torch.bfloat16):
+        inp, mask = _random_case(2, 4, 1, 333, 333, 20, causal=True, padding=[333, 100], dtype=dtype, seed=9)
+        pv = per_head("pvthreshd", 1.0, 4, inp.device)
+        inp64 = attention_inputs(inp.q.float(), inp.k.float(), inp.v.float(), is_causal=True,
+                                 key_padding_mask=inp.key_padding_mask)
+        ref = _lse_f64(inp64, _used_keys_f64(inp64, mask, 1.0))
+        counts, indices = block_mask_to_lut(mask)
+        for isa in ext.available_isas():
+            out = torch.full_like(inp.q, float("nan"))
+            lse = torch.full(inp.q.shape[:3], float("nan"))
+            ext.forward_out(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, True, inp.scale, pv, out,
+                            isa, lse)
+            _assert_lse_close(lse, ref)
+        with pytest.raises(RuntimeError, match="lse must be a contiguous CPU float32"):
+            ext.forward_out(inp.q, inp.k, inp.v, counts, indices, None, True, inp.scale, pv,
+                            torch.empty_like(inp.q), "", torch.empty(inp.q.shape[:3], dtype=torch.float64))
+
+
+def test_lse_through_the_registered_op(ext):
+    """The torch.library op (used under torch.compile) returns the same three outputs."""
+    from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
+
+    inp, mask = _random_case(1, 2, 2, 300, 300, 64, causal=True, seed=13)
+    counts, indices = block_mask_to_lut(mask)
+    pv = torch.full((2,), math.inf)
+    out, pv_counts, lse = block_sparse_fwd(inp.q, inp.k, inp.v, counts, indices, None, True, inp.scale, pv)
+    direct = ext.forward(inp.q, inp.k, inp.v, counts, indices, None, True, inp.scale, pv)
+    assert torch.equal(out, direct[0]) and torch.equal(pv_counts, direct[1])
+    assert torch.equal(lse, direct[2])
+    _assert_lse_close(lse, _lse_f64(inp, _used_keys_f64(inp, mask, math.inf)))
+
+
 def test_per_head_thresholds(ext):
     inp, mask = _random_case(1, 4, 2, 256, 512, 64, kept=0.8, seed=3)
     got, ref = _both(inp, mask, torch.tensor([math.inf, 0.0, 1.0, 4.0]))

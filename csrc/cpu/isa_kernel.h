@@ -33,6 +33,8 @@ struct Problem {
   bool causal;          // key c usable by row r iff c <= r
   float scale_log2;     // softmax scale * log2(e): scores are kept in base-2 units
   const float* thr_log2;  // [Hq] pvthreshd * log2(e); +inf turns the skip off
+  float* lse;           // [B, Hq, Nq] float32 natural-log log-sum-exp of the used keys
+                        // (-inf for a row with none), or nullptr when not wanted
 };
 
 struct IsaKernel {

@@ -359,6 +359,14 @@ void run_item(const Problem& p, int64_t item, float* ws, int64_t counts[2]) {
   counts[0] += skipped;
   counts[1] += visited;
 
+  // log-sum-exp in natural units: ln(sum 2^s) = ln2 * (m + log2 l), s in base-2 units
+  if (p.lse != nullptr) {
+    float* lse = p.lse + (b * p.Hq + h) * p.Nq + r0;
+    for (int r = 0; r < rows; ++r)
+      lse[r] = l_run[r] == 0.0f ? -__builtin_inff()
+                                : 0.69314718055994531f * (m_run[r] + __builtin_log2f(l_run[r]));
+  }
+
   // normalise and store; rows with no usable key (l == 0) are zeros
   const int64_t o_off = ((b * p.Hq + h) * p.Nq + r0) * d_len;
   for (int r = 0; r < rows; ++r) {

@@ -1,7 +1,7 @@
 // Torch binding of the CPU block-sparse attention forward.
 //
 // forward(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd)
-//   -> (out, pv_counts): the interface shared with the CUDA kernel; semantics are those of
+//   -> (out, pv_counts, lse): the interface shared with the CUDA kernel; semantics are those of
 //   hf_creative_sparse/ops/reference.py. This file validates, lays the operands out for the
 //   ISA kernels (isa_*.cpp) and runs the (batch, head, query block) work items on torch's
 //   intra-op thread pool (OpenMP in the standard builds) with dynamic scheduling.
@@ -101,11 +101,13 @@ KeyLayout key_layout(const c10::optional<at::Tensor>& kpm, int64_t B, int64_t Nk
   return kl;
 }
 
-// Fills `out` (same shape and dtype as q, contiguous) and returns pv_counts int64 [2].
+// Fills `out` (same shape and dtype as q, contiguous) and, when given, `lse` (float32
+// [B, Hq, Nq] contiguous; docs/DESIGN.md "Partial softmax"); returns pv_counts int64 [2].
 at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                         const at::Tensor& kv_counts_in, const at::Tensor& kv_indices_in,
                         const c10::optional<at::Tensor>& key_padding_mask, bool is_causal, double scale,
-                        const at::Tensor& pvthreshd_in, at::Tensor& out, const std::string& isa) {
+                        const at::Tensor& pvthreshd_in, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+                        const std::string& isa) {
   check_4d(q_in, "q");
   check_4d(k_in, "k");
   check_4d(v_in, "v");
@@ -145,6 +147,11 @@ at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
   TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype && out.sizes() == q_in.sizes() &&
                   out.is_contiguous(),
               "out must be a contiguous CPU tensor shaped and typed like q");
+  if (lse.has_value())
+    TORCH_CHECK(lse->device().is_cpu() && lse->scalar_type() == at::kFloat &&
+                    lse->sizes() == at::IntArrayRef({B, Hq, Nq}) && lse->is_contiguous(),
+                "lse must be a contiguous CPU float32 tensor [", B, ", ", Hq, ", ", Nq, "], got ",
+                lse->scalar_type(), " ", lse->sizes());
 
   const IsaKernel* kernel = pick_kernel(isa);
   const int W = kernel->vec_width;
@@ -197,6 +204,7 @@ at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
   p.causal = is_causal;
   p.scale_log2 = static_cast<float>(scale * M_LOG2E);
   p.thr_log2 = thr.data_ptr<float>();
+  p.lse = lse.has_value() ? lse->data_ptr<float>() : nullptr;
 
   // most expensive items first (longest-processing-time order), then dynamic pulls
   std::vector<int64_t> order(n_items);
@@ -222,21 +230,24 @@ at::Tensor forward_into(const at::Tensor& q_in, const at::Tensor& k_in, const at
   return at::tensor({skipped.load(), visited.load()}, at::TensorOptions().dtype(at::kLong));
 }
 
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           const at::Tensor& kv_counts, const at::Tensor& kv_indices,
-                                           const c10::optional<at::Tensor>& key_padding_mask, bool is_causal,
-                                           double scale, const at::Tensor& pvthreshd) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k,
+                                                       const at::Tensor& v, const at::Tensor& kv_counts,
+                                                       const at::Tensor& kv_indices,
+                                                       const c10::optional<at::Tensor>& key_padding_mask,
+                                                       bool is_causal, double scale, const at::Tensor& pvthreshd) {
   check_4d(q, "q");
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor pv = forward_into(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd, out, "");
-  return {out, pv};
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  at::Tensor pv =
+      forward_into(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd, out, lse, "");
+  return {out, pv, lse};
 }
 
 at::Tensor forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kv_counts,
                        const at::Tensor& kv_indices, const c10::optional<at::Tensor>& key_padding_mask,
                        bool is_causal, double scale, const at::Tensor& pvthreshd, at::Tensor out,
-                       const std::string& isa) {
-  return forward_into(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd, out, isa);
+                       const std::string& isa, const c10::optional<at::Tensor>& lse) {
+  return forward_into(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd, out, lse, isa);
 }
 
 std::vector<std::string> available_isas() {
@@ -251,14 +262,15 @@ std::vector<std::string> available_isas() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hf_creative_sparse CPU block-sparse attention forward";
   m.def("forward", &hcs_cpu::forward,
-        "Block-sparse attention forward -> (out, pv_counts int64 [skipped, visited])", py::arg("q"), py::arg("k"),
+        "Block-sparse attention forward -> (out, pv_counts int64 [skipped, visited], lse float32 [B, Hq, Nq])",
+        py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("kv_counts"), py::arg("kv_indices"), py::arg("key_padding_mask"),
         py::arg("is_causal"), py::arg("scale"), py::arg("pvthreshd"));
   m.def("forward_out", &hcs_cpu::forward_out,
-        "forward writing into a given contiguous `out` (shaped and typed like q); returns pv_counts. "
-        "`isa` picks a kernel from available_isas() ('' = the best)",
+        "forward writing into a given contiguous `out` (shaped and typed like q) and, when given, `lse` "
+        "(float32 [B, Hq, Nq]); returns pv_counts. `isa` picks a kernel from available_isas() ('' = the best)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("kv_counts"), py::arg("kv_indices"),
         py::arg("key_padding_mask"), py::arg("is_causal"), py::arg("scale"), py::arg("pvthreshd"), py::arg("out"),
-        py::arg("isa") = "");
+        py::arg("isa") = "", py::arg("lse") = py::none());
   m.def("available_isas", &hcs_cpu::available_isas, "Kernel instances this CPU can run, best first");
 }

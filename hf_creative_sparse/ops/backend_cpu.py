@@ -44,11 +44,11 @@ class CpuBackend:
             from .custom_ops import block_sparse_fwd as fwd
         else:
             fwd = status.module.forward
-        out, pv_counts = fwd(
+        out, pv_counts, lse = fwd(
             inp.q.contiguous(), inp.k.contiguous(), inp.v.contiguous(), kv_counts, kv_indices,
             inp.key_padding_mask, inp.is_causal, inp.scale, pvthreshd.to(torch.float32).contiguous())
         skipped, visited = pv_counts.tolist()
-        return BackendResult(out=out, pv_skipped=skipped, pv_visited=visited)
+        return BackendResult(out=out, pv_skipped=skipped, pv_visited=visited, lse=lse)
 
 
 BACKEND = CpuBackend()

@@ -5,12 +5,14 @@ graph around an opaque Python call (SpargeAttn disables compilation instead).
 Ops (namespace ``hf_creative_sparse``):
 
 * ``block_sparse_fwd(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale,
-  pvthreshd) -> (out, pv_counts)``: the kernel interface shared by csrc/cuda and csrc/cpu.
+  pvthreshd) -> (out, pv_counts, lse)``: the kernel interface shared by csrc/cuda and csrc/cpu.
   q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; kv_counts int32 [B, Hq, Mq] and kv_indices int32
   [B, Hq, Mq, Mk] from `masks.block_mask_to_lut`; key_padding_mask bool [B, Nk] or None;
   pvthreshd float32 [Hq] (inf = off). Returns out [B, Hq, Nq, D] in q's dtype and
-  pv_counts int64 [2] = (skipped, visited) (row, block) pairs. CUDA: the CUDA extension;
-  CPU: the CPU extension, or the reference when that is not built.
+  pv_counts int64 [2] = (skipped, visited) (row, block) pairs, lse float32 [B, Hq, Nq] (natural
+  log-sum-exp of each row's used keys, -inf for a row with none; docs/DESIGN.md "Partial
+  softmax"). CUDA: the CUDA extension; CPU: the CPU extension, or the reference when that is
+  not built.
 * ``sparse_attention(q, k, v, key_padding_mask, is_causal, scale, simthreshd1, cdfthreshd,
   topk, pvthreshd, attention_sink, dense_prefix, dense_suffix, min_seq_len,
   max_kept_fraction, backend) -> (out, stats)``: the whole `ops.sparse_attention` policy
@@ -41,27 +43,30 @@ def _lut_to_mask(kv_counts: torch.Tensor, kv_indices: torch.Tensor, mk: int) -> 
 
 
 def _reference_fwd(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd):
+    from .dispatch import get_backend
     from .inputs import attention_inputs
     from .masks import check_block_mask
-    from .reference import reference_attention
 
     inp = attention_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     mask = check_block_mask(_lut_to_mask(kv_counts, kv_indices, inp.num_k_blocks), inp)
-    out, skipped, visited = reference_attention(inp, mask, pvthreshd.to(torch.float32))
-    return out, torch.tensor([skipped, visited], dtype=torch.int64, device=q.device)
+    result = get_backend("reference").run(inp, mask, pvthreshd.to(torch.float32))
+    if result.lse is None:
+        raise RuntimeError("the reference backend returned no lse; block_sparse_fwd must return one")
+    counts = torch.tensor([result.pv_skipped, result.pv_visited], dtype=torch.int64, device=q.device)
+    return result.out, counts, result.lse
 
 
 @torch.library.custom_op(f"{_NS}::block_sparse_fwd", mutates_args=(), device_types="cuda")
 def block_sparse_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_counts: torch.Tensor,
                      kv_indices: torch.Tensor, key_padding_mask: torch.Tensor | None, is_causal: bool,
-                     scale: float, pvthreshd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     scale: float, pvthreshd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Block-sparse attention forward over the kept blocks listed in (kv_counts, kv_indices)."""
     status = load_extension("cuda")
     if status.module is None:
         raise RuntimeError(f"the CUDA extension is unavailable: {status.error}")
-    out, pv_counts = status.module.forward(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal,
-                                           float(scale), pvthreshd)
-    return out, pv_counts
+    out, pv_counts, lse = status.module.forward(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal,
+                                                float(scale), pvthreshd)
+    return out, pv_counts, lse
 
 
 @block_sparse_fwd.register_kernel("cpu")
@@ -69,16 +74,14 @@ def _block_sparse_fwd_cpu(q, k, v, kv_counts, kv_indices, key_padding_mask, is_c
     status = load_extension("cpu")
     if status.module is None:
         return _reference_fwd(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd)
-    out, pv_counts = status.module.forward(q.contiguous(), k.contiguous(), v.contiguous(), kv_counts, kv_indices,
-                                           key_padding_mask, is_causal, float(scale),
-                                           pvthreshd.to(torch.float32).contiguous())
-    return out, pv_counts
+    return status.module.forward(q.contiguous(), k.contiguous(), v.contiguous(), kv_counts, kv_indices,
+                                 key_padding_mask, is_causal, float(scale), pvthreshd.to(torch.float32).contiguous())
 
 
 @block_sparse_fwd.register_fake
 def _block_sparse_fwd_fake(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd):
     b, hq, nq, d = q.shape
-    return q.new_empty(b, hq, nq, d), q.new_empty(2, dtype=torch.int64)
+    return q.new_empty(b, hq, nq, d), q.new_empty(2, dtype=torch.int64), q.new_empty(b, hq, nq, dtype=torch.float32)
 
 
 STATS_FIELDS = ("kept_fraction", "pv_skipped_fraction", "predicted_kept_fraction", "fell_back")
@@ -141,7 +144,7 @@ def compiled_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     heads, device = q.shape[1], q.device
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return sparse_attention_op(
-        q, k, v, key_padding_mask, is_causal, scale, _heads(cfg.simthreshd1, heads, device),
+        q, k, v, key_padding_mask, is_causal, scale, _heads(cfg.effective_simthreshd1, heads, device),
         None if cfg.topk is not None else _heads(cfg.cdfthreshd, heads, device),
         None if cfg.topk is None else _heads(cfg.topk, heads, device), _heads(cfg.pvthreshd, heads, device),
         cfg.attention_sink, cfg.dense_prefix, cfg.dense_suffix, cfg.min_seq_len, float(cfg.max_kept_fraction),
