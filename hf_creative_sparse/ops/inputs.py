@@ -8,6 +8,7 @@ never see a malformed call.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,14 @@ from ..config import BLOCK_M, BLOCK_N
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("HND", "NHD")
+#: Layout sanity checks (`attention_inputs`): no attention model has this many q heads
+#: (the largest have 128). With this many, a sequence shorter than `IMPLAUSIBLE_SEQ` looks
+#: like (batch, seq, heads, head_dim) read as HND (a warning, once); q heads that equal the
+#: key length while q's length equals the k/v heads look like q and k/v given in different
+#: layouts, read as grouped-query attention with hundreds of groups (an error).
+IMPLAUSIBLE_HEADS = 256
+IMPLAUSIBLE_SEQ = 16
+_warned_implausible = False
 
 
 @dataclass(frozen=True)
@@ -152,9 +161,14 @@ def attention_inputs(
     if min(q.shape) == 0 or min(k.shape) == 0:
         raise ValueError(f"q, k and v must not be empty, got q={tuple(q.shape)}, k={tuple(k.shape)}")
     heads_q, heads_kv = q.shape[1], k.shape[1]
+    # q's heads and length swapped relative to k/v's: q and k/v in different layouts
+    swapped = heads_q == k.shape[2] and q.shape[2] == heads_kv and heads_q != heads_kv
     if heads_q % heads_kv != 0:
         raise ValueError(f"the number of q heads ({heads_q}) must be a multiple of the number of k/v heads "
-                         f"({heads_kv}) for grouped-query attention")
+                         f"({heads_kv}) for grouped-query attention"
+                         + (f"; q and k/v look like different layouts: {_LAYOUT_HINT}" if swapped else ""))
+    if heads_q >= IMPLAUSIBLE_HEADS:
+        _check_plausible(q.shape, k.shape, layout, swapped)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and q.shape[2] != k.shape[2]:
@@ -164,6 +178,27 @@ def attention_inputs(
         scale=check_scale(scale, q.shape[3]),
         key_padding_mask=check_key_padding_mask(key_padding_mask, q.shape[0], k.shape[2], q.device),
     )
+
+
+_LAYOUT_HINT = ("give q, k and v all in the same layout and name it: layout='HND' is (batch, heads, seq, "
+                "head_dim), layout='NHD' is (batch, seq, heads, head_dim)")
+
+
+def _check_plausible(q_shape: torch.Size, k_shape: torch.Size, layout: str, swapped: bool) -> None:
+    """Refuse or warn about shapes with implausibly many heads (see `IMPLAUSIBLE_HEADS`);
+    called only then, so the common path pays one comparison."""
+    global _warned_implausible
+    heads_q, len_q, heads_kv, len_k = q_shape[1], q_shape[2], k_shape[1], k_shape[2]
+    if swapped:
+        raise ValueError(f"q and k/v look like different layouts: read as layout={layout!r}, q has {heads_q} heads "
+                         f"over {len_q} tokens and k/v {heads_kv} heads over {len_k} tokens, i.e. grouped-query "
+                         f"attention with {heads_q // heads_kv} q heads per k/v head; {_LAYOUT_HINT}")
+    if len_q < IMPLAUSIBLE_SEQ and not _warned_implausible:
+        _warned_implausible = True
+        other = "NHD" if layout == "HND" else "HND"
+        warnings.warn(f"attention read as layout={layout!r} has {heads_q} q heads over {len_q} tokens; if the "
+                      f"tensors are in the other layout, pass layout={other!r} ({_LAYOUT_HINT}). "
+                      "This warning is shown once.", UserWarning, stacklevel=4)
 
 
 def per_head(name: str, value: float | torch.Tensor, heads: int, device: torch.device) -> torch.Tensor:
