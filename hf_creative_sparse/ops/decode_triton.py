@@ -1,0 +1,189 @@
+"""Decode attention over kept KV blocks on CUDA, in Triton (split-K, as flash-decoding).
+
+Why Triton and not CUDA C++: the work is a gather of whole KV blocks plus two small matrix
+products per block, bound by memory bandwidth, which Triton's generated loads and
+``tl.dot`` reach without hand-written TMA/wgmma code; it compiles at first use with no
+toolkit at install time, and it runs under ``TRITON_INTERPRET=1`` on a CPU, so the same
+kernel is tested on machines without a GPU.
+
+Layout: one program per (batch, kv head, split). The kv head's query heads (GQA group,
+padded to 16 rows for ``tl.dot``) stream their split's share of the kept blocks once
+(each block is read once for all of the group's heads), with an online softmax in base 2;
+a second kernel merges the splits' partial results by their log-sum-exp. Semantics:
+`hf_creative_sparse.ops.decode.decode_block_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # optional: CPU-only installs have no triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unavailable_reason(q: torch.Tensor) -> str | None:
+    """None when the Triton decode kernel can run on q's device and dtype, else why not."""
+    if triton is None:
+        return "triton is not installed"
+    if q.device.type != "cuda" and not _interpreting():
+        return f"the triton decode kernel needs CUDA tensors, got {q.device}"
+    if q.dtype not in _DTYPES:
+        return f"the triton decode kernel takes float16/bfloat16/float32, got {q.dtype}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decode_partial_kernel(
+        Q, K, V, IDX, VALID, PART_O, PART_M, PART_L,
+        N, G, D, NUM_KEPT, BLOCKS_PER_SPLIT, SPLITS, HKV,
+        stride_qb, stride_qh,
+        stride_kb, stride_kh, stride_kn,
+        stride_vb, stride_vh, stride_vn,
+        stride_valid_b,
+        scale_log2,
+        HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        split = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        rows = tl.arange(0, BLOCK_G)
+        dims = tl.arange(0, BLOCK_D)
+        toks = tl.arange(0, BS)
+        row_ok = rows < G
+        dim_ok = dims < D
+        q_ptrs = Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        first = split * BLOCKS_PER_SPLIT
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        for jj in range(0, BLOCKS_PER_SPLIT):
+            j = first + jj
+            live = j < NUM_KEPT  # the last split may have fewer blocks: masked loads read nothing
+            blk = tl.load(IDX + bh * NUM_KEPT + j, mask=live, other=0)
+            t = blk * BS + toks
+            ok = (t < N) & live
+            if HAS_VALID:
+                ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
+            k = tl.load(k_base + t[:, None] * stride_kn + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            corr = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * corr + tl.sum(p, 1)
+            v = tl.load(v_base + t[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
+                        other=0.0)
+            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
+        base = (bh * SPLITS + split) * BLOCK_G
+        tl.store(PART_O + (base + rows)[:, None] * BLOCK_D + dims[None, :], acc)
+        tl.store(PART_M + base + rows, m_i)
+        tl.store(PART_L + base + rows, l_i)
+
+    @triton.jit
+    def _decode_merge_kernel(
+        PART_O, PART_M, PART_L, OUT, LSE, G, D, SPLITS, HKV, stride_ob, stride_oh,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        b = bh // HKV
+        h = bh % HKV
+        splits = tl.arange(0, BLOCK_S)
+        rows = tl.arange(0, BLOCK_G)
+        dims = tl.arange(0, BLOCK_D)
+        s_ok = splits < SPLITS
+        idx = (bh * SPLITS + splits)[:, None] * BLOCK_G + rows[None, :]  # [S, G]
+        m = tl.load(PART_M + idx, mask=s_ok[:, None], other=float("-inf"))
+        l = tl.load(PART_L + idx, mask=s_ok[:, None], other=0.0)
+        m_all = tl.max(m, 0)  # [G]
+        m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
+        w = tl.exp2(m - m_safe[None, :])  # [S, G]; 0 for splits that saw nothing
+        l_all = tl.sum(l * w, 0)
+        out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for s in range(0, SPLITS):
+            o = tl.load(PART_O + ((bh * SPLITS + s) * BLOCK_G + rows)[:, None] * BLOCK_D + dims[None, :])
+            ms = tl.load(PART_M + (bh * SPLITS + s) * BLOCK_G + rows)
+            out += o * tl.exp2(ms - m_safe)[:, None]
+        inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
+        out = out * inv[:, None]
+        row_ok = rows < G
+        o_ptrs = OUT + b * stride_ob + (h * G + rows)[:, None] * stride_oh + dims[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dims < D)[None, :])
+        lse = tl.where(l_all > 0, (m_all + tl.log2(l_all)) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + b * (HKV * G) + h * G + rows, lse, mask=row_ok)
+
+
+def _num_splits(items: int, kept: int, device: torch.device) -> int:
+    """Splits per (batch, kv head): about two programs per SM, at least 4 blocks a split."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    want = max(1, math.ceil(2 * sms / max(items, 1)))
+    return max(1, min(want, math.ceil(kept / 4), 64))
+
+
+def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_idx: torch.Tensor,
+                                  block_size: int, key_valid: torch.Tensor | None, scale: float
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`decode_block_attention_reference`'s result by the Triton kernels (operands already
+    checked by `ops.decode.decode_block_attention`). ``block_size`` must be a power of two
+    >= 16 (``tl.dot``'s smallest tile)."""
+    reason = unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(reason)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"the triton decode kernel needs block_size a power of two >= 16, got {block_size}")
+    b, hq, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    g = hq // hkv
+    kept = block_idx.shape[2]
+    if k.stride(3) != 1 or v.stride(3) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    q = q.contiguous()
+    idx = block_idx.contiguous()
+    block_g = max(16, triton.next_power_of_2(g))
+    block_d = max(16, triton.next_power_of_2(d))
+    splits = _num_splits(b * hkv, kept, q.device)
+    per_split = max(1, math.ceil(kept / splits))
+    splits = max(1, math.ceil(kept / per_split))
+    part_o = torch.empty(b * hkv * splits * block_g, block_d, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(b * hkv * splits * block_g, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else part_m  # dummy when unused
+    _decode_partial_kernel[(b * hkv, splits)](
+        q, k, v, idx, valid, part_o, part_m, part_l,
+        n, g, d, kept, per_split, splits, hkv,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        valid.stride(0) if key_valid is not None else 0,
+        scale * 1.4426950408889634,
+        HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=block_d, BS=block_size,
+        num_warps=4, num_stages=3,
+    )
+    out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
+    _decode_merge_kernel[(b * hkv,)](
+        part_o, part_m, part_l, out, lse, g, d, splits, hkv, out.stride(0), out.stride(1),
+        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+    )
+    return out, lse
