@@ -14,6 +14,9 @@ DiffusionGemma's ``generate`` calls its logits processors as
 temperature schedule (``t_min``/``t_max``, on by default) would stack on top: pass
 ``**processor.generate_kwargs()`` (sets them to None and the step count).
 
+    proc = DiffusionDialProcessor(max_denoising_steps=48)
+    model.generate(input_ids=ids, logits_processor=LogitsProcessorList([proc]), **proc.generate_kwargs())
+
 Example:
     >>> import torch
     >>> proc = DiffusionDialProcessor(max_denoising_steps=4, schedule=TwoStageSchedule(0.7, 0.3, switch=0.5))

@@ -217,10 +217,15 @@ def saliency_scores(query: torch.Tensor, keys: torch.Tensor, *, head_select: boo
 
 
 def select_retained(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices (B, S, count) of the ``count`` highest scores per row and set, ascending."""
+    """Indices (B, S, count) of the ``count`` highest scores per row and set, ascending.
+
+    Ties (max-pooling makes plateaus) go to the earlier position: a stable descending sort,
+    so the choice is deterministic on every device (``topk`` leaves ties unspecified).
+    """
     if not 1 <= count <= scores.shape[-1]:
         raise ValueError(f"count must be in [1, {scores.shape[-1]}], got {count}")
-    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    return order[..., :count].sort(dim=-1).values
 
 
 def compact_kv(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,390 @@
+"""Context KV retention on DiffusionGemma (tiny random model, CPU).
+
+References: the unpatched model (bit-identity where retention must not act), and for
+retained steps the *original* decoder attention forward run in float64 with a mask that
+lets it see only the tokens an independent, loop-based saliency picks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+if not hasattr(transformers, "DiffusionGemmaForBlockDiffusion"):
+    pytest.skip("needs transformers >= 5.23 (DiffusionGemma)", allow_module_level=True)
+
+from transformers import (DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion, DiffusionGemmaTextConfig,  # noqa: E402
+                          DynamicCache, LogitsProcessorList)
+from transformers.models.diffusion_gemma.modeling_diffusion_gemma import apply_rotary_pos_emb  # noqa: E402
+
+import hf_creative_sparse as hcs  # noqa: E402
+from hf_creative_sparse.api import HANDLE_ATTR  # noqa: E402
+from hf_creative_sparse.control import SparsityController, set_current_sparsity  # noqa: E402
+from hf_creative_sparse.retention import (RetentionConfig, compact_kv, saliency_scores,  # noqa: E402
+                                          select_retained)
+
+PROMPT = 37  # not a multiple of anything
+CANVAS = 8
+
+
+def tiny_model(dtype: torch.dtype = torch.float64) -> DiffusionGemmaForBlockDiffusion:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tc = DiffusionGemmaTextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
+                                      num_global_key_value_heads=1, sliding_window=64, num_experts=4,
+                                      top_k_experts=2, moe_intermediate_size=16)
+        cfg = DiffusionGemmaConfig(text_config=tc, vision_config=None, canvas_length=CANVAS,
+                                   boi_token_id=120, eoi_token_id=121, image_token_id=122)
+    torch.manual_seed(0)
+    model = DiffusionGemmaForBlockDiffusion(cfg).to(dtype).eval()
+    model.set_experts_implementation("eager")  # grouped_mm has no float64
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> DiffusionGemmaForBlockDiffusion:
+    return tiny_model()
+
+
+def decoder_attention(model):
+    return [m for m in model.modules() if type(m).__name__ == "DiffusionGemmaDecoderTextAttention"]
+
+
+def encode(model, batch: int = 2, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 110, (batch, PROMPT), generator=gen)
+    canvas = torch.randint(3, 110, (batch, CANVAS), generator=gen)
+    cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+    with torch.no_grad():
+        model.model.encoder(input_ids=ids, cache=cache)
+    return ids, canvas, cache
+
+
+def decode(model, canvas, cache):
+    with torch.no_grad():
+        return model(decoder_input_ids=canvas, cache=cache).logits
+
+
+def generate(model, ids, **kwargs):
+    torch.manual_seed(11)
+    return model.generate(input_ids=ids, max_new_tokens=2 * CANVAS, max_denoising_steps=5, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def _clean(model):
+    yield
+    set_current_sparsity(None)
+    if getattr(model, HANDLE_ATTR, None) is not None:
+        hcs.disable_creative_sparse(model)
+
+
+# ------------------------------------------------------------------ saliency, by hand
+
+
+def test_saliency_hand_computed():
+    q = torch.zeros(1, 2, 2, 2)                      # 2 query heads, 2 canvas tokens, dim 2
+    q[0, 0, :, 0] = torch.tensor([1.0, 3.0])         # head 0 mean query (2, 0)
+    q[0, 1, :, 1] = torch.tensor([1.0, 1.0])         # head 1 mean query (0, 1)
+    k = torch.tensor([[[[1.0, 0.0], [0.0, 4.0], [0.5, 0.5], [-1.0, 0.0]]]])   # one KV head (GQA 2:1)
+    shared = saliency_scores(q, k, head_select=False, pool_kernel=1)
+    assert shared.tolist() == [[[2.0, 4.0, 1.5, -2.0]]]                 # sum over query heads
+    per_head = saliency_scores(q, k, head_select=True, pool_kernel=1)
+    assert per_head.tolist() == [[[2.0, 4.0, 1.0, 0.0]]]                # max over the group
+    pooled = saliency_scores(q, k, head_select=False, pool_kernel=3)
+    assert pooled.tolist() == [[[4.0, 4.0, 4.0, 1.5]]]
+    masked = saliency_scores(q, k, head_select=False, pool_kernel=1, attendable=torch.tensor([[True, False, True, True]]))
+    assert select_retained(masked, 2).tolist() == [[[0, 2]]]
+    kk = torch.arange(8.0).view(1, 1, 4, 2)
+    kc, vc = compact_kv(kk, kk + 100, torch.tensor([[[1, 3]]]))
+    assert kc.tolist() == [[[[2.0, 3.0], [6.0, 7.0]]]] and vc[0, 0, 0, 0].item() == 102.0
+    assert kc.untyped_storage().nbytes() == kc.numel() * kc.element_size()   # its own, smaller storage
+
+
+def test_config_validation_and_phases():
+    for bad in (0.0, -0.1, 1.5, float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="retention_ratio"):
+            RetentionConfig(retention_ratio=bad)
+    with pytest.raises(ValueError, match="delay_step"):
+        RetentionConfig(delay_step=-1)
+    with pytest.raises(ValueError, match="default_block_len"):
+        RetentionConfig(delay_step=2, default_block_len=2)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        RetentionConfig(pool_kernel=0)
+    with pytest.raises(TypeError, match="head_select"):
+        RetentionConfig(head_select=1)
+    with pytest.raises(ValueError, match="offload_to"):
+        RetentionConfig(offload_to="not-a-device")
+    cfg = RetentionConfig(retention_ratio=0.5, delay_step=1, default_block_len=3)
+    assert [cfg.phase(i) for i in range(6)] == ["dense", "select", "sparse"] * 2
+    assert [RetentionConfig(delay_step=0).phase(i) for i in range(3)] == ["select", "sparse", "sparse"]
+    assert RetentionConfig(retention_ratio=1.0).phase(5) == "dense"
+    assert RetentionConfig(enabled=False).phase(5) == "dense"
+    assert cfg.retained_count(37) == 18 and cfg.retained_count(1) == 1 and cfg.retained_count(37, 0.3) == 11
+
+
+# ------------------------------------------------------------------ the model
+
+
+def test_ratio_one_is_bit_identical_and_disable_restores(model):
+    ids, _, _ = encode(model)
+    ref = generate(model, ids)
+    handle = hcs.enable_creative_sparse(model, retention=1.0)
+    out = generate(model, ids)
+    assert torch.equal(out.sequences, ref.sequences)
+    report = hcs.sparsity_report(model)
+    assert all(r["sparse_steps"] == 0 and r["dense_steps"] > 0 for r in report.rows)
+    hcs.disable_creative_sparse(model)
+    assert not handle.active and getattr(model, HANDLE_ATTR, None) is None
+    assert all("forward" not in vars(m) for m in decoder_attention(model))
+    assert "generate" not in vars(model)
+    assert not model.model.encoder._forward_pre_hooks and not model.model.decoder._forward_pre_hooks
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.3, delay_step=0))
+    changed = generate(model, ids)
+    hcs.disable_creative_sparse(model)
+    assert torch.equal(generate(model, ids).sequences, ref.sequences)   # exact after disable
+    assert not torch.equal(changed.sequences, ref.sequences)            # and retention did act
+
+
+def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig) -> torch.Tensor:
+    """The original forward in float64, masked to the tokens a loop-based saliency keeps."""
+    b, nc, _ = hidden.shape
+    keys = cache.layers[module.layer_idx].keys                       # (B, Hkv, N, D)
+    hkv, n = keys.shape[1], keys.shape[2]
+    hq = module.config.num_attention_heads
+    shape = (b, nc, -1, module.head_dim)
+    cos, sin = pos_emb
+    q = apply_rotary_pos_emb(module.q_norm(module.q_proj(hidden).view(shape)), cos, sin, unsqueeze_dim=2)
+    allow = torch.ones(b, hq, nc, n + nc, dtype=torch.bool)
+    count = cfg.retained_count(n)
+    for r in range(b):
+        q_mean = q[r].mean(dim=0)                                     # (Hq, D)
+        per = [[float(q_mean[h] @ keys[r, h // (hq // hkv), t]) for t in range(n)] for h in range(hq)]
+        if cfg.head_select:
+            sets = [[max(per[h][t] for h in range(g * hq // hkv, (g + 1) * hq // hkv)) for t in range(n)]
+                    for g in range(hkv)]
+        else:
+            sets = [[sum(per[h][t] for h in range(hq)) for t in range(n)]]
+        half = cfg.pool_kernel // 2
+        for si, s in enumerate(sets):
+            pooled = [max(s[max(0, t - half):t + half + 1]) for t in range(n)]
+            keep = sorted(range(n), key=lambda t: -pooled[t])[:count]
+            heads = range(hq) if len(sets) == 1 else range(si * hq // hkv, (si + 1) * hq // hkv)
+            for h in heads:
+                allow[r, h, :, :n] = False
+                allow[r, h, :, keep] = True
+    out, _ = type(module).forward(module, hidden, pos_emb, allow, cache=cache)
+    return out
+
+
+@pytest.mark.parametrize("head_select", [False, True])
+def test_retained_steps_equal_masked_reference(model, head_select):
+    cfg = RetentionConfig(retention_ratio=0.4, delay_step=0, head_select=head_select, pool_kernel=3)
+    _, canvas, cache = encode(model)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out, seen=seen: seen.__setitem__(mod.layer_idx,
+                                     (kwargs["hidden_states"], kwargs["position_embeddings"], out[0])),
+                                     with_kwargs=True) for m in decoder_attention(model)]
+    try:
+        hcs.enable_creative_sparse(model, retention=cfg)
+        decode(model, canvas, cache)
+        runtime = getattr(model, HANDLE_ATTR).runtime
+        for module in decoder_attention(model):
+            hidden, pos_emb, out = seen[module.layer_idx]
+            n = cache.layers[module.layer_idx].keys.shape[2]
+            assert runtime.stores[module.layer_idx][0][0].shape[-2] == cfg.retained_count(n)
+            with torch.no_grad():
+                ref = _reference_layer(module, hidden, pos_emb, cache, cfg)
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+            dense, _ = type(module).forward(module, hidden, pos_emb, None, cache=cache)
+            assert (out - dense).abs().max() > 1e-6            # retention changed the layer
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_delay_step_and_block_len_semantics(model):
+    _, canvas, cache = encode(model, batch=1)
+    dense = [decode(model, canvas, cache) for _ in range(6)]
+    assert all(torch.equal(d, dense[0]) for d in dense)
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.3, delay_step=2))
+    runtime = getattr(model, HANDLE_ATTR).runtime
+    outs, stores = [], []
+    for _ in range(6):
+        outs.append(decode(model, canvas, cache))
+        stores.append(runtime.stores.get(1, {}).get(0))
+    assert [torch.equal(o, dense[0]) for o in outs] == [True, True, False, False, False, False]
+    assert stores[1] is None and stores[2] is not None
+    assert all(s[0] is stores[2][0] for s in stores[3:])       # chosen once, reused until the canvas ends
+    rows = hcs.sparsity_report(model).rows
+    assert all(r["dense_steps"] == 2 and r["sparse_steps"] == 4 and r["selections"] == 1 for r in rows)
+    hcs.disable_creative_sparse(model)
+
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.3, delay_step=1,
+                                                                default_block_len=3))
+    outs = [decode(model, canvas, cache) for _ in range(6)]
+    assert [torch.equal(o, dense[0]) for o in outs] == [True, False, False, True, False, False]
+    assert all(r["selections"] == 2 for r in hcs.sparsity_report(model).rows)
+    hcs.disable_creative_sparse(model)
+
+    # a new canvas (the encoder appends) restarts the count: dense again for delay_step steps
+    ids, _, _ = encode(model, batch=1)
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.3, delay_step=1))
+    out = generate(model, ids)
+    rows = hcs.sparsity_report(model).rows
+    assert all(r["selections"] == 2 and r["dense_steps"] == 2 and r["sparse_steps"] == 8 for r in rows)
+    assert out.sequences.shape[1] == PROMPT + 2 * CANVAS
+
+
+def test_per_prompt_configs_equal_rows_alone(model):
+    configs = [RetentionConfig(retention_ratio=0.5, delay_step=0), RetentionConfig(enabled=False),
+               RetentionConfig(retention_ratio=0.3, delay_step=1, head_select=True, pool_kernel=1)]
+    _, canvas, cache = encode(model, batch=3)
+    unpatched = [decode(model, canvas, cache) for _ in range(3)]
+    hcs.enable_creative_sparse(model, retention=configs)
+    batched = [decode(model, canvas, cache) for _ in range(3)]
+    hcs.disable_creative_sparse(model)
+    for step in range(3):
+        assert torch.equal(batched[step][1], unpatched[step][1])    # the disabled row: exact
+    for row, cfg in enumerate(configs):
+        alone_cache = DynamicCache(config=model.config.get_text_config(decoder=True))
+        for i, layer in enumerate(cache.layers):
+            alone_cache.layers[i].lazy_initialization(layer.keys[row:row + 1], layer.values[row:row + 1])
+            alone_cache.layers[i].update(layer.keys[row:row + 1], layer.values[row:row + 1])
+        hcs.enable_creative_sparse(model, retention=cfg)
+        alone = [decode(model, canvas[row:row + 1], alone_cache) for _ in range(3)]
+        hcs.disable_creative_sparse(model)
+        for step in range(3):
+            torch.testing.assert_close(batched[step][row:row + 1], alone[step], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(batched[2][2], unpatched[2][2])
+
+
+def test_cache_memory_falls_by_retained_share_and_offload_is_lossless(model):
+    ids, canvas, cache = encode(model, batch=2)
+    cfg = RetentionConfig(retention_ratio=0.5, delay_step=0)
+    hcs.enable_creative_sparse(model, retention=cfg)
+    decode(model, canvas, cache)
+    runtime = getattr(model, HANDLE_ATTR).runtime
+    for idx, rows in runtime.stores.items():
+        full = cache.layers[idx].keys
+        kept = sum(k.numel() + v.numel() for k, v in rows.values())
+        assert kept / (2 * full.numel()) == cfg.retained_count(full.shape[2]) / full.shape[2]
+    report = hcs.sparsity_report(model)
+    for r in report.rows:
+        layer = cache.layers[int(r["layer"].split(".")[3])]
+        full_bytes = 2 * layer.keys.numel() * layer.keys.element_size()
+        assert math.isclose(r["memory_saved_mb"] * 2**20, full_bytes * (1 - r["retained_tokens"] / r["context_tokens"]))
+    assert "saved MB" in str(report)
+    hcs.disable_creative_sparse(model)
+
+    plain = generate(model, ids)
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1))
+    kept_in_place = generate(model, ids)
+    hcs.disable_creative_sparse(model)
+    assert not torch.equal(plain.sequences, kept_in_place.sequences)
+    # offload_to the device the cache is already on: nothing to move, same result
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1, offload_to="cpu"))
+    same = generate(model, ids)
+    assert torch.equal(same.sequences, kept_in_place.sequences)
+    assert all(r["offloaded_mb"] == 0 for r in hcs.sparsity_report(model).rows)
+
+
+@pytest.mark.cuda
+def test_offload_moves_the_full_context_off_the_gpu_and_back():
+    model = tiny_model(torch.float32).cuda()
+    ids = torch.randint(3, 110, (2, PROMPT), device="cuda")
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1))
+    kept_in_place = generate(model, ids)
+    hcs.disable_creative_sparse(model)
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1, offload_to="cpu"))
+    runtime = getattr(model, HANDLE_ATTR).runtime
+    moved, devices = [], []
+    hook = model.model.decoder.register_forward_hook(
+        lambda *a: (moved.append(len(runtime.offloaded)), devices.append(runtime.cache.layers[1].keys.device.type)))
+    offloaded = generate(model, ids)
+    hook.remove()
+    assert moved == [0, 2, 2, 2, 2] * 2          # both layers wait off the GPU after the first sparse step
+    assert devices == ["cuda", "cpu", "cpu", "cpu", "cpu"] * 2
+    assert not runtime.offloaded                  # the returned cache is whole and back on the GPU
+    assert torch.equal(offloaded.sequences, kept_in_place.sequences)
+    for a, b in zip(offloaded.cache.layers, kept_in_place.cache.layers):
+        assert a.keys.is_cuda and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert all(r["offloaded_mb"] > 0 for r in hcs.sparsity_report(model).rows)
+    hcs.disable_creative_sparse(model)
+
+
+def test_bad_input_leaves_the_model_unchanged(model):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def untouched():
+        return getattr(model, HANDLE_ATTR, None) is None and all("forward" not in vars(m)
+                                                                  for m in decoder_attention(model))
+
+    for bad, err, match in ((0.0, ValueError, "retention_ratio"), (1.2, ValueError, "retention_ratio"),
+                            ({"delay_step": -1}, ValueError, "delay_step"), ("half", TypeError, "retention"),
+                            ([], ValueError, "retention"), ({"ratio": 0.5}, ValueError, "unknown fields"),
+                            ([0.5, "x"], TypeError, r"retention\[1\]")):
+        with pytest.raises(err, match=match):
+            hcs.enable_creative_sparse(model, retention=bad)
+        assert untouched()
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).eval()
+    with pytest.raises(ValueError, match="retention= supports DiffusionGemma.*GPT2LMHeadModel"):
+        hcs.enable_creative_sparse(gpt2, retention=0.5)
+    assert getattr(gpt2, HANDLE_ATTR, None) is None
+    ids, canvas, cache = encode(model, batch=2)
+    hcs.enable_creative_sparse(model, retention=[0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match="retention has 3 configs but the batch has 2 rows"):
+        decode(model, canvas, cache)
+
+
+def test_pipeline_component_is_found(model):
+    class Pipe:  # what diffusers pipelines expose: .components
+        components = {"model": model, "scheduler": None}
+
+    pipe = Pipe()
+    handle = hcs.enable_creative_sparse(pipe, retention=0.5)
+    assert getattr(pipe, HANDLE_ATTR) is handle and getattr(model, HANDLE_ATTR) is handle
+    hcs.disable_creative_sparse(pipe)
+    assert getattr(model, HANDLE_ATTR, None) is None
+
+
+# ------------------------------------------------------------------ the dial
+
+
+def test_dial_drives_temperature_nucleus_and_retention(model):
+    steps = 4
+    proc = hcs.DiffusionDialProcessor(steps, schedule=hcs.TwoStageSchedule(0.7, 0.3, switch=0.5))
+    ctl = SparsityController()
+    scores = torch.tensor([[[2.0, 1.0, 0.0, -1.0, -3.0]]])
+    out = proc(torch.zeros(1, 1, dtype=torch.long), scores.clone(), cur_step=torch.tensor(4))
+    t, p = ctl.temperature(0.7), ctl.top_p(0.7)
+    probs = torch.softmax(scores / t, -1)[0, 0].tolist()
+    expect_keep = [sum(probs[:i]) < p for i in range(5)]
+    assert [math.isfinite(x) for x in out[0, 0].tolist()] == expect_keep
+    kept = [i for i in range(5) if expect_keep[i]]
+    torch.testing.assert_close(out[0, 0, kept], scores[0, 0, kept] / t)
+    proc(torch.zeros(1, 1, dtype=torch.long), scores.clone(), cur_step=2)
+    assert [h["s"] for h in proc.history] == [0.7, 0.3]
+    with pytest.raises(ValueError, match="cur_step"):
+        proc(torch.zeros(1, 1, dtype=torch.long), scores, cur_step=9)
+
+    ids, _, _ = encode(model, batch=1)
+    proc = hcs.DiffusionDialProcessor(5)
+    out = generate(model, ids, logits_processor=LogitsProcessorList([proc]), **{k: v for k, v in proc.generate_kwargs().items()
+                                                           if k != "max_denoising_steps"})
+    assert [h["step"] for h in proc.history] == list(range(5)) * 2
+    assert [h["s"] for h in proc.history[:5]] == [0.7, 0.7, 0.7, 0.3, 0.3]
+
+    # retention follows the published dial: ratio * k_attn(s)
+    _, canvas, cache = encode(model, batch=1)
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.8, delay_step=0))
+    set_current_sparsity(0.7)
+    decode(model, canvas, cache)
+    rows = hcs.sparsity_report(model).rows
+    n = cache.layers[1].keys.shape[2]
+    assert rows[1]["retained_tokens"] == RetentionConfig().retained_count(n, 0.8 * ctl.attention_budget(0.7))
+    assert rows[1]["retained_tokens"] < RetentionConfig().retained_count(n, 0.8)
