@@ -1,6 +1,6 @@
 """The CUDA extension (csrc/cuda) against independent references, on fresh random inputs
 at odd sizes: the block-sparse forward (dtypes, head dims incl. padded ones, GQA, causal,
-key padding, empty rows, the pv skip), the GPU prediction pieces, the public entry points
+key padding, empty rows, the pv skip; outputs and per-row log-sum-exp), the GPU prediction pieces, the public entry points
 with backend="cuda", and the custom ops under torch.compile. All marked `cuda`."""
 
 from __future__ import annotations
@@ -64,18 +64,42 @@ def _check_kernel_used(kernel: str, d: int) -> None:
 
 
 def _poison_freed_memory(inp) -> None:
-    """Leave NaN-filled blocks of the output's size in the caching allocator, so the
-    kernel's output (allocated next, with at::empty) starts as NaN where it is not written."""
+    """Leave NaN-filled blocks of the output's and the lse's sizes in the caching allocator,
+    so the kernel's outputs (allocated next, with at::empty) start as NaN where not written."""
     poison = [torch.full(inp.q.shape, math.nan, dtype=inp.q.dtype, device="cuda") for _ in range(2)]
+    poison += [torch.full(inp.q.shape[:3], math.nan, dtype=torch.float32, device="cuda") for _ in range(2)]
     del poison
 
 
 def _run(inp, mask, pv=math.inf):
+    """(out, pv_counts, lse) of the kernel on ``mask``."""
     counts, indices = block_mask_to_lut(mask)
     pvt = torch.full((inp.heads_q,), float(pv), device="cuda")
     _poison_freed_memory(inp)
     return block_sparse_fwd(inp.q, inp.k, inp.v, counts, indices, inp.key_padding_mask, inp.is_causal,
                             inp.scale, pvt)
+
+
+def _lse_f64(inp, em: torch.Tensor) -> torch.Tensor:
+    """float64 log-sum-exp [B, Hq, Nq] of scale * q.k over the usable keys ``em``
+    (bool [B, Hq, Nq, Nk]); -inf for rows without any."""
+    q, k = inp.q.double().cpu(), inp.k.double().cpu()
+    k = k.repeat_interleave(inp.heads_q // inp.heads_kv, 1)
+    s = (q @ k.transpose(-1, -2)) * inp.scale
+    return s.masked_fill(~em.expand(s.shape), -math.inf).logsumexp(-1)
+
+
+def _check_lse(lse: torch.Tensor, ref: torch.Tensor) -> None:
+    """The kernel's lse against a float64 one: same -inf rows, close elsewhere (the scores
+    of both come from the same 16-bit inputs; float32 accumulation)."""
+    assert lse.dtype == torch.float32 and lse.shape == ref.shape
+    lse = lse.double().cpu()
+    assert not lse.isnan().any(), "unwritten (poisoned) or NaN lse"
+    empty = ref == -math.inf
+    assert (lse[empty] == -math.inf).all(), "rows without a usable key must have lse -inf"
+    assert torch.isfinite(lse[~empty]).all()
+    err = (lse[~empty] - ref[~empty]).abs().max().item() if (~empty).any() else 0.0
+    assert err < 2e-3 + 1e-4 * ref[~empty].abs().max().item(), f"lse max error {err:.2e}"
 
 
 def test_extension_builds():
@@ -97,10 +121,11 @@ def test_extension_builds():
 def test_forward_matches_float64_reference(shape, dtype, kernel):
     b, hq, hkv, nq, nk, d, causal, padded = shape
     inp, mask = _case(b, hq, hkv, nq, nk, d, dtype, causal=causal, padded=padded)
-    out, counts = _run(inp, mask)
+    out, counts, lse = _run(inp, mask)
     _check_kernel_used(kernel, d)
     em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
     ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    _check_lse(lse, _lse_f64(inp, em))
     assert out.shape == (b, hq, nq, d) and out.dtype == dtype
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     assert _rel(out, ref) < TOL[dtype], f"relative error {_rel(out, ref):.2e}"
@@ -138,10 +163,11 @@ def test_persistent_grid_walks_items_correctly(shape, few_ctas):
     mask[0, 0, 2, :3] = True  # and one with a single (odd) kept block next to them
     mask[0, 0, 2, 3:] = False
     mask = check_block_mask(mask, inp)
-    out, counts = _run(inp, mask)
+    out, counts, lse = _run(inp, mask)
     assert load_extension("cuda").module.last_kernel() == KERNELS["hopper"]
     em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
     ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    _check_lse(lse, _lse_f64(inp, em))
     assert torch.isfinite(out).all(), "unwritten or non-finite output"
     assert _rel(out, ref) < TOL[dtype], f"relative error {_rel(out, ref):.2e}"
     assert (out.cpu()[~em.any(-1)] == 0).all()
@@ -158,11 +184,35 @@ def test_persistent_grid_pv_skip_counts(few_ctas):
     v = torch.randn(b, h, n, d, device="cuda").to(torch.float16)
     inp = attention_inputs(q, k, v)
     mask = check_block_mask(torch.rand(b, h, inp.num_q_blocks, inp.num_k_blocks, device="cuda") < 0.7, inp)
-    out, counts = _run(inp, mask, 3.0)
+    out, counts, _ = _run(inp, mask, 3.0)
     ref, skipped, visited = pv_skip_attention_f64(q, k, v, mask.cpu(), 3.0)
     assert skipped > 0, "the test inputs should trigger the skip"
     assert counts.tolist() == [skipped, visited]
     assert _rel(out, ref) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("causal,padded", [(False, False), (True, True)])
+def test_partials_over_disjoint_masks_merge_to_the_whole(kernel, causal, padded):
+    # docs/DESIGN.md "Partial softmax": two results over disjoint key sets merge exactly by
+    # their lse; also through the backend (BackendResult.lse), GQA, odd length.
+    from hf_creative_sparse.ops.dispatch import get_backend
+
+    inp, mask = _case(2, 4, 2, 461, 461, 128, torch.bfloat16, causal=causal, padded=padded, keep=0.7)
+    part = check_block_mask(mask & (torch.rand(mask.shape, device="cuda") < 0.5), inp)
+    rest = check_block_mask(mask & ~part, inp)
+    pvt = torch.full((4,), math.inf, device="cuda")
+    _poison_freed_memory(inp)
+    a, b = get_backend("cuda").run(inp, part, pvt), get_backend("cuda").run(inp, rest, pvt)
+    whole, _, whole_lse = _run(inp, mask)
+    m = torch.maximum(a.lse, b.lse)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa, wb = (a.lse - m).exp()[..., None], (b.lse - m).exp()[..., None]
+    merged = (a.out.float() * wa + b.out.float() * wb) / (wa + wb).clamp_min(1e-30)
+    em = element_mask(mask, 461, 461, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=2, heads=4)
+    ref = masked_attention_f64(inp.q, inp.k, inp.v, em)
+    assert _rel(merged, ref) < TOL[torch.bfloat16]
+    _check_lse(torch.logaddexp(a.lse, b.lse), _lse_f64(inp, em))
+    _check_lse(whole_lse, _lse_f64(inp, em))
 
 
 def test_nhd_views_and_full_mask_equal_sdpa(kernel):
@@ -188,17 +238,26 @@ def test_pv_skip_equals_per_row_reference_when_group_rows_agree(kernel):
     inp = attention_inputs(q, k, v)
     mask = check_block_mask(torch.rand(b, h, 3, 6, device="cuda") < 0.8, inp)
     thr = 3.0
-    out, counts = _run(inp, mask, thr)
+    out, counts, lse = _run(inp, mask, thr)
     ref, skipped, visited = pv_skip_attention_f64(q, k, v, mask.cpu(), thr)
     assert skipped > 0, "the test inputs should trigger the skip"
     assert counts.tolist() == [skipped, visited]
     assert _rel(out, ref) < TOL[torch.float16]
+    # lse over the keys actually used: skipped blocks are left out, as in the reference
+    pvt = torch.full((h,), thr, device="cuda")
+    _, _, _, ref_lse = reference_attention(inp, mask, pvt, return_lse=True)
+    _check_lse(lse, ref_lse.double().cpu())
+    full = _lse_f64(inp, element_mask(mask, n, n, batch=b, heads=h))
+    drop = full - ref_lse.double().cpu()
+    rows = drop > 1e-3
+    assert rows.any(), "the skip should remove visible mass from some rows"
+    assert ((full - lse.double().cpu())[rows] > 0.5 * drop[rows]).all(), "skipped blocks must leave the lse"
 
 
 def test_pv_skip_per_group_within_tolerance_on_random_rows(kernel):
     inp, mask = _case(1, 2, 2, 512, 1024, 64, torch.bfloat16, keep=0.9, scale_q=3.0)
     thr = 6.0
-    out, counts = _run(inp, mask, thr)
+    out, counts, _ = _run(inp, mask, thr)
     _, ref_skipped, ref_visited = reference_attention(inp, mask, torch.full((2,), thr, device="cuda"))
     exact = masked_attention_f64(inp.q, inp.k, inp.v, element_mask(mask, 512, 1024, batch=1, heads=2))
     skipped, visited = counts.tolist()
@@ -216,13 +275,13 @@ def test_hopper_kernel_skips_no_vote_where_the_skip_cannot_change_the_output():
     mod.set_kernel_preference(KERNELS["hopper"])
     try:
         inp, mask = _case(1, 2, 2, 700, 1500, 128, torch.bfloat16, keep=0.9, scale_q=6.0)
-        exact, exact_counts = _run(inp, mask, math.inf)
-        out, counts = _run(inp, mask, 25.0)
-        low, low_counts = _run(inp, mask, 4.0)
+        exact, exact_counts, exact_lse = _run(inp, mask, math.inf)
+        out, counts, lse = _run(inp, mask, 25.0)
+        low, low_counts, _ = _run(inp, mask, 4.0)
     finally:
         mod.set_kernel_preference(0)
     assert counts.tolist() == exact_counts.tolist() and counts[0] == 0
-    assert torch.equal(out, exact)
+    assert torch.equal(out, exact) and torch.equal(lse, exact_lse)
     assert low_counts[0] > 0, "a low threshold must still skip"
 
 
@@ -342,8 +401,8 @@ def test_custom_ops_compile_without_graph_breaks():
     pv = torch.full((4,), math.inf, device="cuda")
 
     def layer(q, k, v):
-        out, _ = block_sparse_fwd(q * 1.0, k, v, counts, indices, None, False, 0.125, pv)
-        return out.float().relu()
+        out, _, lse = block_sparse_fwd(q * 1.0, k, v, counts, indices, None, False, 0.125, pv)
+        return out.float().relu() + lse[..., None]
 
     eager = layer(q, k, v)
     compiled = torch.compile(layer, fullgraph=True)(q, k, v)

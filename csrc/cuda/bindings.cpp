@@ -2,7 +2,8 @@
 // per-(dtype, head dim) launchers, and a check of every launch.
 //
 // forward(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd)
-//   -> (out [B, Hq, Nq, D] in q's dtype, pv_counts int64 [2] = (skipped, visited))
+//   -> (out [B, Hq, Nq, D] in q's dtype, pv_counts int64 [2] = (skipped, visited),
+//       lse float32 [B, Hq, Nq]: natural log-sum-exp of each row's used keys, -inf for none)
 // Semantics: hf_creative_sparse/ops/reference.py; the pv skip is decided per warp of 16 rows
 // (mma.sync) or per warpgroup of 64 rows (the Hopper kernels).
 #include <c10/cuda/CUDAStream.h>
@@ -110,12 +111,15 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   auto out = at::empty({B, Hq, Nq, Dp}, q.options());
   auto pv_counts = at::zeros({2}, q.options().dtype(at::kLong));
+  auto lse = at::empty({B, Hq, Nq}, q.options().dtype(at::kFloat));  // every row written by the kernel
 
   hcs::FwdParams p{};
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.o = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(), "internal: out and lse must be contiguous (FwdParams::lse)");
   p.q_bs = q.stride(0), p.q_hs = q.stride(1), p.q_rs = q.stride(2);
   p.k_bs = k.stride(0), p.k_hs = k.stride(1), p.k_rs = k.stride(2);
   p.v_bs = v.stride(0), p.v_hs = v.stride(1), p.v_rs = v.stride(2);
@@ -156,7 +160,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q_in, const at::Tensor& k_in, 
   }
   check_cuda(err, "block_sparse_fwd launch");
   if (Dp != D) out = out.narrow(3, 0, D).contiguous();
-  return {out, pv_counts};
+  return {out, pv_counts, lse};
 }
 
 std::vector<at::Tensor> pool_blocks(const at::Tensor& x_in, int64_t block, const c10::optional<at::Tensor>& valid_in) {

@@ -6,7 +6,8 @@
 // ascending order, with an online softmax in float32. Semantics: hf_creative_sparse/ops/
 // reference.py. The pv-threshold skip is decided per warp (16 rows): a block's P@V is
 // skipped when every row of the warp that has a usable key in it would skip it; counts
-// are per (row, block) pair over the rows of such warps.
+// are per (row, block) pair over the rows of such warps. The epilogue also writes each
+// row's log-sum-exp over the keys it used (FwdParams::lse).
 #pragma once
 
 #include <cmath>
@@ -206,6 +207,13 @@ __global__ void __launch_bounds__(kThreads, FwdTraits<D>::kMinBlocks) block_spar
   l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
   l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  if (t4 == 0) {  // the quad's four lanes hold the same row state
+    // The (b, h) offset derived from o's (FwdParams::lse): a separate (b * Hq + h) * Nq
+    // costs D128 spill loads inside the main loop (ptxas, CUDA 13).
+    float* lse = p.lse + (b * p.o_bs + h * p.o_hs) / D;
+    if (rv0) lse[row0] = row_lse(m0, l0);
+    if (rv1) lse[row1] = row_lse(m1, l1);
+  }
 
   // Stage the warp's 16 output rows in its own rows of sQ, then write 16-byte chunks.
   __syncwarp();

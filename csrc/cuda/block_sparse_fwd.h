@@ -15,12 +15,26 @@ constexpr int kBlockN = 64;
 // PV_EXACT_THRESHOLD).
 constexpr float kPvExactThreshold = 20.f;
 constexpr int kThreads = 256;  // 8 warps, 16 query rows each
+constexpr float kLn2 = 0.6931471805599453f;
+
+#ifdef __CUDACC__
+// A row's log-sum-exp (docs/DESIGN.md "Partial softmax") from the online softmax's state:
+// m is the running max in scaled log2 units, l the row sum of exp2(x - m). One store per
+// row, by the lane that holds it (the epilogue of both kernels).
+__device__ __forceinline__ float row_lse(float m, float l) {
+  return l > 0.f ? (m + log2f(l)) * kLn2 : -INFINITY;
+}
+#endif
 
 struct FwdParams {
   const void* q;  // [B, Hq, Nq, D], element strides below, last dim contiguous
   const void* k;  // [B, Hkv, Nk, D]
   const void* v;  // [B, Hkv, Nk, D]
   void* o;        // [B, Hq, Nq, D]
+  // [B, Hq, Nq] contiguous: natural log-sum-exp of each row's used keys (-inf: none). o is
+  // the binding's contiguous [B, Hq, Nq, D] tensor, so (b, h)'s lse row starts at o's
+  // offset / D (the mma.sync kernel uses that).
+  float* lse;
   int64_t q_bs, q_hs, q_rs;
   int64_t k_bs, k_hs, k_rs;
   int64_t v_bs, v_hs, v_rs;

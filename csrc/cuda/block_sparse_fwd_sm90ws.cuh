@@ -17,7 +17,8 @@
 //   one's softmax runs under the other's GEMMs. (Without the overlap, QK -> softmax -> PV
 //   in turn, it measured 472 against 520 TFLOP/s at D128 on an H200: BENCHMARKS.md.)
 //
-// Semantics as block_sparse_fwd.cuh and ops/reference.py. The pv skip is decided per warp
+// Semantics as block_sparse_fwd.cuh and ops/reference.py (the epilogue writes each row's
+// log-sum-exp, FwdParams::lse, as that kernel does). The pv skip is decided per warp
 // (16 rows) and per 64-key block, in ascending block order, as the mma.sync kernel does:
 // within a tile, block b's decision uses the running max after block a.
 // Thresholds from kPvExactThreshold (20) on cannot change the output and are not tested.
@@ -503,6 +504,11 @@ __global__ void __launch_bounds__(kWsThreads, 1)
     l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
     l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
     const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    if (c.t4 == 0) {  // the quad's four lanes hold the same row state
+      float* lse = p.lse + ((int64_t)lut.b * p.Hq + lut.h) * p.Nq;
+      if (c.rv0) lse[c.row0] = row_lse(rs.m0, l0);
+      if (c.rv1) lse[c.row1] = row_lse(rs.m1, l1);
+    }
     T* og = static_cast<T*>(p.o) + lut.b * p.o_bs + lut.h * p.o_hs;
 #pragma unroll
     for (int i = 0; i < D / 8; ++i) {

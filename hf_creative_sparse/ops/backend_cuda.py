@@ -3,7 +3,8 @@
 Built on first use on a CUDA machine (`_ext.load_extension("cuda")`, ninja, cached); a
 failed build becomes this backend's unavailable reason and ``auto`` moves on to flex.
 float16/bfloat16, head dims 64/128/256 natively (others zero-padded to the next one with
-the caller's scale), GQA, causal, key padding and the pv-threshold skip. Forward only.
+the caller's scale), GQA, causal, key padding and the pv-threshold skip. Forward only;
+returns each row's log-sum-exp too (docs/DESIGN.md "Partial softmax").
 Two kernels, both with the pv skip decided per warp of 16 rows: on Hopper (sm_90a) the
 persistent warp-specialized TMA + wgmma kernel for head dims 64 and 128 beyond 2k keys
 (csrc/cuda/block_sparse_fwd_sm90ws.cuh), else the sm_80-style mma.sync kernel
@@ -98,12 +99,12 @@ class CudaBackend:
         # Eager calls skip the custom-op dispatch (tens of microseconds of host time); under
         # torch.compile the op keeps attention inside the graph.
         fwd = block_sparse_fwd if torch.compiler.is_compiling() else load_extension("cuda").module.forward
-        out, pv_counts = fwd(inp.q, inp.k, inp.v, kv_counts, kv_indices, inp.key_padding_mask,
-                             inp.is_causal, inp.scale, pv)
+        out, pv_counts, lse = fwd(inp.q, inp.k, inp.v, kv_counts, kv_indices, inp.key_padding_mask,
+                                  inp.is_causal, inp.scale, pv)
         if not skip_on:
-            return BackendResult(out=out)  # nothing can be skipped: no need to wait for the counts
+            return BackendResult(out=out, lse=lse)  # nothing can be skipped: no need to wait for the counts
         skipped, visited = pv_counts.tolist()
-        return BackendResult(out=out, pv_skipped=int(skipped), pv_visited=int(visited))
+        return BackendResult(out=out, pv_skipped=int(skipped), pv_visited=int(visited), lse=lse)
 
 
 BACKEND = CudaBackend()
