@@ -48,6 +48,7 @@ _EXPORTS: dict[str, str] = {
     "calibrate": "calibration",
     "load_calibration": "calibration",
     "Calibration": "calibration",
+    "register_diffusers_backend": "diffusers_backend", "enable_diffusers_backend": "diffusers_backend",
     "RetentionConfig": "retention",
     "DiffusionDialProcessor": "diffusion_dial",
 }
