@@ -557,7 +557,7 @@ class _Search:
             cfg = self.layer_config(name, opts)
             with torch.no_grad():
                 mask = predict_from_inputs(
-                    inp, simthreshd1=cfg.simthreshd1, cdfthreshd=None if cfg.topk is not None else cfg.cdfthreshd,
+                    inp, simthreshd1=cfg.effective_simthreshd1, cdfthreshd=None if cfg.topk is not None else cfg.cdfthreshd,
                     topk=cfg.topk, attention_sink=cfg.attention_sink, dense_prefix=cfg.dense_prefix,
                     dense_suffix=cfg.dense_suffix)
             observe_pv(stats, inp, mask, self.grid, max_chunk_elements=self.max_chunk_elements)
@@ -807,7 +807,7 @@ def calibrate_calls(
     start = time.perf_counter()
     result: dict[str, LayerCalibration] = {}
     rounds_used = 0
-    bar = _progress(total=len(layers), desc="calibrate", unit="layer", disable=not progress)
+    bar = _progress(total=len(layers), desc="calibrate", unit=" layers", disable=not progress)
     for name, source in layers.items():
         def run_pass(mode: str, name: str = name, source: Any = source) -> list[str]:
             calls = source() if callable(source) else source
@@ -1013,7 +1013,7 @@ def calibrate(
         def run_pass(mode: str) -> list[str]:
             nonlocal bar
             label = {"mask": "mask search", "pv": "stage-2 search", "verify": "verification"}[mode]
-            bar = _progress(desc=f"calibrate: {label}", unit="layer call", disable=not progress or rank != 0)
+            bar = _progress(desc=f"calibrate: {label}", unit=" attention calls", disable=not progress or rank != 0)
             try:
                 with torch.no_grad():
                     for i in my_calls:

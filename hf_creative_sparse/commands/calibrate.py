@@ -23,15 +23,19 @@ the statistics merged; process 0 writes the files. (On a machine without GPUs,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Callable
 
 import torch
 
+from ._args import fraction, int_at_least
+
 HELP = "per-layer, per-head sparse-attention thresholds for a model to an error budget (saved as safetensors)"
 
-#: Hub ids used without --tiny.
-DEFAULT_MODELS = {"wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
+#: Hub ids used without --tiny (one per family the plugin patches).
+DEFAULT_MODELS = {"cogvideox": "THUDM/CogVideoX-2b", "flux": "black-forest-labs/FLUX.1-dev",
+                  "hunyuan_video": "hunyuanvideo-community/HunyuanVideo", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 DEFAULT_PROMPTS = ("A red fox runs through fresh snow at dawn, cinematic.",
                    "A lighthouse on a cliff in a storm, waves crashing, aerial shot.")
 #: Multiplier of the tiny examples' q/k norm weights (sharper softmax, local attention).
@@ -42,22 +46,28 @@ CONTENT_WEIGHT = 0.3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--example", choices=sorted(DEFAULT_MODELS), required=True, help="model family to calibrate")
+    parser.add_argument("--example", choices=sorted(DEFAULT_MODELS), required=True,
+                        help="model family to calibrate (its default Hub model without --tiny)")
     parser.add_argument("--tiny", action="store_true", help="offline tiny pipeline with random weights (CPU, seconds)")
-    parser.add_argument("--model", default=None, help="pipeline id or folder (without --tiny; default per example)")
-    parser.add_argument("--prompt", action="append", default=None, help="prompt of one recorded call (repeatable)")
+    parser.add_argument("--model", default=None,
+                        help="pipeline id or folder (without --tiny; default: the example's Hub model)")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="prompt of one recorded call (repeatable; default: two built-in prompts)")
     parser.add_argument("--out", required=True,
                         help="directory for creative_sparse_config.json and sparse_params.safetensors")
-    parser.add_argument("--target-l1", type=float, default=0.05, help="relative L1 budget per layer and head")
-    parser.add_argument("--pv-target-l1", type=float, default=None,
-                        help="budget with the stage-2 skip (default: --target-l1)")
-    parser.add_argument("--method", choices=("cdf", "topk"), default="cdf")
-    parser.add_argument("--num-calls", type=int, default=2, help="recorded pipeline calls")
-    parser.add_argument("--steps", type=int, default=None, help="denoising steps per call (default 2 tiny, 10 real)")
-    parser.add_argument("--min-seq-len", type=int, default=None,
-                        help="dense below this many keys (default: 0 for --tiny, the library default otherwise)")
+    parser.add_argument("--target-l1", type=fraction(low_open=True, high_open=True), default=0.05,
+                        help="relative L1 budget per layer and head, in (0, 1)")
+    parser.add_argument("--pv-target-l1", type=fraction(low_open=True, high_open=True),
+                        default=None, help="budget with the stage-2 skip, >= --target-l1 (default: --target-l1)")
+    parser.add_argument("--method", choices=("cdf", "topk"), default="cdf",
+                        help="how a head's blocks are chosen: cumulative predicted mass (cdf) or a kept fraction")
+    parser.add_argument("--num-calls", type=int_at_least(1), default=2,
+                        help="recorded pipeline calls")
+    parser.add_argument("--steps", type=int_at_least(1), default=None,
+                        help="denoising steps per call (default: 2 with --tiny, 10 otherwise)")
+    parser.add_argument("--min-seq-len", type=int_at_least(0), default=None,
+                        help="dense below this many keys (default: 0 with --tiny, the library default otherwise)")
     parser.add_argument("--device", default=None, help="default: cuda (this process's GPU) when available, else cpu")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 # -- the tiny examples ---------------------------------------------------------------------------
@@ -78,7 +88,7 @@ def _tie(to_q: torch.nn.Linear, to_k: torch.nn.Linear, norm_q: Any, norm_k: Any,
 
 
 def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHARPNESS) -> torch.nn.Module:
-    """Make a random-weight Wan / Flux transformer attend locally (see the module
+    """Make a random-weight transformer (any of the four families) attend locally (see the module
     docstring): q weights * `CONTENT_WEIGHT`, a seeded random q bias, k projections :=
     q projections, q/k norm weights * ``sharpness``."""
     with torch.no_grad():
@@ -95,8 +105,8 @@ def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHA
 
 
 def tiny_transformer(family: str) -> torch.nn.Module:
-    """A tiny random transformer of ``family`` ("wan" or "flux"; diffusers' test configs),
-    localised, in eval mode (seeded)."""
+    """A tiny random transformer of ``family`` (a key of `DEFAULT_MODELS`; diffusers' test
+    configs), localised, in eval mode (seeded)."""
     return localise_attention(tiny_random_transformer(family))
 
 
@@ -104,7 +114,22 @@ def tiny_random_transformer(family: str) -> torch.nn.Module:
     """`tiny_transformer` before localising: diffusers' test config with seeded random
     weights, in eval mode (the tests build on it too)."""
     torch.manual_seed(0)
-    if family == "wan":
+    if family == "cogvideox":
+        from diffusers import CogVideoXTransformer3DModel
+
+        # head_dim 16 (not the tests' 8) so the 3-D RoPE (t, h, w = 4, 6, 6 dims) applies
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
+            text_embed_dim=8, num_layers=1, sample_width=32, sample_height=32, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
+    elif family == "hunyuan_video":
+        from diffusers import HunyuanVideoTransformer3DModel
+
+        model = HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None)
+    elif family == "wan":
         from diffusers import WanTransformer3DModel
 
         model = WanTransformer3DModel(
@@ -118,7 +143,7 @@ def tiny_random_transformer(family: str) -> torch.nn.Module:
             patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
             num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
     else:
-        raise ValueError(f"unknown tiny example {family!r}; choose wan or flux")
+        raise ValueError(f"unknown tiny example {family!r}; choose one of {', '.join(sorted(DEFAULT_MODELS))}")
     return model.eval()
 
 
@@ -137,13 +162,40 @@ def tiny_example(family: str, *, steps: int = 2) -> tuple[Any, Callable[[int], A
     """(pipeline, call) for the tiny example: ``call(i)`` runs the pipeline once with the
     i-th seeded prompt embeddings and smooth latents, without CFG, to latents.
 
-    Sequence lengths: Wan 2 x 16 x 32 = 1024 video tokens; Flux 24 text + 1024 image tokens.
+    Sequence lengths: Wan 2 x 16 x 32 = 1024 video tokens; Flux 24 text + 1024 image tokens;
+    CogVideoX 8 text + 3 x 16 x 16 = 776; HunyuanVideo 2 x 16 x 32 = 1024 video + 20 text.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     transformer = tiny_transformer(family)
     pipe: Any
-    if family == "wan":
+    if family == "cogvideox":
+        from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
+
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                 scheduler=CogVideoXDDIMScheduler())
+
+        def call(i: int) -> Any:
+            g = torch.Generator().manual_seed(1000 + i)
+            latents = smooth_noise((1, 3, 4, 32, 32), seed=i)  # (batch, frames, channels, h, w)
+            return pipe(prompt_embeds=torch.randn(1, 8, 8, generator=g), height=256, width=256, num_frames=9,
+                        latents=latents, guidance_scale=1.0, num_inference_steps=steps, output_type="latent",
+                        return_dict=False)[0]
+    elif family == "hunyuan_video":
+        from diffusers import HunyuanVideoPipeline
+
+        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
+                                    scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
+                                    tokenizer_2=None)
+
+        def call(i: int) -> Any:
+            g = torch.Generator().manual_seed(1000 + i)
+            return pipe(prompt_embeds=torch.randn(1, 20, 16, generator=g),
+                        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
+                        prompt_attention_mask=torch.ones(1, 20, dtype=torch.long), height=128, width=256,
+                        num_frames=5, latents=smooth_noise((1, 4, 2, 16, 32), seed=i), num_inference_steps=steps,
+                        output_type="latent", return_dict=False)[0]
+    elif family == "wan":
         from diffusers import WanPipeline
 
         pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
@@ -176,6 +228,7 @@ def _real_example(args: argparse.Namespace, device: str) -> tuple[Any, Callable[
     model_id = args.model or DEFAULT_MODELS[args.example]
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     pipe = DiffusionPipeline.from_pretrained(model_id, torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=args.no_progress)
     prompts = tuple(args.prompt or DEFAULT_PROMPTS)
     steps = args.steps or 10
 
@@ -206,6 +259,10 @@ def _run(args: argparse.Namespace, rank: int) -> int:
     from ..calibration import calibrate
     from ..config import SparseAttentionConfig
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; give a directory (created if missing)")
+    if args.pv_target_l1 is not None and args.pv_target_l1 < args.target_l1:
+        raise ValueError(f"--pv-target-l1 ({args.pv_target_l1}) must be >= --target-l1 ({args.target_l1})")
     if args.tiny:
         if args.model:
             print("--model is ignored with --tiny", file=sys.stderr)
@@ -225,4 +282,6 @@ def _run(args: argparse.Namespace, rank: int) -> int:
         cal.save(args.out)
         print(cal)
         print(f"\n{cal.info['seconds']:.1f} s on {cal.info['processes']} process(es); saved to {args.out}")
+        print(f"use it with hcs.enable_creative_sparse(pipe, calibration={args.out!r}): it runs with the config "
+              f"it was fitted with (min_seq_len {cal.config.min_seq_len}) unless you pass another")
     return 0

@@ -15,14 +15,18 @@ import torch
 
 from ..bench import BenchShape, format_table, run_benchmark
 from ..ops import available_backends
+from ._args import add_threads_argument, apply_threads, int_at_least
 
 HELP = "sparse kernels against dense attention on this machine, then two-stage creative decoding on SmolLM2"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seq-len", type=int, default=None, help="attention length (default 4096 CPU, 32768 CUDA)")
+    parser.add_argument("--seq-len", type=int_at_least(1), default=None,
+                        help="attention length (default 4096 CPU, 32768 CUDA)")
     parser.add_argument("--no-text", action="store_true", help="skip the creative-decoding section")
-    parser.add_argument("--max-new-tokens", type=int, default=60, help="tokens per text in the decoding section")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=60,
+                        help="tokens per text in the decoding section")
+    add_threads_argument(parser)
 
 
 def kernel_section(seq_len: int | None) -> str:
@@ -54,6 +58,7 @@ def text_section(max_new_tokens: int) -> str:
 def run(args: argparse.Namespace) -> int:
     t0 = time.time()
     print("hf_creative_sparse demo\n", flush=True)
+    print(apply_threads(args.threads) + "\n", flush=True)
     print(kernel_section(args.seq_len), flush=True)
     if not args.no_text:
         print("\nTwo-stage creative decoding (SmolLM2-135M-Instruct, offline):", flush=True)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
+
+from ._args import model_spec, positive
 
 HELP = "score a file of texts with the quality functional Q (novelty, diversity, incoherence)"
 
@@ -81,9 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference", default=None,
                         help="reference texts for novelty (same formats; default: the other texts)")
     parser.add_argument("--weights", default=None, help="alpha,beta,gamma of Q (default 0.4,0.3,0.3)")
-    parser.add_argument("--scorer", default="smollm2",
-                        help="LM for incoherence: 'smollm2' (offline default) or a model folder / .gguf")
-    parser.add_argument("--nll-scale", type=float, default=None, help="nats mapped to incoherence 1 (default ln V)")
+    parser.add_argument("--scorer", type=model_spec(), default="smollm2",
+                        help="LM for incoherence: 'smollm2' (offline default), a model folder, a .gguf file or a "
+                             "Hub id")
+    parser.add_argument("--nll-scale", type=positive(), default=None,
+                        help="nats mapped to incoherence 1 (default ln V)")
     parser.add_argument("--device", default="cpu", help="torch device for the embedder and scorer")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--out", default=None, help="also write the JSON report to this file")
@@ -104,15 +107,11 @@ def format_report(texts: list[str], report: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        texts = read_texts(args.file, args.blocks)
-        reference = read_texts(args.reference) if args.reference else None
-        weights = parse_weights(args.weights)
-        if reference is None and len(texts) < 2:
-            raise ValueError("one text needs --reference: without it novelty compares the texts with each other")
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    texts = read_texts(args.file, args.blocks)
+    reference = read_texts(args.reference) if args.reference else None
+    weights = parse_weights(args.weights)
+    if reference is None and len(texts) < 2:
+        raise ValueError("one text needs --reference: without it novelty compares the texts with each other")
     quality = build_quality(weights, args.scorer, args.device, nll_scale=args.nll_scale)
     report = quality.evaluate(texts, reference)
     payload = dict(report.to_dict(), texts=texts, scales={"nll_scale": quality.nll_scale,

@@ -12,42 +12,37 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+from ._args import float_list, fraction, int_at_least, model_spec
 from .score import build_quality, parse_weights, read_texts
 
 HELP = "find the best sparsity s* for a model and task (writes sweep.json and sweep.png)"
 
 
-def parse_levels(text: str | None) -> list[float] | None:
-    """"0.1,0.3,0.5" -> [0.1, 0.3, 0.5]."""
-    if text is None:
-        return None
-    try:
-        return [float(p) for p in text.replace(" ", "").split(",") if p]
-    except ValueError as exc:
-        raise ValueError(f"--levels takes comma-separated floats in [0, 1], got {text!r}") from exc
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..autotune import TASK_TYPES
 
-    parser.add_argument("--model", default="smollm2",
-                        help="'smollm2' (offline default), a model folder, or a .gguf file")
+    parser.add_argument("--model", type=model_spec(), default="smollm2",
+                        help="'smollm2' (offline), a model folder, a .gguf file or a Hub id")
     parser.add_argument("--task", default="creative_writing", choices=TASK_TYPES, help="built-in prompt set")
-    parser.add_argument("--levels", default=None, help="comma-separated s values (default 0.1,0.2,...,0.9)")
-    parser.add_argument("--budget", type=float, default=1.0,
-                        help="fraction of dense attention FLOPs allowed: levels with s < 1 - budget are skipped")
-    parser.add_argument("--num-samples", type=int, default=4, help="samples per prompt and level")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per sample")
+    parser.add_argument("--levels", type=float_list(), default=None,
+                        help="comma-separated s values in [0, 1] (default 0.1,0.2,...,0.9)")
+    parser.add_argument("--budget", type=fraction(low_open=True), default=1.0,
+                        help="fraction of dense attention FLOPs allowed, in (0, 1]: levels with s < 1 - budget "
+                             "are skipped")
+    parser.add_argument("--num-samples", type=int_at_least(1), default=4,
+                        help="samples per prompt and level")
+    parser.add_argument("--max-new-tokens", type=int_at_least(1), default=64,
+                        help="tokens per sample")
     parser.add_argument("--prompts", default=None, help="file of prompts (replaces the task's; score's formats)")
-    parser.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts")
+    parser.add_argument("--max-prompts", type=int_at_least(1), default=None,
+                        help="use only the first N prompts (default: all)")
     parser.add_argument("--weights", default=None, help="alpha,beta,gamma of Q (default 0.4,0.3,0.3)")
-    parser.add_argument("--scorer", default="model",
+    parser.add_argument("--scorer", type=model_spec(("model", "smollm2")), default="model",
                         help="LM for incoherence: 'model' (the generating model), 'smollm2', or a path")
     parser.add_argument("--no-wrapper", action="store_true",
                         help="plain model.generate with T(s), p(s) instead of CreativeSparseWrapper")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the samples")
     parser.add_argument("--device", default="cpu", help="torch device")
     parser.add_argument("--out-dir", default="sweep_out", help="folder for sweep.json and sweep.png")
 
@@ -73,13 +68,9 @@ def format_result(result) -> str:  # noqa: ANN001 (SweepResult, imported lazily)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        levels = parse_levels(args.levels)
-        weights = parse_weights(args.weights)
-        prompts = read_texts(args.prompts) if args.prompts else None
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    levels = args.levels
+    weights = parse_weights(args.weights)
+    prompts = read_texts(args.prompts) if args.prompts else None
     from ..autotune import find_optimal_sparsity, load_task
     from ..generation import load_model
     from ..quality import constraints_from_spec
@@ -88,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if prompts is None:
         prompts = list(task["prompts"])
     if args.max_prompts is not None:
-        prompts = prompts[: max(1, args.max_prompts)]
+        prompts = prompts[: args.max_prompts]
     model, tokenizer = load_model(args.model)
     model = model.to(args.device)
     quality = build_quality(weights, args.scorer, args.device, constraints_from_spec(task.get("constraints")),
@@ -96,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     result = find_optimal_sparsity(model, args.task, compute_budget=args.budget, quality_weights=weights,
                                    levels=levels, prompts=prompts, num_samples=args.num_samples, tokenizer=tokenizer,
                                    quality=quality, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                   use_wrapper=not args.no_wrapper, output_dir=args.out_dir)
+                                   use_wrapper=not args.no_wrapper, output_dir=args.out_dir,
+                                   progress=not args.no_progress)
     result.settings["model"] = str(args.model)
     result.to_json(os.path.join(args.out_dir, "sweep.json"))
     print(format_result(result))
