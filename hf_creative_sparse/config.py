@@ -29,6 +29,14 @@ DEFAULT_MIN_SEQ_LEN = 1024
 #: Above this predicted kept fraction `sparse_attention` runs dense SDPA: a block-sparse
 #: kernel that visits 90% of the blocks saves less than its overhead over cuDNN/flash.
 DEFAULT_MAX_KEPT_FRACTION = 0.9
+#: The relative L1 error (sum |o - o_dense| / sum |o_dense|) a call aims for when no
+#: threshold is given. Budgets are picked per head so that each head's measured error stays
+#: under it, so the whole output lands between about 0.5x and 1x of it; 0.02 keeps the
+#: output within the 0.03 that DESIGN.md's headline speed is judged at, with room for the
+#: sampling error of the estimate (ops/estimate.py).
+DEFAULT_TARGET_L1 = 0.02
+#: SpargeAttn's self-similarity threshold, used by the threshold rules when none is given.
+DEFAULT_SIMTHRESHD1 = 0.6
 
 Threshold = "float | torch.Tensor"
 
@@ -64,18 +72,31 @@ class SparseAttentionConfig:
         simthreshd1: a block whose mean pairwise cosine similarity is at most this is not
             "self-similar": its pooled mean does not represent it, so it is always kept.
             1.0 (or more) keeps every block. Range [-1, 2]; per-head 1-D tensors allowed.
-        cdfthreshd: per query block, keep the fewest key blocks whose compressed-softmax
-            mass reaches this. 1.0 keeps every block. Range [0, 1]. The default 0.995 is
-            stricter than SpargeAttn's 0.98 (which its drop-in names keep): on smooth,
-            peaked inputs (hf_creative_sparse.bench.structured_inputs, N=4096) 0.98 kept
-            4.0% of blocks at relative L1 0.18 against dense, 0.995 kept 4.6% at 0.05.
-            `calibrate` sets per-head values to an error budget.
-        topk: alternative to ``cdfthreshd``: keep this fraction of the valid key blocks
-            (at least one). Range (0, 1]. When set, ``cdfthreshd`` is ignored.
+            None: 0.6 with ``topk``/``cdfthreshd``, -1 with an error target
+            (`effective_simthreshd1`).
+        target_l1: the relative L1 error against dense attention this layer may make (the
+            interface; see ``selection``). Per head, the kept fraction is the smallest
+            whose error, measured exactly on sampled query rows, stays under it
+            (ops/estimate.py). None with no threshold given means `DEFAULT_TARGET_L1`.
+            Range (0, 1).
+        cdfthreshd: expert override: per query block, keep the fewest key blocks whose
+            compressed-softmax mass reaches this. 1.0 keeps every block. Range [0, 1]. Mass
+            is not output error: 0.98 gave relative L1 0.18 on peaked inputs, and on
+            video-like inputs 0.95 kept almost every block.
+        topk: expert override: keep this fraction of the valid key blocks (at least one).
+            Range (0, 1]. Exclusive with ``cdfthreshd`` and ``target_l1``.
+        compensate: coarse compensation: every skipped key block enters the softmax as one
+            pooled token (mean key, mean value, logit + log of its key count;
+            docs/DESIGN.md). Cuts the error of a mask several-fold for ~1/64 of the dense
+            QK^T. None (default): on with an error target, off with ``topk`` /
+            ``cdfthreshd`` (`effective_compensate`).
         pvthreshd: stage-2 skip: inside the online softmax, a kept block whose row max is
             more than this below the running max contributes nothing (its weights are
             below exp(-pvthreshd)). ``math.inf`` disables it. Range [0, inf].
-        attention_sink: always keep key block 0.
+        attention_sink: always keep key block 0. None: on for causal calls with an error
+            target (the attention sink of language models is a heavy hitter that pooled
+            block means underrate: on LM-like inputs it halved the error at the same
+            budget), off otherwise (`sink_for`).
         dense_prefix, dense_suffix: that many leading / trailing tokens (text) attend and
             are attended densely.
         min_seq_len: below this many key tokens run dense SDPA (see ``DEFAULT_MIN_SEQ_LEN``).
@@ -88,11 +109,13 @@ class SparseAttentionConfig:
         0.25
     """
 
-    simthreshd1: Any = 0.6
-    cdfthreshd: Any = 0.995
+    simthreshd1: Any = None
+    cdfthreshd: Any = None
     topk: Any = None
+    target_l1: Any = None
+    compensate: bool | None = None
     pvthreshd: Any = 50.0
-    attention_sink: bool = False
+    attention_sink: bool | None = None
     dense_prefix: int = 0
     dense_suffix: int = 0
     min_seq_len: int = DEFAULT_MIN_SEQ_LEN
@@ -100,9 +123,21 @@ class SparseAttentionConfig:
     backend: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_threshold("simthreshd1", self.simthreshd1, -1.0, 2.0)
-        if self.cdfthreshd is None and self.topk is None:
-            raise ValueError("one of cdfthreshd or topk must be set")
+        if self.simthreshd1 is not None:
+            _check_threshold("simthreshd1", self.simthreshd1, -1.0, 2.0)
+        if self.topk is not None and self.cdfthreshd is not None:
+            raise ValueError("give one of topk or cdfthreshd, not both (topk keeps a fraction of the blocks, cdfthreshd "
+                             "a share of the predicted mass)")
+        if self.target_l1 is not None:
+            if self.topk is not None or self.cdfthreshd is not None:
+                raise ValueError("target_l1 picks the kept fraction itself: give target_l1 or a threshold "
+                                 "(topk / cdfthreshd), not both")
+            if isinstance(self.target_l1, bool) or not isinstance(self.target_l1, (int, float)):
+                raise TypeError(f"target_l1 must be a float, got {type(self.target_l1).__name__}")
+            if math.isnan(self.target_l1) or not (0.0 < self.target_l1 < 1.0):
+                raise ValueError(f"target_l1 must lie in (0, 1) (a relative L1 error such as 0.02), got {self.target_l1}")
+        if self.compensate is not None and not isinstance(self.compensate, bool):
+            raise TypeError(f"compensate must be a bool or None, got {type(self.compensate).__name__}")
         if self.cdfthreshd is not None:
             _check_threshold("cdfthreshd", self.cdfthreshd, 0.0, 1.0)
         if self.topk is not None:
@@ -121,21 +156,65 @@ class SparseAttentionConfig:
             raise TypeError(f"max_kept_fraction must be a float, got {type(self.max_kept_fraction).__name__}")
         if math.isnan(self.max_kept_fraction) or not (0.0 <= self.max_kept_fraction <= 1.0):
             raise ValueError(f"max_kept_fraction must lie in [0, 1], got {self.max_kept_fraction}")
-        if not isinstance(self.attention_sink, bool):
-            raise TypeError(f"attention_sink must be a bool, got {type(self.attention_sink).__name__}")
+        if self.attention_sink is not None and not isinstance(self.attention_sink, bool):
+            raise TypeError(f"attention_sink must be a bool or None, got {type(self.attention_sink).__name__}")
         from .ops.dispatch import BACKEND_NAMES  # local: ops imports this module
 
         if self.backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
 
+    @property
+    def selection(self) -> str:
+        """How blocks are chosen: "topk", "cdf" (expert thresholds) or "target" (the
+        default: per-head budgets from ``target_l1``)."""
+        if self.topk is not None:
+            return "topk"
+        if self.cdfthreshd is not None:
+            return "cdf"
+        return "target"
+
+    @property
+    def effective_simthreshd1(self) -> Any:
+        """``simthreshd1``, or when unset 0.6 for threshold rules (SpargeAttn's value) and
+        -1 (no block forced) for an error target, whose estimate measures how well pooled
+        means rank the blocks instead of guarding against it."""
+        if self.simthreshd1 is not None:
+            return self.simthreshd1
+        return -1.0 if self.selection == "target" else DEFAULT_SIMTHRESHD1
+
+    def sink_for(self, is_causal: bool) -> bool:
+        """``attention_sink`` for a call; see the attribute."""
+        if self.attention_sink is not None:
+            return self.attention_sink
+        return is_causal and self.selection == "target"
+
+    @property
+    def effective_target_l1(self) -> float:
+        """``target_l1``, or `DEFAULT_TARGET_L1` when unset."""
+        return DEFAULT_TARGET_L1 if self.target_l1 is None else float(self.target_l1)
+
+    @property
+    def effective_compensate(self) -> bool:
+        """``compensate``; when unset, on with an error target (its budgets are measured
+        with compensation, which needs 1.3-2.5x fewer blocks at the same error) and off for
+        the expert thresholds, which keep SpargeAttn's meaning."""
+        if self.compensate is not None:
+            return self.compensate
+        return self.selection == "target"
+
     def replace(self, **changes: Any) -> "SparseAttentionConfig":
-        """A validated copy with ``changes`` applied."""
+        """A validated copy with ``changes`` applied. Setting one selection rule (``topk``,
+        ``cdfthreshd`` or ``target_l1``) clears the others."""
+        rules = ("topk", "cdfthreshd", "target_l1")
+        if any(changes.get(r) is not None for r in rules):
+            for r in rules:
+                changes.setdefault(r, None)
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def dense(cls, **changes: Any) -> "SparseAttentionConfig":
         """A config that keeps every block (same result as dense attention)."""
-        base = dict(simthreshd1=1.0, cdfthreshd=1.0, topk=None, pvthreshd=math.inf)
+        base = dict(simthreshd1=1.0, cdfthreshd=1.0, topk=None, pvthreshd=math.inf, compensate=False)
         base.update(changes)
         return cls(**base)
 
@@ -178,6 +257,13 @@ class SparseStats:
         fallback_reason: why the call ran dense, or None.
         num_blocks: attendable (query block, key block) pairs summed over batch and heads.
         block_mask: the block mask that was used, when one was (bool [B, H, Mq, Mk]).
+        target_l1: the error target the budgets were measured for (None: thresholds).
+        head_budgets: float32 [B, H] kept-fraction budget per (batch, head) that the
+            target gave (None without a target).
+        estimated_l1: relative L1 error against dense over the sampled rows at those
+            budgets (None without a target).
+        compensated: skipped blocks entered the softmax as pooled tokens.
+        compensation_note: why compensation was not applied although asked for by default.
     """
 
     kept_fraction: float
@@ -187,6 +273,11 @@ class SparseStats:
     fallback_reason: str | None = None
     num_blocks: int = 0
     block_mask: torch.Tensor | None = field(default=None, repr=False)
+    target_l1: float | None = None
+    head_budgets: torch.Tensor | None = field(default=None, repr=False)
+    estimated_l1: float | None = None
+    compensated: bool = False
+    compensation_note: str | None = None
 
     @property
     def sparsity(self) -> float:

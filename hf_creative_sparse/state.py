@@ -43,6 +43,8 @@ import torch
 
 from .config import SparseAttentionConfig, SparseStats
 from .ops.attention import sparse_attention_inputs
+from .ops.estimate import estimate_budgets
+from .ops.masks import block_scores
 from .ops.dense import dense_attention
 from .ops.inputs import AttentionInputs, attention_inputs
 
@@ -57,8 +59,13 @@ class PatchOptions:
     Attributes:
         dense_steps: the first this many denoising steps (0-based step < dense_steps) run
             dense attention (dLLM-Serve's ``delay_step``). 0 = sparse from the start.
+            None (default): 1 for a layer with an error target (it measures its per-head
+            budgets during that dense step, docs/DESIGN.md), else 0.
         mask_refresh: predict the block mask every this many steps and reuse it in
             between (1 = predict on every call). A reused mask skips the prediction cost.
+            None (default): the controller's interval, else 1.
+        remeasure_every: a layer with an error target re-measures its budgets every this
+            many steps after the last measurement (inline, on a sparse step).
         num_inference_steps: number of denoising steps, needed by a schedule when a bare
             transformer (no pipeline, so no scheduler to read it from) is patched.
         controller: the `SparsityController` mapping s to kernel thresholds
@@ -71,20 +78,26 @@ class PatchOptions:
         5
     """
 
-    dense_steps: int = 0
-    mask_refresh: int = 1
+    dense_steps: int | None = None
+    mask_refresh: int | None = None
     num_inference_steps: int | None = None
     controller: Any = None
+    remeasure_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("dense_steps", "mask_refresh"):
+        for name in ("dense_steps", "mask_refresh", "remeasure_every"):
             value = getattr(self, name)
+            if value is None and name != "remeasure_every":
+                continue
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-        if self.dense_steps < 0:
+        if self.dense_steps is not None and self.dense_steps < 0:
             raise ValueError(f"dense_steps must be >= 0, got {self.dense_steps}")
-        if self.mask_refresh < 1:
+        if self.mask_refresh is not None and self.mask_refresh < 1:
             raise ValueError(f"mask_refresh must be >= 1 (1 = predict every step), got {self.mask_refresh}")
+        if self.remeasure_every < 1:
+            raise ValueError(f"remeasure_every must be >= 1 (steps between budget measurements), "
+                             f"got {self.remeasure_every}")
         if self.num_inference_steps is not None:
             if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
                 raise TypeError(f"num_inference_steps must be an int or None, got {type(self.num_inference_steps).__name__}")
@@ -93,9 +106,22 @@ class PatchOptions:
         if self.controller is not None and not hasattr(self.controller, "get_sparsity_params"):
             raise TypeError("controller must be a SparsityController (with get_sparsity_params(s)), "
                             f"got {type(self.controller).__name__}")
+
+    @property
+    def refresh(self) -> int:
+        """The effective ``mask_refresh``: an explicit value wins (1 included), else the
+        controller's ``kv_reuse_ratio`` interval (`SparsityConfig.mask_refresh_interval`), else 1."""
+        if self.mask_refresh is not None:
+            return self.mask_refresh
         interval = getattr(getattr(self.controller, "config", None), "mask_refresh_interval", 1)
-        if self.mask_refresh == 1 and isinstance(interval, int) and interval > 1:
-            self.mask_refresh = interval
+        return interval if isinstance(interval, int) and interval > 1 else 1
+
+    def warmup_steps(self, measuring: bool) -> int:
+        """The effective ``dense_steps`` (see the attribute); ``measuring``: the layer has an
+        error target to measure budgets for."""
+        if self.dense_steps is not None:
+            return self.dense_steps
+        return 1 if measuring else 0
 
 
 def _timestep_value(timestep: Any) -> float | None:
@@ -233,6 +259,14 @@ Hook = Callable[[AttentionCall], None]
 
 
 @dataclass
+class _Budgets:
+    topk: torch.Tensor  # float32 [Hq]
+    step: int
+    estimated_l1: float | None
+    target_l1: float
+
+
+@dataclass
 class _CachedMask:
     mask: torch.Tensor
     loop: int
@@ -295,6 +329,7 @@ class LayerState:
         self.last_s: float | None = None
         self._hooks: list[Hook] = []
         self._masks: dict[int, _CachedMask] = {}
+        self._budgets: dict[int, _Budgets] = {}
         self._resolved: dict[tuple, SparseAttentionConfig] = {}
         self._controller = self.options.controller
         self._totals = _Totals()
@@ -373,18 +408,28 @@ class LayerState:
         timer = self._start_timer(inp.device)
         step = self.clock.step
         reused = False
-        if step < self.options.dense_steps:
-            cfg, s = None, None
+        s = self.current_s()
+        cfg = self.config_for(s, dense_prefix, dense_suffix)
+        measuring = cfg.selection == "target"
+        warmup = self.options.warmup_steps(measuring)
+        if step < warmup:
             out = dense_attention(inp)
             stats = SparseStats(kept_fraction=1.0, backend="sdpa",
-                                fallback_reason=f"{DENSE_STEP_REASON}: step {step} < dense_steps={self.options.dense_steps}")
+                                fallback_reason=f"{DENSE_STEP_REASON}: step {step} < dense_steps={warmup}")
+            if measuring:  # the warm-up step measures this layer's budgets (docs/DESIGN.md)
+                self._measure_budgets(inp, cfg, step)
+            cfg, s = None, None
         else:
-            s = self.current_s()
-            cfg = self.config_for(s, dense_prefix, dense_suffix)
-            cached = self._cached_mask(inp, cfg, step) if self.options.mask_refresh > 1 else None
+            budgets = self._budgets.get(self.clock.call_in_step) if measuring else None
+            if budgets is not None and step - budgets.step < self.options.remeasure_every:
+                cfg = cfg.replace(topk=budgets.topk, compensate=cfg.effective_compensate)  # the measured budgets
+            refresh = self.options.refresh
+            cached = self._cached_mask(inp, cfg, step) if refresh > 1 else None
             reused = cached is not None
-            out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached, mask_uses=self.options.mask_refresh)
-            if self.options.mask_refresh > 1 and not reused and stats.block_mask is not None:
+            out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached, mask_uses=refresh)
+            if stats.head_budgets is not None:  # an inline measurement (first call or re-measure)
+                self._store_budgets(stats.head_budgets, stats.estimated_l1, cfg.effective_target_l1, step)
+            if refresh > 1 and not reused and stats.block_mask is not None:
                 self._masks[self.clock.call_in_step] = _CachedMask(stats.block_mask, self.clock.loop, step, _config_key(cfg))
         self._stop_timer(timer)
         self.last_stats, self.last_s = stats, s
@@ -396,6 +441,31 @@ class LayerState:
                 hook(call)
         return inp.to_layout(out)
 
+    def _measure_budgets(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> None:
+        """Measure per-head budgets for ``cfg``'s error target on this call's inputs (a dense
+        warm-up step) and keep them for the next steps."""
+        if inp.len_k < cfg.min_seq_len or cfg.backend == "sdpa":
+            return  # this layer's calls run dense anyway: nothing to budget
+        with torch.no_grad():
+            scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
+                                  dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
+            estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1,
+                                        compensate=cfg.effective_compensate)
+        self._store_budgets(estimate.head_budget, float(estimate.estimated_l1.float().mean()),
+                            cfg.effective_target_l1, step)
+
+    def _store_budgets(self, head_budgets: torch.Tensor, estimated_l1: float | None, target: float, step: int) -> None:
+        # one budget per head, the largest over the batch (classifier-free guidance's two
+        # halves share a call): the kept fraction of every row then meets the target
+        per_head = head_budgets.float().reshape(-1, head_budgets.shape[-1]).amax(0)
+        self._budgets[self.clock.call_in_step] = _Budgets(per_head, step, estimated_l1, target)
+
+    @property
+    def budgets(self) -> torch.Tensor | None:
+        """The per-head kept-fraction budgets measured for the first call slot, or None."""
+        entry = self._budgets.get(0)
+        return None if entry is None else entry.topk
+
     def record_fallback(self, reason: str, seconds: float = 0.0) -> None:
         """Count a call that the layer's processor handed to the model's original
         processor (e.g. an attention mask the sparse path does not take)."""
@@ -406,7 +476,7 @@ class LayerState:
 
     def _cached_mask(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> torch.Tensor | None:
         entry = self._masks.get(self.clock.call_in_step)
-        if entry is None or entry.loop != self.clock.loop or not 0 <= step - entry.step < self.options.mask_refresh:
+        if entry is None or entry.loop != self.clock.loop or not 0 <= step - entry.step < self.options.refresh:
             return None
         expected = (inp.batch, inp.heads_q, inp.num_q_blocks, inp.num_k_blocks)
         if tuple(entry.mask.shape) != expected or entry.key != _config_key(cfg):
@@ -474,8 +544,9 @@ class LayerState:
         self.last_stats = None
 
     def clear_cache(self) -> None:
-        """Forget the cached block masks (the next call predicts)."""
+        """Forget the cached block masks (the next call predicts) and measured budgets."""
         self._masks.clear()
+        self._budgets.clear()
 
     def report_row(self) -> dict[str, Any]:
         """This layer's statistics.
@@ -503,4 +574,13 @@ class LayerState:
             "masks_reused": t.masks_reused,
             "time_ms": t.time_s * 1000.0,
             "last_s": self.last_s,
+            **self._budget_report(),
         }
+
+    def _budget_report(self) -> dict[str, Any]:
+        """target_l1, the per-head budgets and the error measured for them (first call slot)."""
+        entry = self._budgets.get(0)
+        if entry is None:
+            return {"target_l1": None, "head_budgets": None, "mean_budget": math.nan, "estimated_l1": None}
+        return {"target_l1": entry.target_l1, "head_budgets": [round(x, 4) for x in entry.topk.tolist()],
+                "mean_budget": float(entry.topk.mean()), "estimated_l1": entry.estimated_l1}

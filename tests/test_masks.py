@@ -35,6 +35,8 @@ def naive_predict(q, k, *, simthreshd1, cdfthreshd=None, topk=None, is_causal=Fa
                     cols = cols[kpm[bi, cols]]
                 has.append(len(cols) > 0)
                 kb.append(pool(k[bi, h // group], cols) if len(cols) else (torch.zeros(d, dtype=torch.float64), 0.0))
+            if is_causal:  # strictly causal: block i is scored with block i - 1's pooled query
+                qb = [(torch.zeros(d, dtype=torch.float64), 2.0)] + qb[:-1]
             for i in range(mq):
                 last_row = min(nq - 1, i * 128 + 127)
                 allowed = [has[j] and (not is_causal or j * 64 <= last_row) for j in range(mk)]
@@ -137,7 +139,7 @@ def test_lut_lists_kept_blocks_in_order():
     (dict(cdfthreshd=1.5), ValueError, "cdfthreshd"),
     (dict(topk=0.0), ValueError, "topk"),
     (dict(simthreshd1=float("nan")), ValueError, "simthreshd1"),
-    (dict(cdfthreshd=None, topk=None), ValueError, "cdfthreshd or topk"),
+    (dict(cdfthreshd=0.9, topk=0.3), ValueError, "not both"),
     (dict(simthreshd1=torch.tensor([0.5, 0.5, 0.5])), ValueError, "per q head"),
     (dict(dense_prefix=-1), ValueError, "dense_prefix"),
     (dict(layout="BNHD"), ValueError, "layout"),

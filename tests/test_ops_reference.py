@@ -185,8 +185,15 @@ def test_unavailable_backend_raises_with_reason():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="one of cdfthreshd or topk"):
-        hcs.SparseAttentionConfig(cdfthreshd=None)
+    assert hcs.SparseAttentionConfig().selection == "target"  # no threshold: the error target
+    with pytest.raises(ValueError, match="not both"):
+        hcs.SparseAttentionConfig(cdfthreshd=0.9, topk=0.2)
+    with pytest.raises(ValueError, match="target_l1"):
+        hcs.SparseAttentionConfig(target_l1=0.02, topk=0.2)
+    with pytest.raises(ValueError, match="target_l1"):
+        hcs.SparseAttentionConfig(target_l1=1.5)
+    with pytest.raises(TypeError, match="compensate"):
+        hcs.SparseAttentionConfig(compensate=1)
     with pytest.raises(TypeError, match="dense_prefix"):
         hcs.SparseAttentionConfig(dense_prefix=1.5)
     with pytest.raises(ValueError, match="max_kept_fraction"):

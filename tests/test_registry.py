@@ -343,9 +343,10 @@ def test_kv_reuse_ratio_sets_mask_refresh():
     from hf_creative_sparse.state import PatchOptions
 
     ctl = SparsityController(SparsityConfig(kv_reuse_ratio=0.75))
-    assert PatchOptions(controller=ctl).mask_refresh == 4  # 1 / (1 - 0.75) calls per mask
-    assert PatchOptions(controller=ctl, mask_refresh=3).mask_refresh == 3  # an explicit value wins
-    assert PatchOptions(controller=SparsityController()).mask_refresh == 1
+    assert PatchOptions(controller=ctl).refresh == 4  # 1 / (1 - 0.75) calls per mask
+    assert PatchOptions(controller=ctl, mask_refresh=3).refresh == 3  # an explicit value wins
+    assert PatchOptions(controller=ctl, mask_refresh=1).refresh == 1  # an explicit 1 too (issue 16)
+    assert PatchOptions(controller=SparsityController()).refresh == 1
 
 
 def test_schedule_never_makes_a_calibrated_layer_sparser():

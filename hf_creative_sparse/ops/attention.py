@@ -11,9 +11,11 @@ import torch
 from ..config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import cudnn_direct_op, dense_attention, dense_attention_with
 from .dispatch import BACKEND_NAMES, choose_backend
-from .gpu_policy import max_useful_kept_fraction, skip_prediction_reason
+from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
-from .masks import check_block_mask, kept_fraction, predict_from_inputs
+from .compensation import compensate_output
+from .estimate import estimate_budgets
+from .masks import BlockScores, block_scores, check_block_mask, kept_fraction, predict_from_inputs, select_blocks
 
 
 #: `sparse_attention`'s config when no threshold is given; never handed out (the ops read a
@@ -23,25 +25,49 @@ _DEFAULT_CONFIG = SparseAttentionConfig()
 
 def resolve_config(config: SparseAttentionConfig | None, **overrides: Any) -> SparseAttentionConfig:
     """``config`` (default: `SparseAttentionConfig()`) with the non-None ``overrides`` applied
-    and validated. Setting ``topk`` switches from cdf to top-k selection."""
+    and validated. Setting one selection rule (``topk``, ``cdfthreshd``, ``target_l1``)
+    replaces the config's; giving two at once is an error."""
     if config is not None and not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     base = config if config is not None else SparseAttentionConfig()
     changes = {k: v for k, v in overrides.items() if v is not None}
+    rules = [r for r in ("topk", "cdfthreshd", "target_l1") if r in changes]
+    if len(rules) > 1:
+        raise ValueError(f"give one selection rule, got {' and '.join(rules)} (target_l1 picks the kept fraction "
+                         "itself; topk and cdfthreshd are expert overrides)")
     return base.replace(**changes) if changes else base
 
 
-def _run_sparse(inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: Any, backend: str,
-                predicted: float, total: int) -> tuple[torch.Tensor, SparseStats]:
-    pv = per_head("pvthreshd", pvthreshd, inp.heads_q, inp.device)
-    chosen = choose_backend(backend, inp, pv)
+def _compensation_plan(cfg: SparseAttentionConfig, backend: Any) -> tuple[bool, str | None]:
+    """(compensate?, why not) for a call on ``backend``: compensation merges through the
+    backend's log-sum-exp, so a backend that returns none cannot compensate; an explicit
+    ``compensate=True`` then fails instead of being dropped."""
+    if not cfg.effective_compensate:
+        return False, None
+    if getattr(backend, "returns_lse", False):
+        return True, None
+    reason = f"backend {backend.name!r} returns no log-sum-exp, so skipped blocks cannot be compensated"
+    if cfg.compensate:
+        raise RuntimeError(f"compensate=True cannot be honoured: {reason}; pass compensate=False or another backend")
+    return False, reason
+
+
+def _run_sparse(inp: AttentionInputs, block_mask: torch.Tensor, pv: torch.Tensor, chosen: Any,
+                predicted: float, total: int, compensate: bool = False,
+                scores: BlockScores | None = None) -> tuple[torch.Tensor, SparseStats]:
     result = chosen.run(inp, block_mask, pv)
+    out = result.out
+    if compensate:
+        if result.lse is None:
+            raise RuntimeError(f"backend {chosen.name!r} declares returns_lse but returned none")
+        out = compensate_output(inp, out, result.lse, block_mask,
+                                None if scores is None else scores.pooled_k, None if scores is None else scores.count_k)
     stats = SparseStats(
         kept_fraction=predicted, predicted_kept_fraction=predicted, backend=chosen.name,
         pv_skipped_fraction=(result.pv_skipped / result.pv_visited) if result.pv_visited else 0.0,
-        num_blocks=total, block_mask=block_mask,
+        num_blocks=total, block_mask=block_mask, compensated=compensate,
     )
-    return result.out, stats
+    return out, stats
 
 
 def _dense(inp: AttentionInputs, reason: str, predicted: float | None, total: int,
@@ -78,11 +104,13 @@ def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: 
     device, causality, ``mask_uses`` and ``predicting`` (False when a block mask is given).
     """
     q = inp.q
+    selection = cfg.selection
+    budget = _mean_topk(cfg) if selection == "topk" else None
     key = (cfg.backend, cfg.min_seq_len, q.shape, inp.k.shape, q.dtype, q.device, inp.is_causal, mask_uses,
-           predicting)
+           predicting, selection, budget)
     hit = _EARLY_FALLBACK.get(key, _MISSING)
     if hit is _MISSING:
-        reason = _early_fallback_reason(inp, cfg, mask_uses, predicting)
+        reason = _early_fallback_reason(inp, cfg, mask_uses, predicting, budget)
         hit = None if reason is None else EarlyFallback(reason, cudnn_direct_op(q, inp.k))
         if len(_EARLY_FALLBACK) >= EARLY_FALLBACK_CACHE_SIZE:
             _EARLY_FALLBACK.clear()
@@ -90,9 +118,15 @@ def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: 
     return hit  # type: ignore[return-value]
 
 
+def _mean_topk(cfg: SparseAttentionConfig) -> float:
+    topk = cfg.topk
+    return float(topk.float().mean()) if isinstance(topk, torch.Tensor) else float(topk)
+
+
 def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: int,
-                           predicting: bool) -> str | None:
-    """`early_fallback`'s reason, computed afresh."""
+                           predicting: bool, budget: float | None) -> str | None:
+    """`early_fallback`'s reason, computed afresh. ``budget``: the mean top-k fraction of an
+    explicit budget, which is never refused for the prediction's cost when it pays."""
     if cfg.backend == "sdpa":
         return "backend='sdpa' requested"
     if cfg.backend != "auto":
@@ -100,6 +134,8 @@ def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mas
     if inp.len_k < cfg.min_seq_len:
         return f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}"
     if predicting and inp.q.is_cuda:  # cost model: ops/gpu_policy.py
+        if budget is not None:
+            return explicit_budget_reason(inp, budget, mask_uses)
         return skip_prediction_reason(inp, mask_uses)
     return None
 
@@ -111,7 +147,9 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
 
     ``block_mask`` (already validated) replaces the prediction, e.g. a cached mask reused
     across denoising steps; ``mask_uses`` says how many calls a predicted mask will serve
-    (the GPU cost model shares the prediction's cost among them).
+    (the GPU cost model shares the prediction's cost among them). With
+    ``cfg.selection == "target"`` the per-head budgets are measured inline
+    (ops/estimate.py) and reported in the stats.
     """
     early = early_fallback(inp, cfg, mask_uses, block_mask is None)
     if early is not None:  # the hot dense path: as little Python as possible before the launch
@@ -119,20 +157,40 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
         return dense_attention_with(op, inp), SparseStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason)
     policy = cfg.backend == "auto"
     gpu_policy = policy and inp.q.is_cuda
+    pv = per_head("pvthreshd", cfg.pvthreshd, inp.heads_q, inp.device)
+    chosen = choose_backend(cfg.backend, inp, pv)
+    compensate, comp_note = _compensation_plan(cfg, chosen)
+    scores = estimate = None
     with torch.no_grad():
         if block_mask is None:
-            block_mask = predict_from_inputs(
-                inp, simthreshd1=cfg.simthreshd1, cdfthreshd=None if cfg.topk is not None else cfg.cdfthreshd,
-                topk=cfg.topk, attention_sink=cfg.attention_sink, dense_prefix=cfg.dense_prefix,
-                dense_suffix=cfg.dense_suffix)
+            if cfg.selection == "target" or compensate:
+                scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
+                                      dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
+            if cfg.selection == "target":
+                estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1, compensate=compensate)
+                block_mask = select_blocks(scores, inp, topk=estimate.topk)
+            elif scores is not None:
+                block_mask = select_blocks(scores, inp, cdfthreshd=cfg.cdfthreshd, topk=cfg.topk)
+            else:
+                block_mask = predict_from_inputs(
+                    inp, simthreshd1=cfg.effective_simthreshd1, cdfthreshd=cfg.cdfthreshd, topk=cfg.topk,
+                    attention_sink=cfg.sink_for(inp.is_causal), dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
         predicted, total = kept_fraction(block_mask, inp)
     if policy and predicted > cfg.max_kept_fraction:
-        return _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction={cfg.max_kept_fraction}",
-                      predicted, total, block_mask)
-    if gpu_policy and predicted > (limit := max_useful_kept_fraction(inp)):
-        return _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
-                      "fraction for this size", predicted, total, block_mask)
-    return _run_sparse(inp, block_mask, cfg.pvthreshd, cfg.backend, predicted, total)
+        out, stats = _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction="
+                            f"{cfg.max_kept_fraction}", predicted, total, block_mask)
+    elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp)):
+        out, stats = _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
+                            "fraction for this size", predicted, total, block_mask)
+    else:
+        out, stats = _run_sparse(inp, block_mask, pv, chosen, predicted, total, compensate, scores)
+        stats.compensation_note = comp_note
+    if estimate is not None:
+        stats.target_l1 = cfg.effective_target_l1
+        stats.head_budgets = estimate.head_budget
+        stats.estimated_l1 = 0.0 if stats.fallback_reason else float(
+            estimate.estimated_l1.float().mean())
+    return out, stats
 
 
 def sparse_attention(
@@ -156,14 +214,25 @@ def sparse_attention(
     config: SparseAttentionConfig | None = None,
     min_seq_len: int | None = None,
     max_kept_fraction: float | None = None,
+    target_l1: float | None = None,
+    compensate: bool | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SparseStats]:
-    """Training-free block-sparse attention (SpargeAttn): predict the block mask, then attend
-    only over kept blocks with the pv-threshold skip.
+    """Block-sparse attention at a stated error: predict which blocks matter, keep per head
+    the fewest that hold the error under ``target_l1``, compensate the skipped ones, and
+    attend only over the kept blocks with the pv-threshold skip.
 
-    Threshold arguments left as None come from ``config`` (default
-    `SparseAttentionConfig()`). With ``backend="auto"`` the policy runs dense SDPA for
-    sequences shorter than ``min_seq_len`` or when the predicted kept fraction exceeds
-    ``max_kept_fraction``, and says so in the stats; a named backend always runs sparse.
+    The error is the knob: ``target_l1`` (default `config.DEFAULT_TARGET_L1` = 0.02) is a
+    relative L1 error against dense attention, sum |o - o_dense| / sum |o_dense|; per head
+    the budget is measured exactly on sampled query rows (ops/estimate.py) and reported in
+    the stats (``head_budgets``, ``estimated_l1``). ``topk`` / ``cdfthreshd`` are expert
+    overrides that replace the target. ``compensate`` (default on) puts each skipped key
+    block back as one pooled token (docs/DESIGN.md).
+
+    Arguments left as None come from ``config`` (default `SparseAttentionConfig()`). With
+    ``backend="auto"`` the policy runs dense SDPA for sequences shorter than
+    ``min_seq_len`` or when the kept fraction exceeds ``max_kept_fraction`` (or, on a GPU,
+    the measured break-even fraction), and says so in the stats; a named backend always
+    runs sparse.
 
     Args:
         q: [B, Hq, Nq, D] ("HND") or [B, Nq, Hq, D] ("NHD"); float32/float16/bfloat16.
@@ -186,13 +255,14 @@ def sparse_attention(
         (torch.Size([1, 2, 512, 64]), True)
     """
     overrides = (simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, dense_prefix, dense_suffix, min_seq_len,
-                 max_kept_fraction, backend)
+                 max_kept_fraction, backend, target_l1, compensate)
     if config is None and all(x is None for x in overrides):
         cfg = _DEFAULT_CONFIG  # validating a fresh default costs as much as a short attention's launch
     else:
         cfg = resolve_config(config, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
                              attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
-                             min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend)
+                             min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend,
+                             target_l1=target_l1, compensate=compensate)
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     out, stats = sparse_attention_inputs(inp, cfg)
     out = inp.to_layout(out)
@@ -212,6 +282,7 @@ def block_sparse_attention(
     key_padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
     return_stats: bool = False,
+    compensate: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, SparseStats]:
     """Attention over the kept blocks of a user-given block mask.
 
@@ -220,6 +291,8 @@ def block_sparse_attention(
             be 1 to broadcast. Causal and padding validity are applied on top.
         pvthreshd: stage-2 skip threshold (``inf`` = off, the default).
         backend: "auto", "reference", "cpu", "cuda", "flex" or "sdpa" (dense, ignores the mask).
+        compensate: add each skipped attendable key block as one pooled token (coarse
+            compensation, docs/DESIGN.md); off by default here: the mask is the user's.
 
     Example:
         >>> import torch, hf_creative_sparse as hcs
@@ -237,6 +310,11 @@ def block_sparse_attention(
         out, stats = _dense(inp, "backend='sdpa' requested", kept, total, mask)
     else:
         _check_threshold("pvthreshd", pvthreshd, 0.0, math.inf, allow_inf=True)
-        out, stats = _run_sparse(inp, mask, pvthreshd, backend, kept, total)
+        if not isinstance(compensate, bool):
+            raise TypeError(f"compensate must be a bool, got {type(compensate).__name__}")
+        pv = per_head("pvthreshd", pvthreshd, inp.heads_q, inp.device)
+        chosen = choose_backend(backend, inp, pv)
+        do_comp, _ = _compensation_plan(SparseAttentionConfig.dense(compensate=compensate), chosen)
+        out, stats = _run_sparse(inp, mask, pv, chosen, kept, total, do_comp)
     out = inp.to_layout(out)
     return (out, stats) if return_stats else out

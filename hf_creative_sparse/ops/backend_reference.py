@@ -13,6 +13,7 @@ class ReferenceBackend:
     """Blockwise PyTorch forward; supports every valid input, so `auto` never fails."""
 
     name = "reference"
+    returns_lse = True  # docs/DESIGN.md "Partial softmax"
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -21,8 +22,8 @@ class ReferenceBackend:
         return None
 
     def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:
-        out, skipped, visited = reference_attention(inp, block_mask, pvthreshd)
-        return BackendResult(out=out, pv_skipped=skipped, pv_visited=visited)
+        out, skipped, visited, lse = reference_attention(inp, block_mask, pvthreshd, return_lse=True)
+        return BackendResult(out=out, pv_skipped=skipped, pv_visited=visited, lse=lse)
 
 
 BACKEND = ReferenceBackend()

@@ -147,7 +147,7 @@ def compiled_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, key_padding_mask, is_causal, scale, _heads(cfg.effective_simthreshd1, heads, device),
         None if cfg.topk is not None else _heads(cfg.cdfthreshd, heads, device),
         None if cfg.topk is None else _heads(cfg.topk, heads, device), _heads(cfg.pvthreshd, heads, device),
-        cfg.attention_sink, cfg.dense_prefix, cfg.dense_suffix, cfg.min_seq_len, float(cfg.max_kept_fraction),
+        bool(cfg.attention_sink), cfg.dense_prefix, cfg.dense_suffix, cfg.min_seq_len, float(cfg.max_kept_fraction),
         cfg.backend)
 
 

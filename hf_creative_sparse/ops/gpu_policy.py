@@ -92,3 +92,17 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
 def max_useful_kept_fraction(inp: AttentionInputs) -> float:
     """The kept fraction above which the sparse path is slower than dense SDPA."""
     return max(0.0, SPARSE_EFFICIENCY * (1.0 - OVERHEAD_S / dense_seconds(inp)))
+
+
+def explicit_budget_reason(inp: AttentionInputs, budget: float, mask_uses: int = 1) -> str | None:
+    """Why an explicit top-k ``budget`` (mean kept fraction) cannot pay on the GPU, or None.
+
+    An explicit budget is judged by what it will cost, prediction included, against dense:
+    it is never refused for the prediction's cost alone when its kept fraction pays.
+    """
+    t = dense_seconds(inp)
+    sparse = prediction_seconds(inp) / max(1, mask_uses) + OVERHEAD_S + budget * t / SPARSE_EFFICIENCY
+    if sparse >= t:
+        return (f"sparsity cannot pay on the GPU: top-k {budget:.3f} would take ~{sparse * 1e3:.2f} ms with its "
+                f"prediction against ~{t * 1e3:.2f} ms dense")
+    return None

@@ -9,11 +9,17 @@ index list (`block_mask_to_lut`), in the manner of FlexAttention's ``kv_num_bloc
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from ..config import BLOCK_M, BLOCK_N, SparseAttentionConfig
 from .inputs import AttentionInputs, attention_inputs, per_head
+
+
+#: `predict_block_mask`'s rule when no threshold is given (a mass share; see
+#: `SparseAttentionConfig.cdfthreshd` for why `sparse_attention` uses an error target instead).
+DEFAULT_PREDICT_CDFTHRESHD = 0.995
 
 
 def causal_block_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
@@ -81,12 +87,25 @@ def pool_blocks(x: torch.Tensor, block: int, token_valid: torch.Tensor | None) -
     return pooled, sim, count.squeeze(-1)
 
 
-def _select_by_cdf(prob: torch.Tensor, cdfthreshd: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+def _row_param(name: str, value: float | torch.Tensor, inp: AttentionInputs) -> torch.Tensor:
+    """A per-row selection parameter as float32 broadcastable to [B, Hq, Mq, 1]: a scalar or
+    per-head [Hq] tensor (`per_head`), or a [B, Hq, Mq] tensor of per-(batch, head, query
+    block) values (the target estimate's budgets)."""
+    if isinstance(value, torch.Tensor) and value.dim() == 3:
+        expected = (inp.batch, inp.heads_q, inp.num_q_blocks)
+        if tuple(value.shape) != expected:
+            raise ValueError(f"{name} as a 3-D tensor must have shape [B, Hq, Mq] = {list(expected)}, "
+                             f"got {list(value.shape)}")
+        return value.to(device=inp.device, dtype=torch.float32)[..., None]
+    return per_head(name, value, inp.heads_q, inp.device).view(1, -1, 1, 1)
+
+
+def _select_by_cdf(prob: torch.Tensor, thr: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Per row, the fewest candidate blocks (by descending probability) whose mass
-    reaches cdfthreshd [H]; a threshold of 1 keeps every candidate."""
+    reaches the threshold (broadcastable to [B, H, Mq, 1]); a threshold of 1 keeps every
+    candidate."""
     sorted_prob, order = prob.sort(dim=-1, descending=True)
     cdf = sorted_prob.cumsum(-1)
-    thr = cdfthreshd.view(1, -1, 1, 1)
     n_candidates = candidates.sum(-1, keepdim=True)
     n_select = (cdf < thr).sum(-1, keepdim=True) + 1
     n_select = torch.where(thr >= 1.0, n_candidates, torch.minimum(n_select, n_candidates))
@@ -95,14 +114,120 @@ def _select_by_cdf(prob: torch.Tensor, cdfthreshd: torch.Tensor, candidates: tor
     return torch.zeros_like(candidates).scatter(-1, order, chosen_sorted)
 
 
+def topk_block_counts(topk: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Blocks a top-k fraction selects per row: ceil(topk * #attendable blocks), at least
+    one (float32, broadcast of ``topk`` [.., 1] against ``allowed`` [B, 1, Mq, Mk])."""
+    n_allowed = allowed.sum(-1, keepdim=True).float()
+    return torch.ceil(topk * n_allowed - 1e-6).clamp(min=1.0)
+
+
 def _select_topk(prob: torch.Tensor, topk: torch.Tensor, candidates: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Per row, the ceil(topk * #attendable blocks) most probable candidates (>= 1)."""
-    _, order = prob.sort(dim=-1, descending=True)
-    n_allowed = allowed.sum(-1, keepdim=True).float()
-    n_select = torch.ceil(topk.view(1, -1, 1, 1) * n_allowed - 1e-6).clamp(min=1.0)
-    n_select = torch.minimum(n_select, candidates.sum(-1, keepdim=True).float())
+    order = prob.sort(dim=-1, descending=True).indices
+    n_select = torch.minimum(topk_block_counts(topk, allowed), candidates.sum(-1, keepdim=True).float())
     ranks = torch.arange(prob.shape[-1], device=prob.device)
     return torch.zeros_like(candidates).scatter(-1, order, ranks < n_select)
+
+
+@dataclass
+class BlockScores:
+    """Stage 1 of the prediction before any selection rule (SpargeAttn's compressed map).
+
+    Attributes:
+        prob: float32 [B, Hq, Mq, Mk]: softmax(pooled_q @ pooled_k^T * scale) over the
+            candidate blocks of each row, 0 elsewhere.
+        candidates: bool [B, Hq, Mq, Mk]: attendable blocks a rule may drop (self-similar,
+            not forced).
+        forced: bool [B, Hq, Mq, Mk]: attendable blocks kept whatever the rule
+            (non-self-similar rows and columns, sink, text, the causal diagonal).
+        allowed: bool [B, 1, Mq, Mk]: attendable blocks (`attendable_blocks`).
+        pooled_k: float32 [B, Hkv, Mk, D]: mean of each key block's attendable keys (0 if
+            none), reused by coarse compensation.
+        count_k: float32 [B, 1, Mk]: attendable keys per key block.
+
+    Causal inputs are scored strictly causally: query block i is scored with the pooled
+    query (and self-similarity) of block i - 1, whose rows all precede block i's first row,
+    and every block it may drop lies before that row (the diagonal is forced). So no row's
+    mask depends on a later token.
+    """
+
+    prob: torch.Tensor
+    candidates: torch.Tensor
+    forced: torch.Tensor
+    allowed: torch.Tensor
+    pooled_k: torch.Tensor
+    count_k: torch.Tensor
+
+
+def _previous_block(x: torch.Tensor, fill: float | bool) -> torch.Tensor:
+    """x [B, H, Mq, ...] shifted by one query block (block i gets block i - 1's value)."""
+    first = torch.full_like(x[:, :, :1], fill)
+    return torch.cat([first, x[:, :, :-1]], dim=2)
+
+
+def block_scores(
+    inp: AttentionInputs,
+    *,
+    simthreshd1: float | torch.Tensor = 0.6,
+    attention_sink: bool = False,
+    dense_prefix: int = 0,
+    dense_suffix: int = 0,
+    smooth_k: bool = False,
+) -> BlockScores:
+    """The compressed attention map and the blocks that must stay (see `BlockScores`)."""
+    heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
+    sim_thr = per_head("simthreshd1", simthreshd1, heads, inp.device).view(1, heads, 1)
+    k = inp.k
+    if smooth_k:  # SpargeAttn centres k before pooling; softmax is invariant to it
+        k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
+
+    pooled_q, sim_q, _ = pool_blocks(inp.q, BLOCK_M, None)
+    pooled_k, sim_k, count_k = pool_blocks(k, BLOCK_N, inp.key_padding_mask)
+    q_similar = sim_q > sim_thr  # [B, H, Mq]
+    if inp.is_causal:  # strict causality: score block i from rows before it
+        pooled_q, q_similar = _previous_block(pooled_q, 0.0), _previous_block(q_similar, True)
+    pooled_kq, sim_kq = pooled_k, sim_k
+    if group > 1:
+        pooled_kq = pooled_k.repeat_interleave(group, dim=1)
+        sim_kq = sim_k.repeat_interleave(group, dim=1)
+    k_similar = sim_kq > sim_thr  # [B, H, Mk]
+
+    allowed = attendable_blocks(inp)  # [B, 1, Mq, Mk]
+    score = pooled_q @ pooled_kq.transpose(-1, -2) * inp.scale
+    forced = ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None]
+    if attention_sink:
+        forced[..., 0] = True
+    if dense_prefix > 0:
+        forced[:, :, : math.ceil(min(dense_prefix, inp.len_q) / BLOCK_M), :] = True
+        forced[..., : math.ceil(min(dense_prefix, inp.len_k) / BLOCK_N)] = True
+    if dense_suffix > 0:
+        forced[:, :, max(inp.len_q - dense_suffix, 0) // BLOCK_M:, :] = True
+        forced[..., max(inp.len_k - dense_suffix, 0) // BLOCK_N:] = True
+    if inp.is_causal:
+        forced = forced | diagonal_block_mask(inp.len_q, inp.len_k, inp.device)[None, None]
+    forced = forced & allowed
+    # Forced blocks stay candidates of the cdf/top-k ranking (as SpargeAttn: only non-similar
+    # key columns leave it), so a rule's count of kept blocks means what it did before.
+    candidates = allowed & k_similar[:, :, None, :]
+    score = score.masked_fill(~candidates, float("-inf"))
+    prob = torch.softmax(score, dim=-1).nan_to_num(0.0)  # rows without candidates -> 0
+    return BlockScores(prob=prob, candidates=candidates, forced=forced, allowed=allowed,
+                       pooled_k=pooled_k, count_k=count_k)
+
+
+def select_blocks(scores: BlockScores, inp: AttentionInputs, *, cdfthreshd: float | torch.Tensor | None = None,
+                  topk: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The block mask (bool [B, Hq, Mq, Mk]) of a selection rule on `block_scores`: the top
+    ``topk`` fraction of attendable blocks per row, or the fewest reaching ``cdfthreshd`` of
+    the predicted mass; forced blocks are kept on top. Thresholds: scalars, per-head [Hq],
+    or [B, Hq, Mq]."""
+    if topk is not None:
+        keep = _select_topk(scores.prob, _row_param("topk", topk, inp), scores.candidates, scores.allowed)
+    elif cdfthreshd is not None:
+        keep = _select_by_cdf(scores.prob, _row_param("cdfthreshd", cdfthreshd, inp), scores.candidates)
+    else:
+        raise ValueError("one of cdfthreshd or topk must be set")
+    return ((keep | scores.forced) & scores.allowed).contiguous()
 
 
 def predict_from_inputs(
@@ -119,7 +244,8 @@ def predict_from_inputs(
     """`predict_block_mask` on already validated inputs (see there)."""
     if cdfthreshd is None and topk is None:
         raise ValueError("one of cdfthreshd or topk must be set")
-    if inp.q.is_cuda:  # fused GPU prediction (ops/predict_cuda.py), when the extension is built
+    per_row = any(isinstance(t, torch.Tensor) and t.dim() == 3 for t in (cdfthreshd, topk))
+    if inp.q.is_cuda and not inp.is_causal and not per_row:  # fused GPU prediction (ops/predict_cuda.py)
         from .predict_cuda import predict_cuda
 
         fused = predict_cuda(inp, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk,
@@ -127,43 +253,9 @@ def predict_from_inputs(
                              smooth_k=smooth_k)
         if fused is not None:
             return fused
-    heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
-    sim_thr = per_head("simthreshd1", simthreshd1, heads, inp.device).view(1, heads, 1)
-    k = inp.k
-    if smooth_k:  # SpargeAttn centres k before pooling; softmax is invariant to it
-        k = k - k.float().mean(dim=-2, keepdim=True).to(k.dtype)
-
-    pooled_q, sim_q, _ = pool_blocks(inp.q, BLOCK_M, None)
-    pooled_k, sim_k, count_k = pool_blocks(k, BLOCK_N, inp.key_padding_mask)
-    if group > 1:
-        pooled_k = pooled_k.repeat_interleave(group, dim=1)
-        sim_k = sim_k.repeat_interleave(group, dim=1)
-    q_similar = sim_q > sim_thr  # [B, H, Mq]
-    k_similar = sim_k > sim_thr  # [B, H, Mk]
-
-    allowed = attendable_blocks(inp)  # [B, 1, Mq, Mk]
-    score = pooled_q @ pooled_k.transpose(-1, -2) * inp.scale
-    candidates = allowed & k_similar[:, :, None, :]
-    score = score.masked_fill(~candidates, float("-inf"))
-    prob = torch.softmax(score, dim=-1).nan_to_num(0.0)  # rows without candidates -> 0
-
-    if topk is not None:
-        keep = _select_topk(prob, per_head("topk", topk, heads, inp.device), candidates, allowed)
-    else:
-        keep = _select_by_cdf(prob, per_head("cdfthreshd", cdfthreshd, heads, inp.device), candidates)
-
-    keep = keep | ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None]
-    if attention_sink:
-        keep[..., 0] = True
-    if dense_prefix > 0:
-        keep[:, :, : math.ceil(min(dense_prefix, inp.len_q) / BLOCK_M), :] = True
-        keep[..., : math.ceil(min(dense_prefix, inp.len_k) / BLOCK_N)] = True
-    if dense_suffix > 0:
-        keep[:, :, max(inp.len_q - dense_suffix, 0) // BLOCK_M:, :] = True
-        keep[..., max(inp.len_k - dense_suffix, 0) // BLOCK_N:] = True
-    if inp.is_causal:
-        keep = keep | diagonal_block_mask(inp.len_q, inp.len_k, inp.device)[None, None]
-    return (keep & allowed).contiguous()
+    scores = block_scores(inp, simthreshd1=simthreshd1, attention_sink=attention_sink, dense_prefix=dense_prefix,
+                          dense_suffix=dense_suffix, smooth_k=smooth_k)
+    return select_blocks(scores, inp, cdfthreshd=cdfthreshd, topk=topk)
 
 
 def predict_block_mask(
@@ -174,7 +266,7 @@ def predict_block_mask(
     is_causal: bool = False,
     scale: float | None = None,
     simthreshd1: float | torch.Tensor = 0.6,
-    cdfthreshd: float | torch.Tensor | None = 0.995,
+    cdfthreshd: float | torch.Tensor | None = None,
     topk: float | torch.Tensor | None = None,
     attention_sink: bool = False,
     dense_prefix: int = 0,
@@ -193,8 +285,11 @@ def predict_block_mask(
     column). ``attention_sink`` keeps key block 0; ``dense_prefix`` / ``dense_suffix``
     tokens stay dense as rows and columns; causal masks apply, and the diagonal blocks are
     always kept so every query sees itself. Fully padded key blocks are never kept.
+    Causal prediction is strictly causal: query block i is scored with block i - 1's pooled
+    query, so no row's mask depends on a later token (`BlockScores`).
 
-    Thresholds may be floats or per-q-head 1-D tensors.
+    Thresholds may be floats or per-q-head 1-D tensors; give ``cdfthreshd`` or ``topk``
+    (neither: ``cdfthreshd=0.995``).
 
     Returns:
         bool tensor [B, Hq, ceil(Nq/128), ceil(Nk/64)].
@@ -210,6 +305,8 @@ def predict_block_mask(
     for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if cdfthreshd is None and topk is None:
+        cdfthreshd = DEFAULT_PREDICT_CDFTHRESHD
     # the same ranges as SparseAttentionConfig, so both entry points refuse the same values
     SparseAttentionConfig(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk)
     with torch.no_grad():

@@ -37,7 +37,9 @@ def reference_attention(
     inp: AttentionInputs,
     block_mask: torch.Tensor,
     pvthreshd: torch.Tensor,
-) -> tuple[torch.Tensor, int, int]:
+    *,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, int, int] | tuple[torch.Tensor, int, int, torch.Tensor]:
     """Block-sparse attention of validated inputs.
 
     Args:
@@ -48,7 +50,9 @@ def reference_attention(
     Returns:
         (output [B, Hq, Nq, D] in q's dtype, skipped (row, block) pairs, visited
         (row, block) pairs): a pair is visited when the kept block holds at least one
-        usable key for that row.
+        usable key for that row; with ``return_lse`` also the per-row log-sum-exp of the
+        scaled scores over the keys used (float32 [B, Hq, Nq], -inf for rows that used
+        none; docs/DESIGN.md "Partial softmax").
     """
     q, k, v = inp.q, inp.k, inp.v
     b, hq, nq, d = q.shape
@@ -56,6 +60,7 @@ def reference_attention(
     group = hq // hkv
     device = q.device
     out = torch.empty(b, hq, nq, d, dtype=q.dtype, device=device)
+    lse = torch.empty(b, hq, nq, dtype=torch.float32, device=device) if return_lse else None
     use_skip = bool(torch.isfinite(pvthreshd).any())
     neg_thr = (-pvthreshd).view(1, hq, 1, 1)
     skipped = torch.zeros((), dtype=torch.int64, device=device)
@@ -112,4 +117,8 @@ def reference_attention(
             m = m_new
         res = acc / torch.where(l == 0, torch.ones_like(l), l)[..., None]
         out[:, :, r0:r1] = res.to(q.dtype)
+        if lse is not None:
+            lse[:, :, r0:r1] = torch.where(l > 0, m + torch.log(l), torch.full_like(l, float("-inf")))
+    if lse is not None:
+        return out, int(skipped.item()), int(visited.item()), lse
     return out, int(skipped.item()), int(visited.item())
