@@ -19,7 +19,15 @@ What runs where (the attention function `creative_sparse_attention_forward`):
   predicted block-sparse attention with causal masking, GQA (K/V at
   ``num_key_value_heads``) and key padding. The sparsity dial is the ``s`` that a running
   `CreativeSparseLogitsProcessor` published (k_attn(s) kept blocks), else the layer's config.
-- Decoding steps with a KV cache (query shorter than the keys), cross-attention, dropout
+- Decoding steps with a KV cache (one query row, a plain key-padding mask):
+  `DecodeState.attend`, decode-time KV-block sparsity (`ops/decode.py`, in the manner of
+  Quest): each step attends to the key blocks whose per-block key min/max bound scores
+  highest for the current query, plus sink and recent blocks, keeping k_attn(s) of them
+  (the dial a running processor published) or a fixed budget (`set_decode_config`); the
+  block statistics follow the cache incrementally. Short contexts, no dial and no fixed
+  budget, or a budget that keeps nearly everything run transformers' SDPA (recorded as a
+  "decode step" fallback with the reason).
+- Other cached calls (several query rows over a longer cache), cross-attention, dropout
   during training, and any mask that is not plain causal + key padding (sliding windows,
   chunked or packed sequences, float/bias masks, per-head masks) run transformers' own
   SDPA function with the model's mask, recorded as a fallback with the reason.
@@ -37,7 +45,8 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.config import SparseAttentionConfig
+from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
+from hf_creative_sparse.ops.decode import DecodeSparsityConfig, DecodeState
 from hf_creative_sparse.registry import ModelPatch, register_patch
 from hf_creative_sparse.state import LayerState
 
@@ -47,8 +56,13 @@ ATTN_IMPLEMENTATION = "creative_sparse"
 #: `enable_creative_sparse`). Change with `set_default_config`.
 DEFAULT_CONFIG = SparseAttentionConfig()
 
+#: Decode-time sparsity of layers without their own (`set_decode_config`).
+DEFAULT_DECODE_CONFIG = DecodeSparsityConfig()
+
 _STATE_ATTR = "_hcs_layer_state"
+_DECODE_ATTR = "_hcs_decode_state"
 _registered = False
+_default_controller: Any = None
 
 
 def register() -> None:
@@ -84,6 +98,57 @@ def layer_states(model: torch.nn.Module) -> dict[str, LayerState]:
     """Module name -> `LayerState` of every attention layer of ``model`` that has one."""
     return {name: getattr(m, _STATE_ATTR) for name, m in model.named_modules()
             if isinstance(getattr(m, _STATE_ATTR, None), LayerState)}
+
+
+def set_decode_config(config: DecodeSparsityConfig, model: torch.nn.Module | None = None) -> None:
+    """Decode-time KV-block sparsity for every attention layer of ``model`` (that has run
+    or been patched), or, with ``model=None``, for layers created from now on.
+
+    Example:
+        >>> from hf_creative_sparse.ops.decode import DecodeSparsityConfig
+        >>> set_decode_config(DecodeSparsityConfig(budget=0.25, min_context=1024))  # doctest: +SKIP
+    """
+    global DEFAULT_DECODE_CONFIG
+    if not isinstance(config, DecodeSparsityConfig):
+        raise TypeError(f"config must be a DecodeSparsityConfig, got {type(config).__name__}")
+    if model is None:
+        DEFAULT_DECODE_CONFIG = config
+        return
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+    for _, module in _attention_modules(model):
+        _decode_state_of(module).set_config(config)
+
+
+def decode_states(model: torch.nn.Module) -> dict[str, DecodeState]:
+    """Module name -> `DecodeState` of every attention layer of ``model`` that has one
+    (its ``report()`` says how many decode steps ran sparse, on which backend, and why not)."""
+    return {name: getattr(m, _DECODE_ATTR) for name, m in model.named_modules()
+            if isinstance(getattr(m, _DECODE_ATTR, None), DecodeState)}
+
+
+def _decode_state_of(module: torch.nn.Module) -> DecodeState:
+    state = getattr(module, _DECODE_ATTR, None)
+    if state is None:
+        state = DecodeState(DEFAULT_DECODE_CONFIG)
+        setattr(module, _DECODE_ATTR, state)
+    return state
+
+
+def _decode_budget(state: LayerState) -> float | None:
+    """k_attn(s) of the dial this call sees (schedule or published s), None without one."""
+    global _default_controller
+    s = state.current_s()
+    if s is None:
+        return None
+    controller = state.options.controller
+    if controller is None:
+        if _default_controller is None:
+            from hf_creative_sparse.control import SparsityController
+
+            _default_controller = SparsityController()
+        controller = _default_controller
+    return float(controller.attention_budget(s))
 
 
 def _state_of(module: torch.nn.Module) -> LayerState:
@@ -186,6 +251,9 @@ def creative_sparse_attention_forward(
 
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     len_q, len_k = query.shape[2], key.shape[2]
+    if len_q == 1 < len_k and causal and dropout == 0.0 and \
+            not any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux")):
+        return _decode_step(module, state, query, key, value, attention_mask, scaling, sdpa)
     reason = None
     if len_q != len_k:
         reason = f"decode step: query length {len_q} != key length {len_k} (KV cache or cross-attention)"
@@ -200,8 +268,36 @@ def creative_sparse_attention_forward(
     if reason is not None:
         return _record_dense(state, reason, sdpa)
     mask_causal, padding = parts
+    if hasattr(module, _DECODE_ATTR):
+        getattr(module, _DECODE_ATTR).reset()  # a prefill starts a new cache
     out = state.attend(query, key, value, layout="HND", is_causal=mask_causal, scale=scaling,
                        key_padding_mask=padding)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_step(module: torch.nn.Module, state: LayerState, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float | None,
+                 sdpa: Any) -> tuple[torch.Tensor, None]:
+    """One cached decode row: decode-time KV-block sparsity (`DecodeState`) or, where it
+    does not run, transformers' SDPA recorded as a "decode step" fallback with the reason."""
+    parts = plain_mask_parts(attention_mask, query.shape[0], 1, key.shape[2], False)
+    if isinstance(parts, str):
+        return _record_dense(state, f"decode step: {parts}", sdpa)
+    _, padding = parts
+    decode = _decode_state_of(module)
+    budget = _decode_budget(state)
+    plan = decode.plan(key.shape[2], budget)
+    if isinstance(plan, str):  # dense: transformers' own SDPA, exactly as without the plugin
+        decode.record_dense(plan)
+        return _record_dense(state, f"decode step: {plan}", sdpa)
+    start = time.perf_counter()
+    out, stats = decode.attend(query, key, value, budget=budget, scale=scaling, key_padding_mask=padding)
+    # the layer's report counts the step as a sparse call on the decode backend
+    state.last_s = state.current_s()
+    state.last_stats = SparseStats(kept_fraction=stats.kept_fraction, backend=f"decode-{stats.backend}",
+                                   num_blocks=stats.num_blocks * query.shape[0] * key.shape[1])
+    state._record(state.last_stats, False)
+    state._totals.time_s += time.perf_counter() - start
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -274,6 +370,8 @@ class TransformersAttentionPatch(ModelPatch):
         for name, module in modules:
             self._tagged.append((module, getattr(module, _STATE_ATTR, None)))
             setattr(module, _STATE_ATTR, self.make_state(name))
+            if not hasattr(module, _DECODE_ATTR):
+                setattr(module, _DECODE_ATTR, DecodeState(DEFAULT_DECODE_CONFIG))
         try:
             self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except Exception:
@@ -291,5 +389,7 @@ class TransformersAttentionPatch(ModelPatch):
                     delattr(module, _STATE_ATTR)
             else:
                 setattr(module, _STATE_ATTR, previous)
+            if hasattr(module, _DECODE_ATTR):
+                delattr(module, _DECODE_ATTR)
         self._tagged.clear()
         self.installed = False

@@ -577,6 +577,10 @@ class DecodeState:
         self._record(stats)
         return out, stats
 
+    def record_dense(self, reason: str) -> None:
+        """Count a step that the caller ran dense itself because `plan` said ``reason``."""
+        self._record(DecodeStats(kept_fraction=1.0, backend="sdpa", fallback_reason=reason))
+
     def _record(self, stats: DecodeStats) -> None:
         self.last = stats
         self._counts["calls"] += 1
