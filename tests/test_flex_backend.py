@@ -91,3 +91,121 @@ def test_flex_matches_float64_reference_on_gpu(shape):
     err = (out.double().cpu() - ref).norm() / ref.norm()
     assert err < 1e-2, f"relative error {err:.2e}"
     assert torch.isfinite(out).all()
+
+
+def _pooled_case(b, hq, hkv, nq, mk, d, *, device="cpu", dtype=torch.float32, seed=0):
+    """q, pooled k/v and a bias with masked (-inf) entries, one query block fully masked."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, hq, nq, d, generator=g).to(device, dtype)
+    pk = torch.randn(b, hkv, mk, d, generator=g).to(device)
+    pv = torch.randn(b, hkv, mk, d, generator=g).to(device)
+    mq = math.ceil(nq / 128)
+    bias = torch.log(torch.randint(1, 65, (b, hq, mq, mk), generator=g).float())
+    bias = bias.masked_fill(torch.rand(b, hq, mq, mk, generator=g) < 0.4, -math.inf)
+    bias[0, 0, min(1, mq - 1)] = -math.inf  # a query block with no pooled token at all
+    return q, pk, pv, bias.to(device)
+
+
+def _pooled_f64(q, pk, pv, bias, scale):
+    """float64 softmax over the pooled tokens with the per-query-block bias: (out, lse)."""
+    group = q.shape[1] // pk.shape[1]
+    k, v = pk.double().cpu().repeat_interleave(group, 1), pv.double().cpu().repeat_interleave(group, 1)
+    s = q.double().cpu() @ k.transpose(-1, -2) * scale
+    s = s + bias.double().cpu()[:, :, torch.arange(q.shape[2]) // 128]
+    lse = s.logsumexp(-1)
+    p = (s - lse[..., None]).exp().nan_to_num(0.0)
+    return p @ v, lse
+
+
+def _check_pooled(out, lse, ref_out, ref_lse, tol):
+    assert out.dtype == lse.dtype == torch.float32
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    empty = ref_lse == -math.inf
+    assert empty.any() and (lse.cpu()[empty] == -math.inf).all() and (out.cpu()[empty] == 0).all()
+    assert torch.isfinite(lse.cpu()[~empty]).all() and torch.isfinite(out).all()
+    torch.testing.assert_close(lse.double().cpu()[~empty], ref_lse[~empty], atol=tol, rtol=tol)
+    torch.testing.assert_close(out.double().cpu(), ref_out, atol=tol, rtol=tol)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+@pytest.mark.parametrize("shape", [
+    # (b, hq, hkv, nq, mk, d)
+    (2, 4, 2, 300, 7, 48),   # GQA, odd length, head dim padded to 64
+    (1, 3, 3, 128, 1, 64),   # one query block, one pooled token
+    (1, 2, 1, 401, 12, 32),  # MQA
+])
+def test_pooled_attention_matches_float64_on_cpu(shape):
+    # torch's CPU compilation of FlexAttention cannot return the lse: the eager path here
+    b, hq, hkv, nq, mk, d = shape
+    q, pk, pv, bias = _pooled_case(b, hq, hkv, nq, mk, d)
+    out, lse = backend_flex.flex_pooled_attention(q, pk, pv, bias, 0.3)
+    _check_pooled(out, lse, *_pooled_f64(q, pk, pv, bias, 0.3), 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_pooled_attention_honours_bias_per_query_block_and_scale():
+    q, pk, pv, bias = _pooled_case(1, 2, 2, 300, 5, 64)
+    out, lse = backend_flex.flex_pooled_attention(q, pk, pv, bias, 0.3)
+    moved = bias.clone()
+    moved[:, :, 2, 0] = 5.0  # only rows 256..299 see the change
+    out2, lse2 = backend_flex.flex_pooled_attention(q, pk, pv, moved, 0.3)
+    assert torch.equal(lse2[:, :, :256], lse[:, :, :256]) and not torch.allclose(lse2[:, :, 256:], lse[:, :, 256:])
+    _, lse3 = backend_flex.flex_pooled_attention(q, pk, pv, bias, 0.6)
+    finite = torch.isfinite(lse)
+    assert not torch.allclose(lse3[finite], lse[finite])
+
+
+def test_pooled_attention_rejects_bad_arguments():
+    q, pk, pv, bias = _pooled_case(1, 4, 2, 300, 5, 64)
+    fpa = backend_flex.flex_pooled_attention
+    with pytest.raises(ValueError, match="bias"):
+        fpa(q, pk, pv, bias[:, :, :2], 0.1)
+    with pytest.raises(ValueError, match="bias"):
+        fpa(q, pk, pv, bias.double(), 0.1)
+    with pytest.raises(ValueError, match="pooled_k"):
+        fpa(q, pk[:, :, :, :32], pv[:, :, :, :32], bias, 0.1)
+    with pytest.raises(ValueError, match="pooled_k"):
+        fpa(q, torch.randn(1, 3, 5, 64), torch.randn(1, 3, 5, 64), bias, 0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        fpa(q, pk, pv[:, :, :4], bias, 0.1)
+    with pytest.raises(TypeError, match="scale"):
+        fpa(q, pk, pv, bias, float("nan"))
+    with pytest.raises(TypeError, match="q must be"):
+        fpa(q.numpy(), pk, pv, bias, 0.1)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 4, 2, 333, 6, 64), torch.bfloat16),
+    ((1, 3, 3, 1000, 40, 128), torch.float16),
+    ((1, 2, 1, 257, 3, 80), torch.bfloat16),
+])
+def test_pooled_attention_compiled_on_gpu(shape, dtype):
+    b, hq, hkv, nq, mk, d = shape
+    q, pk, pv, bias = _pooled_case(b, hq, hkv, nq, mk, d, device="cuda", dtype=dtype)
+    out, lse = backend_flex.flex_pooled_attention(q, pk, pv, bias, d ** -0.5)
+    # the reference sees the pooled operands rounded as the kernel does
+    _check_pooled(out, lse, *_pooled_f64(q, pk.to(dtype), pv.to(dtype), bias, d ** -0.5), 2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [
+    # (b, hq, hkv, nq, nk, d, causal, padded, dtype)
+    (2, 4, 2, 333, 333, 64, True, True, torch.bfloat16),
+    (1, 3, 3, 200, 517, 128, False, True, torch.float16),
+])
+def test_flex_backend_returns_lse_on_gpu(shape):
+    b, hq, hkv, nq, nk, d, causal, padded, dtype = shape
+    inp, mask, _ = _case(b, hq, hkv, nq, nk, d, causal=causal, padded=padded, device="cuda", dtype=dtype)
+    poison = torch.full((b, hq, nq), math.nan, device="cuda")  # leave NaN in the allocator's cache
+    del poison
+    result = BACKEND.run(inp, mask, torch.full((hq,), math.inf, device="cuda"))
+    em = element_mask(mask, nq, nk, is_causal=causal, key_padding_mask=inp.key_padding_mask, batch=b, heads=hq)
+    k = inp.k.double().cpu().repeat_interleave(hq // hkv, 1)
+    s = (inp.q.double().cpu() @ k.transpose(-1, -2)) * inp.scale
+    ref = s.masked_fill(~em, -math.inf).logsumexp(-1)
+    lse = result.lse.double().cpu()
+    assert result.lse.dtype == torch.float32 and lse.shape == ref.shape
+    empty = ref == -math.inf
+    assert empty.any() and (lse[empty] == -math.inf).all()
+    torch.testing.assert_close(lse[~empty], ref[~empty], atol=2e-2, rtol=1e-3)

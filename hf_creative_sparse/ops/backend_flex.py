@@ -10,13 +10,16 @@ that are not multiples of the block size are masked by FlexAttention itself.
 FlexAttention cannot do the stage-2 pv skip, so this backend refuses heads whose
 ``pvthreshd`` is finite and small enough to change the result beyond 16-bit rounding
 (`PV_EXACT_THRESHOLD`), and otherwise computes exact attention over the kept blocks and
-reports no skipped pairs.
+reports no skipped pairs. It returns each row's log-sum-exp (docs/DESIGN.md "Partial
+softmax"), and `flex_pooled_attention` is the GPU path of coarse compensation: attention
+over one pooled token per key block with a per-(query block, key block) bias.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import threading
 from typing import Any, Callable
 
@@ -158,6 +161,39 @@ def _flex_fn(compiled: bool) -> Callable[..., torch.Tensor]:
         return _COMPILED["fwd"]
 
 
+def _pad_head_dim(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Zero-pad the last dim to `padded_head_dim` (no score changes; the scale is the caller's)."""
+    d = tensors[0].shape[-1]
+    dp = padded_head_dim(d)
+    return tensors if dp == d else tuple(torch.nn.functional.pad(t, (0, dp - d)) for t in tensors)
+
+
+def _run_flex(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, want_lse: bool,
+              **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, lse or None) of one FlexAttention call; the log-sum-exp (natural log, -inf for
+    rows without a key) through ``return_aux`` where this torch has it, else ``return_lse``."""
+    if not want_lse:
+        return fn(q, k, v, **kwargs), None
+    fa = _flex_module()
+    if hasattr(fa, "AuxRequest") and "return_aux" in inspect.signature(fa.flex_attention).parameters:
+        out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+        return out, aux.lse
+    out, lse = fn(q, k, v, return_lse=True, **kwargs)
+    return out, lse
+
+
+def _flex_block_sparse(inp: AttentionInputs, block_mask: torch.Tensor, compiled: bool,
+                       want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    q, k, v = _pad_head_dim(inp.q, inp.k, inp.v)
+    bm = build_block_mask(inp, block_mask)
+    opts = kernel_options(q.shape[-1], inp.dtype) if q.is_cuda else None
+    with _recompile_room():
+        out, lse = _run_flex(_flex_fn(compiled), q, k, v, want_lse, block_mask=bm, scale=inp.scale,
+                             enable_gqa=inp.heads_q != inp.heads_kv, kernel_options=opts)
+    d = inp.head_dim
+    return (out[..., :d] if out.shape[-1] != d else out), lse
+
+
 def flex_block_sparse(inp: AttentionInputs, block_mask: torch.Tensor, *, compiled: bool = True) -> torch.Tensor:
     """Exact attention over the kept blocks through FlexAttention; out HND [B, Hq, Nq, D].
 
@@ -165,17 +201,96 @@ def flex_block_sparse(inp: AttentionInputs, block_mask: torch.Tensor, *, compile
     the output are unchanged; the scale is the caller's). ``compiled=False`` runs the eager
     (math) path, used on CPU by the tests.
     """
-    q, k, v = inp.q, inp.k, inp.v
-    d = inp.head_dim
-    dp = padded_head_dim(d)
-    if dp != d:
-        q, k, v = (torch.nn.functional.pad(t, (0, dp - d)) for t in (q, k, v))
-    bm = build_block_mask(inp, block_mask)
-    opts = kernel_options(dp, inp.dtype) if q.is_cuda else None
+    return _flex_block_sparse(inp, block_mask, compiled, want_lse=False)[0]
+
+
+def flex_block_sparse_lse(inp: AttentionInputs, block_mask: torch.Tensor, *,
+                          compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """`flex_block_sparse` and each row's log-sum-exp: (out HND [B, Hq, Nq, D], lse float32
+    [B, Hq, Nq], natural log over the row's usable keys, -inf for a row without any).
+    torch's CPU compilation of FlexAttention cannot return the lse: use a CUDA device."""
+    out, lse = _flex_block_sparse(inp, block_mask, compiled, want_lse=True)
+    assert lse is not None
+    return out, lse
+
+
+def _check_pooled_args(q: object, pooled_k: object, pooled_v: object, bias: object, scale: object) -> float:
+    for name, t in (("q", q), ("pooled_k", pooled_k), ("pooled_v", pooled_v), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating tensor, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    b, hq, nq, d = q.shape
+    if pooled_k.shape != pooled_v.shape:
+        raise ValueError(f"pooled_k and pooled_v must have the same shape [B, Hkv, Mk, D], got "
+                         f"{tuple(pooled_k.shape)} and {tuple(pooled_v.shape)}")
+    _, hkv, mk, dk = pooled_k.shape
+    if pooled_k.shape[0] != b or dk != d or hkv < 1 or hq % hkv or mk < 1:
+        raise ValueError(f"pooled_k must be [B, Hkv, Mk, D] = [{b}, a divisor of {hq}, >= 1, {d}], "
+                         f"got {tuple(pooled_k.shape)}")
+    mq = -(-nq // BLOCK_M)
+    if tuple(bias.shape) != (b, hq, mq, mk) or bias.dtype != torch.float32:
+        raise ValueError(f"bias must be float32 [B, Hq, ceil(Nq/{BLOCK_M}), Mk] = [{b}, {hq}, {mq}, {mk}], "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM} for FlexAttention, got {d}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise TypeError(f"scale must be a finite float, got {scale!r}")
+    return float(scale)
+
+
+def flex_pooled_attention(q: torch.Tensor, pooled_k: torch.Tensor, pooled_v: torch.Tensor, bias: torch.Tensor,
+                          scale: float, *, compiled: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query over Mk pooled tokens with a per-query-block additive bias:
+    the GPU path of coarse compensation (docs/DESIGN.md "Coarse compensation",
+    `ops.compensation.pooled_attention`).
+
+    Row r of query head h attends pooled token j with logit
+    ``scale * q[b, h, r] . pooled_k[b, h // (Hq / Hkv), j] + bias[b, h, r // 128, j]``;
+    ``bias`` -inf masks the token (kept blocks, empty blocks). One FlexAttention kernel with
+    the bias as a ``score_mod`` (no [Nq, Mk] score tensor): its cost is about 1/64 of the
+    dense Q K^T plus the pooled P V.
+
+    Args:
+        q: [B, Hq, Nq, D], any float dtype (the pooled operands are cast to it).
+        pooled_k, pooled_v: [B, Hkv, Mk, D], Hq a multiple of Hkv (GQA).
+        bias: float32 [B, Hq, ceil(Nq / 128), Mk], in logits (natural-log units).
+        scale: softmax scale of q.k (not applied to the bias).
+        compiled: FlexAttention compiled (default on CUDA) or eager (default on CPU:
+            torch's CPU compilation cannot return the log-sum-exp).
+
+    Returns:
+        (out float32 [B, Hq, Nq, D], normalised over the row's unmasked pooled tokens, zeros
+        for a row with none; lse float32 [B, Hq, Nq], natural log, -inf for such a row).
+
+    Example:
+        >>> import torch
+        >>> q = torch.randn(1, 2, 200, 64)
+        >>> pk, pv = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 4, 64)
+        >>> bias = torch.zeros(1, 2, 2, 4)
+        >>> out, lse = flex_pooled_attention(q, pk, pv, bias, 0.125)
+        >>> out.shape, lse.shape
+        (torch.Size([1, 2, 200, 64]), torch.Size([1, 2, 200]))
+    """
+    scale = _check_pooled_args(q, pooled_k, pooled_v, bias, scale)
+    if compiled is None:
+        compiled = q.is_cuda
+    d = q.shape[-1]
+    qp, kp, vp = _pad_head_dim(q, pooled_k.to(q.dtype), pooled_v.to(q.dtype))
+    bias = bias.contiguous()
+
+    def add_block_bias(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx // BLOCK_M, kv_idx]
+
     with _recompile_room():
-        out = _flex_fn(compiled)(q, k, v, block_mask=bm, scale=inp.scale,
-                                 enable_gqa=inp.heads_q != inp.heads_kv, kernel_options=opts)
-    return out[..., :d] if dp != d else out
+        out, lse = _run_flex(_flex_fn(compiled), qp, kp, vp, True, score_mod=add_block_bias, scale=scale,
+                             enable_gqa=q.shape[1] != pooled_k.shape[1])
+    assert lse is not None
+    return out[..., :d].float(), lse.float()
 
 
 class FlexBackend:
@@ -203,10 +318,11 @@ class FlexBackend:
         return None
 
     def run(self, inp: AttentionInputs, block_mask: torch.Tensor, pvthreshd: torch.Tensor) -> BackendResult:
-        return BackendResult(out=flex_block_sparse(inp, block_mask), pv_skipped=0, pv_visited=0)
+        out, lse = flex_block_sparse_lse(inp, block_mask)
+        return BackendResult(out=out, pv_skipped=0, pv_visited=0, lse=lse)
 
 
 BACKEND = FlexBackend()
 
 __all__ = ["BACKEND", "FlexBackend", "PV_EXACT_THRESHOLD", "build_block_mask", "flex_block_sparse",
-           "kernel_options", "padded_head_dim"]
+           "flex_block_sparse_lse", "flex_pooled_attention", "kernel_options", "padded_head_dim"]
