@@ -93,7 +93,8 @@ class DiffusionDialProcessor(LogitsProcessor):
         step = self.max_denoising_steps - remaining
         cp = self.control_at_step(step)
         scores = temperature_scale(scores, cp.temperature)
-        scores = scores.masked_fill(~nucleus_keep(scores, cp.top_p), -math.inf)
+        keep = nucleus_keep(scores.reshape(-1, scores.shape[-1]), cp.top_p).view(scores.shape)  # per canvas token
+        scores = scores.masked_fill(~keep, -math.inf)
         self.history.append({"step": step, "s": cp.s, "temperature": cp.temperature, "top_p": cp.top_p})
         if self.publish:  # the next forward: the next step, or step 0 of the next canvas
             set_current_sparsity(self.s_at_step(step + 1 if step + 1 < self.max_denoising_steps else 0))

@@ -287,11 +287,15 @@ class RetentionRuntime:
         if dense_rows:  # exact for them: the original forward over the whole batch
             self.ensure_full(idx, cache)
             out = original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)[0].clone()
-        rows = torch.tensor(sparse_rows, device=hidden_states.device)
+        every_row = len(sparse_rows) == batch  # the common case: no index tensors (no host-device copies)
         cos, sin = position_embeddings
-        if cos.shape[0] == batch and batch > 1:
-            cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
-        q, k_new, v_new = project_qkv(module, hidden_states.index_select(0, rows), (cos, sin))
+        hidden = hidden_states
+        if not every_row:
+            rows = torch.tensor(sparse_rows, device=hidden_states.device)
+            hidden = hidden_states.index_select(0, rows)
+            if cos.shape[0] == batch and batch > 1:
+                cos, sin = cos.index_select(0, rows), sin.index_select(0, rows)
+        q, k_new, v_new = project_qkv(module, hidden, (cos, sin))
 
         store = self.stores.setdefault(idx, {})
         selecting = [b for b in sparse_rows if phases[b] == "select" or b not in store]
@@ -306,16 +310,25 @@ class RetentionRuntime:
         for pos, b in enumerate(sparse_rows):
             groups.setdefault(tuple(store[b][0].shape), []).append(pos)
         for positions in groups.values():
-            sel = torch.tensor(positions, device=hidden_states.device)
-            keys = torch.cat([torch.stack([store[sparse_rows[p]][0] for p in positions]), k_new.index_select(0, sel)], 2)
-            values = torch.cat([torch.stack([store[sparse_rows[p]][1] for p in positions]),
-                                v_new.index_select(0, sel)], 2)
+            whole = len(positions) == q.shape[0]
+            if len(positions) == 1:
+                kept_k, kept_v = (t.unsqueeze(0) for t in store[sparse_rows[positions[0]]])
+            else:
+                kept_k = torch.stack([store[sparse_rows[p]][0] for p in positions])
+                kept_v = torch.stack([store[sparse_rows[p]][1] for p in positions])
+            sel = None if whole else torch.tensor(positions, device=hidden_states.device)
+            pick = (lambda t: t) if sel is None else (lambda t, sel=sel: t.index_select(0, sel))
+            keys = torch.cat([kept_k, pick(k_new)], 2)
+            values = torch.cat([kept_v, pick(v_new)], 2)
             # No mask: retained keys are attendable by construction and the canvas always is.
             # No sliding window either: compacted positions are not contiguous, and on the
             # decoder every layer attends to all it holds (its mask is bidirectional).
-            attn, _ = attend(module, q.index_select(0, sel), keys, values, None, dropout=0.0,
+            attn, _ = attend(module, pick(q), keys, values, None, dropout=0.0,
                              scaling=module.scaling, sliding_window=None, is_causal=False)
             o = module.o_proj(attn.reshape(*attn.shape[:2], -1).contiguous())
+            if out is None and every_row and whole:
+                out = o
+                continue
             if out is None:
                 out = o.new_empty(batch, *o.shape[1:])
             out[[sparse_rows[p] for p in positions]] = o
