@@ -513,6 +513,24 @@ class DiffusersBackendPatch(ModelPatch):
         return {name: layer.active_state() for name, layer in self._layers.items()}
 
 
+def backend_layers(pipe_or_model: Any) -> dict[str, BackendLayer]:
+    """Layer name -> `BackendLayer` (its state and head shards) of the active
+    `enable_diffusers_backend` handle on ``pipe_or_model``.
+
+    Raises:
+        ValueError: the backend is not enabled on ``pipe_or_model``.
+    """
+    from .api import get_handle
+
+    handle = get_handle(pipe_or_model)
+    patches = [p for p in handle.patches.values() if isinstance(p, DiffusersBackendPatch)] if handle else []
+    if not patches:
+        raise ValueError(f"enable_diffusers_backend is not active on this {type(pipe_or_model).__name__}")
+    prefixed = len(handle.patches) > 1
+    return {f"{component}.{name}" if prefixed and component else name: layer
+            for component, patch in handle.patches.items() for name, layer in patch._layers.items()}
+
+
 def _backend_targets(pipe_or_model: Any) -> dict[str, torch.nn.Module]:
     from .api import TRANSFORMER_COMPONENTS, _is_pipeline
 
@@ -631,7 +649,7 @@ def enable_diffusers_backend(
 
 
 __all__ = [
-    "BACKEND_NAME", "SUPPORTED_DIFFUSERS", "BackendLayer", "DiffusersBackendPatch", "check_diffusers_version",
+    "BACKEND_NAME", "SUPPORTED_DIFFUSERS", "BackendLayer", "backend_layers", "DiffusersBackendPatch", "check_diffusers_version",
     "creative_sparse_attention", "default_state", "enable_diffusers_backend", "key_padding_mask_from",
     "register_diffusers_backend", "shard_config", "ulysses_head_range",
 ]
