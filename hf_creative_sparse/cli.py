@@ -38,12 +38,13 @@ TRACEBACK_ENV = "HCS_TRACEBACK"
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps descriptions as written and appends "(default: X)" to each option's help
-    unless the help already speaks of its default or there is none to show."""
+    unless the help already states it ("(default ..." or "default: ...") or there is
+    none to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
+        if "(default" in text or "default:" in text or default is None or default is False or default == argparse.SUPPRESS \
                 or not action.option_strings:
             return text
         shown = " ".join(str(d) for d in default) if isinstance(default, (list, tuple)) else str(default)
