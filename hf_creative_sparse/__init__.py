@@ -29,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     "spas_sage2_attn_meansim_cuda": "ops",
     "spas_sage_attn_meansim_cuda": "ops",
     "block_sparse_sage2_attn_cuda": "ops",
+    "entmax_attention": "ops",
     "enable_creative_sparse": "api",
     "disable_creative_sparse": "api",
     "sparsity_report": "api",

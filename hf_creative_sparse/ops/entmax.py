@@ -159,12 +159,21 @@ def _scores(inp: AttentionInputs, rows: slice, dtype: torch.dtype) -> torch.Tens
     return s.masked_fill(~_key_allowed(inp, idx), float("-inf"))
 
 
+def _pow_beta(z: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """z^(1/(alpha-1)) for z >= 0 [B, H, R, N], alpha [H]; 0 where z == 0. alpha 1.5 and 2
+    (the common choices) without pow."""
+    if bool((alpha == 1.5).all()):
+        return z * z
+    if bool((alpha == 2.0).all()):
+        return z.clone()
+    beta = (1.0 / (alpha - 1.0)).view(1, -1, 1, 1)
+    return torch.where(z > 0, z.pow(beta), torch.zeros_like(z))
+
+
 def _probs_from_tau(x: torch.Tensor, tau: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """p = [x - tau]_+ ^ (1/(alpha-1)) / sum; x [B, H, R, N] in entmax units, tau [B, H, R],
     alpha [H]. Rows without any attendable key (x all -inf) give zeros."""
-    beta = (1.0 / (alpha - 1.0)).view(1, -1, 1, 1)
-    z = (x - tau.unsqueeze(-1)).clamp_min(0)
-    p = torch.where(z > 0, z.pow(beta), torch.zeros_like(z))
+    p = _pow_beta((x - tau.unsqueeze(-1)).clamp_min(0), alpha)
     total = p.sum(-1, keepdim=True)
     return torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), torch.zeros_like(p))
 
@@ -173,7 +182,6 @@ def bisect_tau(x: torch.Tensor, alpha: torch.Tensor, n_iter: int) -> torch.Tenso
     """tau [B, H, R] of entmax over the last dim of x [B, H, R, N] (entmax units,
     -inf = not attendable) by bisection, as ``entmax.entmax_bisect``: tau lies in
     [max - 1, max - n^(1 - alpha)], n the row's attendable count. Rows without a key: -inf."""
-    beta = (1.0 / (alpha - 1.0)).view(1, -1, 1)
     count = torch.isfinite(x).sum(-1).clamp_min(1).to(x.dtype)
     x_max = x.amax(-1)
     empty = ~torch.isfinite(x_max)
@@ -183,8 +191,7 @@ def bisect_tau(x: torch.Tensor, alpha: torch.Tensor, n_iter: int) -> torch.Tenso
     hi = x_max - count.pow(-(alpha.view(1, -1, 1) - 1.0))
     for _ in range(n_iter):
         mid = (lo + hi) / 2
-        z = (xs - mid.unsqueeze(-1)).clamp_min(0)
-        f = torch.where(z > 0, z.pow(beta.unsqueeze(-1)), torch.zeros_like(z)).sum(-1)
+        f = _pow_beta((xs - mid.unsqueeze(-1)).clamp_min(0), alpha).sum(-1)
         above = f >= 1  # tau is at least mid
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
@@ -275,12 +282,14 @@ def _attendable_blocks(inp: AttentionInputs) -> torch.Tensor:
 def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
     """Upper bounds U float32 [B, Hq, Mq, Mk] on the scaled score s = scale q . k of every
     attendable (row, key) pair in each (128-row, 64-key) block pair; -inf for pairs with no
-    attendable key. From key-block centroids and radii (over attendable keys only):
-    s <= scale q . mu + |scale| |q| r. Causal pairs above the diagonal are -inf."""
+    attendable key. The smaller of two bounds over a key block's attendable keys: the ball
+    (centroid mu, radius r: s <= scale q . mu + |scale| |q| r) and the per-dimension box
+    (s <= |scale| sum_d max(q_d hi_d, q_d lo_d)). Causal pairs above the diagonal are -inf."""
     b, hq, nq, d = inp.q.shape
     hkv, nk = inp.heads_kv, inp.len_k
     mq, mk = inp.num_q_blocks, inp.num_k_blocks
     group = hq // hkv
+    scale = inp.scale
     k = torch.nn.functional.pad(inp.k.float(), (0, 0, 0, mk * BLOCK_N - nk)).view(b, hkv, mk, BLOCK_N, d)
     if inp.key_padding_mask is not None:
         valid = torch.nn.functional.pad(inp.key_padding_mask, (0, mk * BLOCK_N - nk)).view(b, 1, mk, BLOCK_N)
@@ -290,15 +299,26 @@ def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
     count = w.sum(3)  # [B|1, 1, Mk, 1]
     mu = (k * w).sum(3) / count.clamp_min(1)  # [B, Hkv, Mk, D]
     radius = torch.where(valid, (k - mu.unsqueeze(3)).norm(dim=-1), torch.zeros(())).amax(-1)  # [B, Hkv, Mk]
-    mu_q = mu.repeat_interleave(group, dim=1) if group > 1 else mu
-    rad_q = radius.repeat_interleave(group, dim=1) if group > 1 else radius
-    scale = inp.scale
+    big = torch.finfo(torch.float32).max
+    k_hi = torch.where(valid.unsqueeze(-1), k, torch.full((), -big)).amax(3)  # per-dimension box
+    k_lo = torch.where(valid.unsqueeze(-1), k, torch.full((), big)).amin(3)
+    k_hi, k_lo = torch.where(count > 0, k_hi, 0.0), torch.where(count > 0, k_lo, 0.0)
+    if scale < 0:  # bound -q . k instead
+        k_hi, k_lo = -k_lo, -k_hi
+
+    def heads(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(group, dim=1) if group > 1 else t
+
+    mu_q, rad_q, hi_q, lo_q = heads(mu), heads(radius), heads(k_hi), heads(k_lo)
     bounds = torch.empty(b, hq, mq, mk, dtype=torch.float32, device=inp.device)
     step = max(BLOCK_M, (_CHUNK_ELEMS // max(b * hq * mk, 1)) // BLOCK_M * BLOCK_M)
     for start in range(0, nq, step):
         q = inp.q[:, :, start:start + step].float()
-        ub = scale * torch.matmul(q, mu_q.transpose(-1, -2)) + abs(scale) * q.norm(dim=-1, keepdim=True) \
+        ball = scale * torch.matmul(q, mu_q.transpose(-1, -2)) + abs(scale) * q.norm(dim=-1, keepdim=True) \
             * rad_q.unsqueeze(2)
+        box = abs(scale) * (torch.matmul(q.clamp_min(0), hi_q.transpose(-1, -2))
+                            + torch.matmul(q.clamp_max(0), lo_q.transpose(-1, -2)))
+        ub = torch.minimum(ball, box)
         rows = q.shape[2]
         pad = (-rows) % BLOCK_M
         ub = torch.nn.functional.pad(ub, (0, 0, 0, pad), value=float("-inf"))
