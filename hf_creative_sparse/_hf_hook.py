@@ -20,10 +20,12 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 from typing import Any
 
 _TARGET = "transformers.modeling_utils"
+_PATCHES = "hf_creative_sparse.patches"
 
 
 def _register() -> None:
@@ -59,8 +61,26 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
+class _PatchesInSourceCheckout(importlib.abc.MetaPathFinder):
+    """``hf_creative_sparse.patches`` from a source checkout that was not pip-installed:
+    setup.py maps the top-level ``patches/`` folder to that name at install time, so without
+    an install nothing else finds it. Sits last on ``sys.meta_path``: an installed copy wins."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != _PATCHES:
+            return None
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "patches")
+        init = os.path.join(folder, "__init__.py")
+        if not os.path.isfile(init):
+            return None
+        return importlib.util.spec_from_file_location(fullname, init, submodule_search_locations=[folder])
+
+
 def install() -> None:
-    """Register now if transformers is loaded, else as soon as it is (idempotent)."""
+    """Register now if transformers is loaded, else as soon as it is (idempotent). Also lets
+    ``import hf_creative_sparse.patches...`` work from a source checkout."""
+    if not any(isinstance(f, _PatchesInSourceCheckout) for f in sys.meta_path):
+        sys.meta_path.append(_PatchesInSourceCheckout())
     if _TARGET in sys.modules:
         try:
             _register()

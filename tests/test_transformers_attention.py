@@ -234,3 +234,21 @@ def test_attn_implementation_name_works_after_importing_the_package():
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "['model.layers.0.self_attn'] 1" in result.stdout
+
+
+def test_patch_module_imports_from_a_source_checkout_before_transformers():
+    """A source checkout that was not pip-installed (the editable install's finder removed):
+    `hf_creative_sparse.patches.transformers_attention` imports with transformers not yet
+    imported (setup.py's mapping of patches/ does not exist there)."""
+    code = (
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()\n"
+        "                    and 'editable' not in getattr(f, '__module__', '').lower()]\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "assert 'transformers' not in sys.modules\n"
+        "import hf_creative_sparse.patches.transformers_attention as ta\n"
+        "print(ta.ATTN_IMPLEMENTATION, ta.__file__)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("creative_sparse ") and "patches" in result.stdout
