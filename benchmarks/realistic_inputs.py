@@ -23,6 +23,11 @@ are ordinary tensors any kernel can take):
 * Noise ``sigma * g_i . g'_j``: per-token content noise of ``sigma`` logits.
 * Bias dimension: a constant 1 in every query against a per-key bias (text tokens in video,
   the attention sink and heavy hitters in causal text).
+* Offset dimension: a constant in every query times a constant in every key. It moves
+  every logit of a row by the same amount (the softmax is unchanged) but gives q and k the
+  large shared component real projections have (SageAttention subtracts K's mean for this
+  reason), so neighbouring tokens' q and k are similar: block self-similarity (mean cosine)
+  spreads over ~0.4-0.9 per head, as predictors such as SpargeAttn's expect.
 
 Families (``FAMILIES``):
 
@@ -121,6 +126,7 @@ def make_inputs(
     text_len: int = 0,
     text_last: bool = False,
     kv_heads: int | None = None,
+    common_offset: bool = True,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -132,6 +138,9 @@ def make_inputs(
     ``default_grid(seq_len - text_len)``). ``kv_heads`` (default ``heads``) gives GQA: the
     query heads of one group share the group's kind and keys, with their own sharpness.
     Batch elements share the head recipes and differ in content and noise.
+    ``common_offset`` adds the softmax-invariant q/k offsets that make blocks self-similar
+    (module doc; False leaves every logit and the attention the same up to a per-row
+    constant, for tests and for measuring what the offsets do). ``"random"`` has none.
     """
     _check_family(family)
     for name, val in (("batch", batch), ("heads", heads), ("seq_len", seq_len), ("head_dim", head_dim)):
@@ -142,6 +151,8 @@ def make_inputs(
     hkv = heads if kv_heads is None else kv_heads
     if isinstance(hkv, bool) or not isinstance(hkv, int) or hkv < 1 or heads % hkv:
         raise ValueError(f"kv_heads must be a positive int dividing heads={heads}, got {kv_heads!r}")
+    if not isinstance(common_offset, bool):
+        raise TypeError(f"common_offset must be a bool, got {type(common_offset).__name__}")
     if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
         raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
     if family != "video" and (text_len or grid is not None or text_last):
@@ -176,7 +187,7 @@ def make_inputs(
     for g, spec in enumerate(specs):
         # Query heads of a group: the group's recipe, sharpness scaled by 0.7-1.4.
         sharp = torch.exp(torch.empty(group, device=device).uniform_(math.log(0.7), math.log(1.4), generator=gen))
-        qg, kg, vg = _head_features(spec, layout, head_dim, sharp, gen)
+        qg, kg, vg = _head_features(spec, layout, head_dim, sharp, gen, common_offset)
         q_parts.append(qg)
         k_parts.append(kg)
         v_parts.append(vg)
@@ -294,19 +305,19 @@ def _head_specs(family: str, hkv: int, gen: torch.Generator) -> list[HeadSpec]:
     return specs
 
 
-def _head_features(spec: HeadSpec, layout: _Layout, d: int, sharp: torch.Tensor,
-                   gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _head_features(spec: HeadSpec, layout: _Layout, d: int, sharp: torch.Tensor, gen: torch.Generator,
+                   common_offset: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [B, G, N, d], k [B, 1, N, d], v [B, 1, N, d] for one kv head and its G query heads.
 
-    Feature split of the d dims: 1 bias dim, 2F position dims, the rest content (segment
-    embedding + noise): F = d // 4 for content heads, else as many as leave 8 content dims
-    (more frequencies, lower sidelobes). Logits = q.k * d**-0.5, so q carries sqrt(d).
+    Feature split of the d dims: 1 bias dim, 2F position dims, content (segment embedding
+    + noise), 1 offset dim: F = d // 4 for content heads, else as many as leave 8 content
+    dims (more frequencies, lower sidelobes). Logits = q.k * d**-0.5, so q carries sqrt(d).
     """
     device = layout.pos.device
     b, n = layout.segment.shape
     g = sharp.numel()
-    f = d // 4 if spec.content_amp > 0 else max(1, (d - 9) // 2)
-    c = d - 1 - 2 * f
+    f = d // 4 if spec.content_amp > 0 else max(1, (d - 10) // 2)
+    c = d - 2 - 2 * f
 
     # Position features: Gaussian frequencies per axis with spread 1/length (0 for flat axes).
     inv_len = torch.tensor([0.0 if math.isinf(x) else 1.0 / x for x in spec.length], device=device)
@@ -327,7 +338,7 @@ def _head_features(spec: HeadSpec, layout: _Layout, d: int, sharp: torch.Tensor,
     q_pos = spec.pos_amp * phi[None, None].expand(b, 1, n, 2 * f)
     q_con = amp_c * u[:, None] + spec.noise * noise_q[:, None]
     q_bias = torch.ones(b, 1, n, 1, device=device)
-    q = torch.cat([q_bias * spec.key_bias, q_pos, q_con], dim=-1) * sq      # [B, G, N, d]
+    q = torch.cat([q_bias * spec.key_bias, q_pos, q_con], dim=-1) * sq      # [B, G, N, d - 1]
     k_con = amp_c * u + noise_k * (1.0 if spec.noise > 0 else 0.0)
     k = torch.cat([layout.special[..., None], phi[None].expand(b, n, 2 * f), k_con], dim=-1)[:, None]
     q = q * math.sqrt(d)
@@ -344,4 +355,16 @@ def _head_features(spec: HeadSpec, layout: _Layout, d: int, sharp: torch.Tensor,
         1, layout.segment[..., None].expand(-1, -1, d))
     mean = torch.randn(d, generator=gen, device=device)
     v = (smooth[None] + 0.7 * seg_v + 0.5 * torch.randn(b, n, d, generator=gen, device=device) + 0.5 * mean)[:, None]
+
+    # Common offsets (the q/k biases real projections have, which SageAttention's "smooth K"
+    # subtracts): q_o = alpha_h for every query, k_o = beta for every key, so every logit
+    # moves by the same alpha_h * beta / sqrt(d) and the softmax does not change; but blocks
+    # become self-similar as in real models (offset energy 0.5-6x the features' per head).
+    rho = torch.exp(torch.empty(g + 1, device=device).uniform_(math.log(0.5), math.log(6.0), generator=gen))
+    if not common_offset:
+        rho = torch.zeros_like(rho)
+    alpha = (rho[:g] * q.square().sum(-1).mean(dim=(0, 2))).sqrt().view(1, g, 1, 1)
+    beta = (rho[g] * k.square().sum(-1).mean()).sqrt()
+    q = torch.cat([q, alpha.expand(b, g, n, 1)], dim=-1)
+    k = torch.cat([k, beta.expand(b, 1, n, 1)], dim=-1)
     return q, k, v

@@ -120,6 +120,19 @@ def test_shapes_dtype_gqa_and_determinism(family):
     assert not torch.equal(k[0], k[1]) and not torch.equal(k[:, 0], k[:, 1])
 
 
+def test_common_offset_keeps_attention_and_makes_blocks_self_similar():
+    from hf_creative_sparse.ops.masks import pool_blocks
+
+    kw = {"grid": (2, 16, 24), "text_len": 40}
+    q, k, _ = make_inputs("video", 1, 4, 40 + 2 * 16 * 24, 64, seed=2, **kw)
+    q0, k0, _ = make_inputs("video", 1, 4, 40 + 2 * 16 * 24, 64, seed=2, common_offset=False, **kw)
+    rows = torch.arange(0, q.shape[2], 37)
+    torch.testing.assert_close(_probs(q, k, rows), _probs(q0, k0, rows), atol=1e-5, rtol=1e-4)
+    sim = [pool_blocks(t, block, None)[1].mean().item() for t, block in ((q, 128), (k, 64), (q0, 128), (k0, 64))]
+    assert sim[0] > 0.5 and sim[1] > 0.5, sim  # as in real models (SpargeAttn's threshold is 0.6)
+    assert sim[2] < sim[0] - 0.2 and sim[3] < sim[1] - 0.2, sim
+
+
 def test_default_grid():
     assert math.prod(default_grid(17550)) == 17550
     t, h, w = default_grid(32760)
@@ -138,5 +151,7 @@ def test_bad_arguments():
         make_inputs("local", 1, 1, 64, 64, text_len=4)
     with pytest.raises(ValueError, match="head_dim"):
         make_inputs("local", 1, 1, 64, 4)
+    with pytest.raises(TypeError, match="common_offset"):
+        make_inputs("local", 1, 1, 64, 64, common_offset=1)
     with pytest.raises(TypeError, match="dtype"):
         make_inputs("local", 1, 1, 64, 64, dtype=torch.int32)
