@@ -38,7 +38,10 @@ def tiny_model(dtype: torch.dtype = torch.float64) -> DiffusionGemmaForBlockDiff
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, global_head_dim=16,
                                       num_global_key_value_heads=1, sliding_window=64, num_experts=4,
                                       top_k_experts=2, moe_intermediate_size=16)
-        cfg = DiffusionGemmaConfig(text_config=tc, vision_config=None, canvas_length=CANVAS,
+        vision = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                  "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 64}
+        # (vision_config=None would build the default 150M-parameter vision tower)
+        cfg = DiffusionGemmaConfig(text_config=tc, vision_config=vision, canvas_length=CANVAS,
                                    boi_token_id=120, eoi_token_id=121, image_token_id=122)
     torch.manual_seed(0)
     model = DiffusionGemmaForBlockDiffusion(cfg).to(dtype).eval()
@@ -48,7 +51,12 @@ def tiny_model(dtype: torch.dtype = torch.float64) -> DiffusionGemmaForBlockDiff
 
 @pytest.fixture(scope="module")
 def model() -> DiffusionGemmaForBlockDiffusion:
-    return tiny_model()
+    # One thread: the eager MoE's index_add_ on tiny tensors spends seconds in OpenMP
+    # waits on a busy 2-core machine, and milliseconds without them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield tiny_model()
+    torch.set_num_threads(threads)
 
 
 def decoder_attention(model):
