@@ -373,6 +373,9 @@ def load_model(model_or_path: Any, tokenizer: Any = None) -> tuple[Any, Any]:
         found = [f for f in os.listdir(path) if f.endswith(".gguf")]
         if len(found) == 1 and not os.path.exists(os.path.join(path, "config.json")):
             gguf = found[0]
+    if gguf:  # de-quantised once, then loaded from the user's cache (model_cache.py)
+        from .model_cache import load_gguf_model
+        return load_gguf_model(path or ".", gguf, tokenizer)
     kw = {"gguf_file": gguf} if gguf else {}
     model = AutoModelForCausalLM.from_pretrained(path, **kw).eval()
     if tokenizer is None:
