@@ -237,9 +237,9 @@ def measure_family(shape: Shape, family: str, rounds: int, budget: float, accept
             row.fallback = (stats.fallback_reason or "")[:80]
             budgets, est = _stat(stats, "head_budgets"), _stat(stats, "estimated_l1")
             if budgets is not None:
-                row.head_budget_mean = float(budgets.float().mean())
+                row.head_budget_mean = float(torch.as_tensor(budgets, dtype=torch.float32).mean())
             if est is not None:
-                row.estimated_l1_max = float(est.float().max())
+                row.estimated_l1_max = float(torch.as_tensor(est, dtype=torch.float32).max())
             row.compensated = _stat(stats, "compensated")
             del out
             row.cudnn_ms, row.ms, row.speedup = paired(cudnn, call, cudnn_ms, rounds)
