@@ -139,6 +139,35 @@ def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_o
     assert stats.updates == 40 and stats.rebuilds == 1
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1 with triton")
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_triton_statistics_and_scores_equal_recomputation(padded):
+    dev = _device("triton")
+    g = torch.Generator().manual_seed(9)
+    b, hq, hkv, n0, d, bs = 2, 6, 2, 90, 24, 16
+    keys = torch.randn(b, hkv, n0 + 20, d, generator=g)
+    q = torch.randn(b, hq, d, generator=g)
+    valid = torch.ones(b, n0 + 20, dtype=torch.bool)
+    if padded:
+        valid[1, :37] = False
+        valid[0, 16:32] = False
+    stats = dm.KeyBlockStats(bs)
+    kinds = []
+    for n in (n0, n0 + 1, n0 + 7, n0 + 20):  # a rebuild, then growth across a block boundary
+        pad = valid[:, :n].to(dev) if padded else None
+        kind, scores = stats.update_and_score(keys[:, :, :n].to(dev), pad, q.to(dev), verify=True, sink_blocks=1,
+                                              recent_blocks=2, fused=True)
+        kinds.append(kind)
+        kmin, kmax, count = dm._block_minmax(keys[:, :, :n], valid[:, :n] if padded else None, bs)
+        assert torch.equal(stats.kmin.cpu(), kmin) and torch.equal(stats.kmax.cpu(), kmax)
+        assert torch.equal(stats.counts.cpu(), count)
+        ref = dm.force_blocks(dm.block_scores(q, kmin, kmax, count if padded else None), 1, 2)
+        finite = torch.isfinite(ref)
+        assert torch.equal(torch.isfinite(scores.cpu()), finite)
+        assert torch.allclose(scores.cpu()[finite], ref[finite], atol=1e-4)
+    assert kinds == ["rebuilt", "incremental", "incremental", "incremental"]
+
+
 def test_changed_cache_is_rebuilt_not_updated():
     g = torch.Generator().manual_seed(6)
     keys = torch.randn(2, 2, 70, 8, generator=g)

@@ -205,7 +205,9 @@ class KeyBlockStats:
             return False
         if tuple(self._min.shape[:2]) != (b, h) or self._min.shape[3] != d or self._min.device != keys.device:
             return False
-        return not verify or torch.equal(keys[:, :, self.length - 1], self._last_row)
+        if not verify:
+            return True
+        return self._last_row is not None and torch.equal(keys[:, :, self.length - 1], self._last_row)
 
     def update(self, keys: torch.Tensor, key_padding_mask: torch.Tensor | None = None, *,
                verify: bool = True) -> str:
@@ -229,24 +231,10 @@ class KeyBlockStats:
         if padded and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n)):
             raise ValueError(f"key_padding_mask must be bool [B, N] = [{b}, {n}], got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-        bs = self.block_size
-        blocks = -(-n // bs)
-        if self._matches(keys, padded, verify):
-            first = self.length // bs  # the partly filled block is recomputed whole
-            self._ensure_capacity(blocks)
-            self.updates += 1
-            kind = "incremental"
-        else:
-            first = 0
-            capacity = blocks + _SPARE_BLOCKS
-            self._min = torch.empty(b, h, capacity, d, dtype=torch.float32, device=keys.device)
-            self._max = torch.empty_like(self._min)
-            self._count = torch.zeros(b, capacity, dtype=torch.int32, device=keys.device)
-            self._padded = padded
-            self.rebuilds += 1
-            kind = "rebuilt"
+        first, kind = self._prepare(keys, padded, verify)
         op = _cpu_ops("decode_block_stats") if keys.device.type == "cpu" and keys.dtype == torch.float32 \
             and keys.stride(3) == 1 else None
+        bs, blocks = self.block_size, -(-n // self.block_size)
         if op is not None:
             op(keys, key_padding_mask, bs, first, self._min, self._max, self._count)
         else:
@@ -256,9 +244,45 @@ class KeyBlockStats:
             self._min[:, :, first:blocks] = kmin
             self._max[:, :, first:blocks] = kmax
             self._count[:, first:blocks] = count
-        self.length = n
-        self._last_row = keys[:, :, n - 1].clone()
+        self._finish(keys, verify)
         return kind
+
+    def update_and_score(self, keys: torch.Tensor, key_padding_mask: torch.Tensor | None, q: torch.Tensor, *,
+                         verify: bool, sink_blocks: int, recent_blocks: int, fused: bool) -> tuple[str, torch.Tensor]:
+        """`update`, then the bound of every block for decode rows q [B, Hq, D] with the sink
+        and recent blocks at +inf (float32 [B, Hkv, num_blocks]). ``fused``: both in one
+        Triton launch (CUDA), which a decode step's host time needs on a GPU."""
+        if not fused:
+            kind = self.update(keys, key_padding_mask, verify=verify)
+            return kind, force_blocks(self.scores(q, key_padding_mask is not None), sink_blocks, recent_blocks)
+        from .decode_triton import stats_and_scores_triton
+
+        first, kind = self._prepare(keys, key_padding_mask is not None, verify)
+        scores = stats_and_scores_triton(q, keys, key_padding_mask, self._min, self._max, self._count,
+                                         self.block_size, first, sink_blocks, recent_blocks,
+                                         key_padding_mask is not None)
+        self._finish(keys, verify)
+        return kind, scores
+
+    def _prepare(self, keys: torch.Tensor, padded: bool, verify: bool) -> tuple[int, str]:
+        """(first block to recompute, "incremental" | "rebuilt"), buffers sized for the cache."""
+        b, h, n, d = keys.shape
+        blocks = -(-n // self.block_size)
+        if self._matches(keys, padded, verify):
+            self._ensure_capacity(blocks)
+            self.updates += 1
+            return self.length // self.block_size, "incremental"  # the partly filled block whole
+        capacity = blocks + _SPARE_BLOCKS
+        self._min = torch.empty(b, h, capacity, d, dtype=torch.float32, device=keys.device)
+        self._max = torch.empty_like(self._min)
+        self._count = torch.zeros(b, capacity, dtype=torch.int32, device=keys.device)
+        self._padded = padded
+        self.rebuilds += 1
+        return 0, "rebuilt"
+
+    def _finish(self, keys: torch.Tensor, verify: bool) -> None:
+        self.length = keys.shape[2]
+        self._last_row = keys[:, :, -1].clone() if verify else None
 
     def scores(self, q: torch.Tensor, use_counts: bool) -> torch.Tensor:
         """`block_scores` of decode rows q [B, Hq, D] against these statistics
@@ -321,15 +345,26 @@ def kept_block_count(num_blocks: int, budget: float, sink_blocks: int, recent_bl
     return min(num_blocks, max(forced, math.ceil(budget * num_blocks - 1e-9)))
 
 
-def select_key_blocks(scores: torch.Tensor, keep: int, sink_blocks: int, recent_blocks: int) -> torch.Tensor:
-    """The ``keep`` blocks per (batch, kv head): the sink and recent blocks, then the highest
-    scores. Returns int64 [B, Hkv, keep], ascending (so the kernels read the cache in order)."""
+def force_blocks(scores: torch.Tensor, sink_blocks: int, recent_blocks: int) -> torch.Tensor:
+    """A copy of ``scores`` [..., nb] with the first ``sink_blocks`` and last
+    ``recent_blocks`` blocks at +inf (a top-k then always keeps them)."""
     nb = scores.shape[-1]
     forced = scores.clone()
     forced[..., :min(sink_blocks, nb)] = math.inf
     forced[..., max(0, nb - recent_blocks):] = math.inf
-    idx = forced.topk(keep, dim=-1, sorted=False).indices
-    return idx.sort(dim=-1).values
+    return forced
+
+
+def select_key_blocks(scores: torch.Tensor, keep: int, sink_blocks: int = 0, recent_blocks: int = 0, *,
+                      sort: bool = True) -> torch.Tensor:
+    """The ``keep`` blocks per (batch, kv head): the sink and recent blocks (pass 0 when
+    ``scores`` came from `force_blocks` already), then the highest scores. Returns int64
+    [B, Hkv, keep], ascending with ``sort`` (the CPU kernel then reads the cache in order;
+    the GPU kernels take any order)."""
+    if sink_blocks or recent_blocks:
+        scores = force_blocks(scores, sink_blocks, recent_blocks)
+    idx = scores.topk(keep, dim=-1, sorted=False).indices
+    return idx.sort(dim=-1).values if sort else idx
 
 
 # -- attention over the kept blocks ------------------------------------------------------------
@@ -566,16 +601,27 @@ class DecodeState:
         else:
             keep, nb = plan
             c = self.config
-            kind = self.stats.update(k, key_padding_mask, verify=c.verify_cache)
             q3 = q[:, :, 0]
-            scores = self.stats.scores(q3, use_counts=key_padding_mask is not None)
-            idx = select_key_blocks(scores, keep, c.sink_blocks, c.recent_blocks)
-            out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale, c.backend)
+            backend = resolve_decode_backend(c.backend, q3)
+            fused = backend == "triton" and _pow2(c.block_size) and c.block_size >= 16
+            kind, scores = self.stats.update_and_score(k, key_padding_mask, q3, verify=c.verify_cache,
+                                                       sink_blocks=c.sink_blocks, recent_blocks=c.recent_blocks,
+                                                       fused=fused)
+            idx = select_key_blocks(scores, keep, sort=not fused)
+            out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale,
+                                                  backend if fused or backend != "triton" else "torch")
             out = out3[:, :, None]
             stats = DecodeStats(kept_fraction=keep / nb, backend=ran, num_blocks=nb, kept_blocks=keep,
                                 stats_update=kind, block_idx=idx)
         self._record(stats)
         return out, stats
+
+    def reset_stats(self) -> None:
+        """Forget the counters of `report` (not the block statistics)."""
+        self._counts.clear()
+        self._fallbacks.clear()
+        self._kept_sum = 0.0
+        self.stats.updates = self.stats.rebuilds = 0
 
     def record_dense(self, reason: str) -> None:
         """Count a step that the caller ran dense itself because `plan` said ``reason``."""
@@ -604,6 +650,10 @@ class DecodeState:
             "stats_updates": self.stats.updates,
             "stats_rebuilds": self.stats.rebuilds,
         }
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
 
 
 def _dense_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,

@@ -134,6 +134,63 @@ if triton is not None:
         tl.store(LSE + b * (HKV * G) + h * G + rows, lse, mask=row_ok)
 
 
+    @triton.jit
+    def _stats_scores_kernel(
+        Q, K, VALID, KMIN, KMAX, COUNT, SCORES,
+        N, G, D, NB, FIRST, CAP, HKV, SINK, RECENT,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_valid_b,
+        HAS_VALID: tl.constexpr, USE_COUNTS: tl.constexpr,
+        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
+    ):
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        toks = tl.arange(0, BS)
+        # 1. refresh this tile's blocks from FIRST on (the block the new key fell into; all
+        #    blocks at a rebuild): per-channel min/max over the block's attendable keys
+        start = tile * TILE
+        for jj in range(0, TILE):
+            j = start + jj
+            if (j >= FIRST) & (j < NB):
+                t = j * BS + toks
+                ok = t < N
+                if HAS_VALID:
+                    ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
+                k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + dims[None, :],
+                            mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                n = tl.sum(ok.to(tl.int32), 0)
+                lo = tl.min(tl.where(ok[:, None], k, float("inf")), 0)
+                hi = tl.max(tl.where(ok[:, None], k, float("-inf")), 0)
+                lo = tl.where(n > 0, lo, 0.0)
+                hi = tl.where(n > 0, hi, 0.0)
+                tl.store(KMIN + (bh * CAP + j) * D + dims, lo, mask=dim_ok)
+                tl.store(KMAX + (bh * CAP + j) * D + dims, hi, mask=dim_ok)
+                if h == 0:
+                    tl.store(COUNT + b * CAP + j, n)
+        tl.debug_barrier()  # the stores above are read back below by other threads
+        # 2. Quest's bound summed over the group: (sum_g relu(q_g)) . max + (sum_g min(q_g, 0)) . min
+        rows = tl.arange(0, BLOCK_G)
+        q = tl.load(Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :],
+                    mask=(rows < G)[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        pos = tl.sum(tl.maximum(q, 0.0), 0)
+        neg = tl.sum(tl.minimum(q, 0.0), 0)
+        blocks = start + tl.arange(0, TILE)
+        live = blocks < NB
+        offs = (bh * CAP + blocks)[:, None] * D + dims[None, :]
+        hi = tl.load(KMAX + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        lo = tl.load(KMIN + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        score = tl.sum(hi * pos[None, :] + lo * neg[None, :], 1)
+        if USE_COUNTS:
+            cnt = tl.load(COUNT + b * CAP + blocks, mask=live, other=0)
+            score = tl.where(cnt == 0, float("-inf"), score)
+        forced = (blocks < SINK) | (blocks >= NB - RECENT)
+        score = tl.where(forced, float("inf"), score)
+        tl.store(SCORES + bh * NB + blocks, score, mask=live)
+
+
 def _num_splits(items: int, kept: int, device: torch.device) -> int:
     """Splits per (batch, kv head): about two programs per SM, at least 4 blocks a split."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
@@ -187,3 +244,43 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
     )
     return out, lse
+
+
+#: Key blocks per program of the statistics + scores kernel.
+_SCORE_TILE = 16
+
+
+def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
+                            kmin: torch.Tensor, kmax: torch.Tensor, count: torch.Tensor, block_size: int,
+                            first_block: int, sink_blocks: int, recent_blocks: int, use_counts: bool) -> torch.Tensor:
+    """One launch per decode step for `KeyBlockStats` on CUDA: recompute the per-block
+    min/max (and attendable counts) of blocks [first_block, ceil(N / block_size)) of
+    ``keys`` [B, Hkv, N, D] into ``kmin``/``kmax`` (float32 [B, Hkv, capacity, D]) and
+    ``count`` (int32 [B, capacity]), then score every block for the decode rows q
+    [B, Hq, D] (`ops.decode.block_scores`), with the sink and recent blocks at +inf so a
+    top-k keeps them. Returns float32 [B, Hkv, num_blocks]."""
+    reason = unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(reason)
+    if block_size & (block_size - 1):
+        raise ValueError(f"the triton statistics kernel needs block_size a power of two, got {block_size}")
+    b, hq, d = q.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    nb = -(-n // block_size)
+    if keys.stride(3) != 1:
+        keys = keys.contiguous()
+    for name, t in (("kmin", kmin), ("kmax", kmax), ("count", count)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    scores = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else scores
+    _stats_scores_kernel[(b * hkv, triton.cdiv(nb, _SCORE_TILE))](
+        q, keys, valid, kmin, kmax, count, scores,
+        n, hq // hkv, d, nb, first_block, kmin.shape[2], hkv, sink_blocks, recent_blocks,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        valid.stride(0) if key_valid is not None else 0,
+        HAS_VALID=key_valid is not None, USE_COUNTS=use_counts,
+        BLOCK_G=max(2, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BS=block_size, TILE=_SCORE_TILE, num_warps=4,
+    )
+    return scores
