@@ -68,6 +68,9 @@ REFERENCE_BISECT_ITERS = 50
 REFERENCE_BISECT_ITERS_F64 = 60
 #: Newton stops once sum p - 1 <= this (the output is normalised by sum p afterwards).
 NEWTON_TOL = 1e-5
+#: The CUDA kernel's tolerance: its float32 sums over thousands of keys round at ~1e-6, and
+#: every pass re-reads K; 1e-4 moves tau by far less than a 16-bit output's rounding.
+CUDA_NEWTON_TOL = 1e-4
 #: Most Newton iterations (CPU, per row) or passes (CUDA, per query block).
 NEWTON_MAX_ITERS = 60
 #: Head dims of the CUDA kernel.
@@ -310,19 +313,33 @@ def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
         return t.repeat_interleave(group, dim=1) if group > 1 else t
 
     mu_q, rad_q, hi_q, lo_q = heads(mu), heads(radius), heads(k_hi), heads(k_lo)
+    # On GPU the products run in the inputs' 16-bit dtype (tensor cores; float32 would cost
+    # a quarter of a dense attention's time at 32k): q, hi and lo are exact there, mu and the
+    # 16-bit results round by <= 2^-8 relative, so each block's bound gets
+    # 2^-6 |scale| max|q| (|mu| + r + |max(|hi|, |lo|)|), which covers every product's error.
+    half = inp.device.type == "cuda" and inp.dtype in (torch.float16, torch.bfloat16)
+    mm = inp.dtype if half else torch.float32
+    mu_m, hi_m, lo_m = mu_q.to(mm), hi_q.to(mm), lo_q.to(mm)
     bounds = torch.empty(b, hq, mq, mk, dtype=torch.float32, device=inp.device)
+    q_norm_max = torch.empty(b, hq, mq, 1, dtype=torch.float32, device=inp.device)
     step = max(BLOCK_M, (_CHUNK_ELEMS // max(b * hq * mk, 1)) // BLOCK_M * BLOCK_M)
     for start in range(0, nq, step):
-        q = inp.q[:, :, start:start + step].float()
-        ball = scale * torch.matmul(q, mu_q.transpose(-1, -2)) + abs(scale) * q.norm(dim=-1, keepdim=True) \
-            * rad_q.unsqueeze(2)
-        box = abs(scale) * (torch.matmul(q.clamp_min(0), hi_q.transpose(-1, -2))
-                            + torch.matmul(q.clamp_max(0), lo_q.transpose(-1, -2)))
+        q = inp.q[:, :, start:start + step].to(mm)
+        q_norm = q.float().norm(dim=-1, keepdim=True)
+        ball = scale * torch.matmul(q, mu_m.transpose(-1, -2)).float() + abs(scale) * q_norm * rad_q.unsqueeze(2)
+        box = abs(scale) * (torch.matmul(q.clamp_min(0), hi_m.transpose(-1, -2)).float()
+                            + torch.matmul(q.clamp_max(0), lo_m.transpose(-1, -2)).float())
         ub = torch.minimum(ball, box)
         rows = q.shape[2]
         pad = (-rows) % BLOCK_M
         ub = torch.nn.functional.pad(ub, (0, 0, 0, pad), value=float("-inf"))
-        bounds[:, :, start // BLOCK_M:(start + rows + pad) // BLOCK_M] = ub.view(b, hq, -1, BLOCK_M, mk).amax(3)
+        blocks = slice(start // BLOCK_M, (start + rows + pad) // BLOCK_M)
+        bounds[:, :, blocks] = ub.view(b, hq, -1, BLOCK_M, mk).amax(3)
+        q_norm_max[:, :, blocks] = torch.nn.functional.pad(q_norm, (0, 0, 0, pad)).view(b, hq, -1, BLOCK_M).amax(
+            3, keepdim=True)
+    if half:
+        size = mu_q.norm(dim=-1) + rad_q + torch.maximum(hi_q.abs(), lo_q.abs()).norm(dim=-1)  # [B, Hq, Mk]
+        bounds += 2.0 ** -6 * abs(scale) * q_norm_max * size.unsqueeze(2)
     return bounds.masked_fill(~_attendable_blocks(inp), float("-inf"))
 
 
@@ -344,6 +361,14 @@ def seed_blocks(inp: AttentionInputs, bounds: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- backends
 
+def _has_op(name: str) -> bool:
+    try:
+        getattr(torch.ops.hcs_entmax, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
 def _cuda_reason(inp: AttentionInputs) -> str | None:
     if inp.device.type != "cuda":
         return f"the cuda kernel needs CUDA tensors, got q on {inp.device}"
@@ -351,10 +376,12 @@ def _cuda_reason(inp: AttentionInputs) -> str | None:
         return f"the cuda kernel runs float16/bfloat16, got {inp.dtype}"
     if inp.head_dim not in CUDA_HEAD_DIMS:
         return f"the cuda kernel supports head_dim {CUDA_HEAD_DIMS}, got {inp.head_dim}"
+    if _has_op("cuda_forward"):  # registered already (the extension, or a standalone build)
+        return None
     error = load_extension("cuda").error
     if error is not None:
         return error
-    if not hasattr(torch.ops.hcs_entmax, "cuda_forward"):
+    if not _has_op("cuda_forward"):
         return "the cuda extension has no entmax kernel (csrc/cuda/entmax_fwd.cu not built)"
     return None
 
@@ -364,10 +391,12 @@ def _cpu_reason(inp: AttentionInputs) -> str | None:
         return f"the cpu kernel needs CPU tensors, got q on {inp.device}"
     if inp.dtype == torch.float64:
         return "the cpu kernel runs float32/float16/bfloat16, got float64"
+    if _has_op("cpu_forward"):
+        return None
     error = load_extension("cpu").error
     if error is not None:
         return error
-    if not hasattr(torch.ops.hcs_entmax, "cpu_forward"):
+    if not _has_op("cpu_forward"):
         return "the cpu extension has no entmax kernel (csrc/cpu/entmax_fwd.cpp not built)"
     return None
 
@@ -393,10 +422,10 @@ def _pick_backend(backend: str, inp: AttentionInputs) -> str:
     return "reference"
 
 
-def compiled_forward(backend: str, inp: AttentionInputs, alpha: torch.Tensor,
-                     max_iters: int = NEWTON_MAX_ITERS) -> tuple[torch.Tensor, torch.Tensor, EntmaxStats]:
+def compiled_forward(backend: str, inp: AttentionInputs, alpha: torch.Tensor, max_iters: int = NEWTON_MAX_ITERS,
+                     want_stats: bool = True) -> tuple[torch.Tensor, torch.Tensor, EntmaxStats | None]:
     """The compiled forward (``backend`` "cpu" or "cuda"): (out in q's dtype, tau float32
-    [B, Hq, Nq], stats)."""
+    [B, Hq, Nq], stats or None when not ``want_stats``: they need a device sync)."""
     bounds = block_score_bounds(inp)
     seeds = seed_blocks(inp, bounds)
     kpm = inp.key_padding_mask.contiguous() if inp.key_padding_mask is not None else None
@@ -408,7 +437,9 @@ def compiled_forward(backend: str, inp: AttentionInputs, alpha: torch.Tensor,
     else:
         q, k, v = (t.contiguous() for t in (inp.q, inp.k, inp.v))
         out, tau, counts = torch.ops.hcs_entmax.cuda_forward(q, k, v, kpm, bounds, seeds, alpha, inp.scale,
-                                                           inp.is_causal, NEWTON_TOL, max_iters)
+                                                           inp.is_causal, CUDA_NEWTON_TOL, max_iters)
+    if not want_stats:
+        return out, tau, None
     # counts int64 [B, Hq, Mq, 4]: candidate pairs scored, pairs with a non-zero weight,
     # tau iterations, non-zero (row, key) weights.
     sums = counts.sum((0, 1, 2)).tolist()
@@ -484,13 +515,14 @@ class _EntmaxAttentionFn(torch.autograd.Function):
     backward from the forward's tau (`entmax_backward`)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, alpha_h, layout_meta, backend, max_iters):  # noqa: ANN001
+    def forward(ctx, q, k, v, alpha_h, layout_meta, backend, max_iters, want_stats):  # noqa: ANN001
         is_causal, scale, kpm = layout_meta
         inp = AttentionInputs(q=q, k=k, v=v, layout="HND", is_causal=is_causal, scale=scale, key_padding_mask=kpm)
         if backend == "reference":  # alpha in the work dtype: float64 gradchecks need its exact value
             out, tau, stats = reference_forward(inp, alpha_h.detach())
         else:
-            out, tau, stats = compiled_forward(backend, inp, alpha_h.detach().float().contiguous(), max_iters)
+            out, tau, stats = compiled_forward(backend, inp, alpha_h.detach().float().contiguous(), max_iters,
+                                               want_stats)
         ctx.save_for_backward(q, k, v, alpha_h, tau)
         ctx.meta = layout_meta
         ctx.stats = stats
@@ -504,7 +536,7 @@ class _EntmaxAttentionFn(torch.autograd.Function):
         alpha = alpha_h.detach().to(_work_dtype(inp))
         dq, dk, dv, dalpha = entmax_backward(inp, alpha, tau, grad_out, ctx.needs_input_grad[3])
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                None if dalpha is None else dalpha.to(alpha_h.dtype), None, None, None)
+                None if dalpha is None else dalpha.to(alpha_h.dtype), None, None, None, None)
 
 
 # ---------------------------------------------------------------------------- public op
@@ -533,12 +565,12 @@ def entmax_attention_inputs(
         any(t.requires_grad for t in (inp.q, inp.k, inp.v)) or alpha_h.requires_grad)
     meta = (inp.is_causal, inp.scale, inp.key_padding_mask)
     if needs_grad:
-        out = _EntmaxAttentionFn.apply(inp.q, inp.k, inp.v, alpha_h, meta, name, max_iters)
+        out = _EntmaxAttentionFn.apply(inp.q, inp.k, inp.v, alpha_h, meta, name, max_iters, return_stats)
         stats = out.grad_fn.stats  # the custom Function's ctx is its grad_fn
     elif name == "reference":
         out, _, stats = reference_forward(inp, alpha_h.detach())
     else:
-        out, _, stats = compiled_forward(name, inp, alpha32, max_iters)
+        out, _, stats = compiled_forward(name, inp, alpha32, max_iters, return_stats)
     return (out, stats) if return_stats else out
 
 
