@@ -151,8 +151,9 @@ def make_inputs(
     hkv = heads if kv_heads is None else kv_heads
     if isinstance(hkv, bool) or not isinstance(hkv, int) or hkv < 1 or heads % hkv:
         raise ValueError(f"kv_heads must be a positive int dividing heads={heads}, got {kv_heads!r}")
-    if not isinstance(common_offset, bool):
-        raise TypeError(f"common_offset must be a bool, got {type(common_offset).__name__}")
+    for name, flag in (("common_offset", common_offset), ("text_last", text_last)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     if isinstance(text_len, bool) or not isinstance(text_len, int) or text_len < 0:
         raise ValueError(f"text_len must be an int >= 0, got {text_len!r}")
     if family != "video" and (text_len or grid is not None or text_last):

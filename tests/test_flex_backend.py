@@ -153,6 +153,9 @@ def test_pooled_attention_honours_bias_per_query_block_and_scale():
     _, lse3 = backend_flex.flex_pooled_attention(q, pk, pv, bias, 0.6)
     finite = torch.isfinite(lse)
     assert not torch.allclose(lse3[finite], lse[finite])
+    shared = bias[:, :1]  # one bias for every head broadcasts
+    out4, lse4 = backend_flex.flex_pooled_attention(q, pk, pv, shared, 0.3)
+    _check_pooled(out4, lse4, *_pooled_f64(q, pk, pv, shared.expand_as(bias), 0.3), 1e-5)
 
 
 def test_pooled_attention_rejects_bad_arguments():

@@ -151,6 +151,8 @@ def test_bad_arguments():
         make_inputs("local", 1, 1, 64, 64, text_len=4)
     with pytest.raises(ValueError, match="head_dim"):
         make_inputs("local", 1, 1, 64, 4)
+    with pytest.raises(TypeError, match="text_last"):
+        make_inputs("video", 1, 1, 64, 64, text_last="yes")
     with pytest.raises(TypeError, match="common_offset"):
         make_inputs("local", 1, 1, 64, 64, common_offset=1)
     with pytest.raises(TypeError, match="dtype"):

@@ -233,9 +233,10 @@ def _check_pooled_args(q: object, pooled_k: object, pooled_v: object, bias: obje
         raise ValueError(f"pooled_k must be [B, Hkv, Mk, D] = [{b}, a divisor of {hq}, >= 1, {d}], "
                          f"got {tuple(pooled_k.shape)}")
     mq = -(-nq // BLOCK_M)
-    if tuple(bias.shape) != (b, hq, mq, mk) or bias.dtype != torch.float32:
-        raise ValueError(f"bias must be float32 [B, Hq, ceil(Nq/{BLOCK_M}), Mk] = [{b}, {hq}, {mq}, {mk}], "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
+    if (bias.dtype != torch.float32 or bias.shape[0] not in (1, b) or bias.shape[1] not in (1, hq)
+            or tuple(bias.shape[2:]) != (mq, mk)):
+        raise ValueError(f"bias must be float32 [B, Hq, ceil(Nq/{BLOCK_M}), Mk] = [{b}, {hq}, {mq}, {mk}] (B and Hq "
+                         f"may be 1), got {bias.dtype} {tuple(bias.shape)}")
     if d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be <= {MAX_HEAD_DIM} for FlexAttention, got {d}")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -258,7 +259,8 @@ def flex_pooled_attention(q: torch.Tensor, pooled_k: torch.Tensor, pooled_v: tor
     Args:
         q: [B, Hq, Nq, D], any float dtype (the pooled operands are cast to it).
         pooled_k, pooled_v: [B, Hkv, Mk, D], Hq a multiple of Hkv (GQA).
-        bias: float32 [B, Hq, ceil(Nq / 128), Mk], in logits (natural-log units).
+        bias: float32 [B, Hq, ceil(Nq / 128), Mk] (B and Hq may be 1: shared), in logits
+            (natural-log units).
         scale: softmax scale of q.k (not applied to the bias).
         compiled: FlexAttention compiled (default on CUDA) or eager (default on CPU:
             torch's CPU compilation cannot return the log-sum-exp).
@@ -281,7 +283,7 @@ def flex_pooled_attention(q: torch.Tensor, pooled_k: torch.Tensor, pooled_v: tor
         compiled = q.is_cuda
     d = q.shape[-1]
     qp, kp, vp = _pad_head_dim(q, pooled_k.to(q.dtype), pooled_v.to(q.dtype))
-    bias = bias.contiguous()
+    bias = bias.expand(q.shape[0], q.shape[1], -1, -1).contiguous()  # indexed per (b, h) below
 
     def add_block_bias(score, b, h, q_idx, kv_idx):
         return score + bias[b, h, q_idx // BLOCK_M, kv_idx]
