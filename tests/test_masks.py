@@ -40,7 +40,8 @@ def naive_predict(q, k, *, simthreshd1, cdfthreshd=None, topk=None, is_causal=Fa
             for i in range(mq):
                 last_row = min(nq - 1, i * 128 + 127)
                 allowed = [has[j] and (not is_causal or j * 64 <= last_row) for j in range(mk)]
-                cands = [j for j in range(mk) if allowed[j] and kb[j][1] > simthreshd1]
+                cands = [j for j in range(mk) if allowed[j] and kb[j][1] > simthreshd1
+                         and not (is_causal and min(nk - 1, j * 64 + 63) >= i * 128)]  # no future key ranked
                 keep = set(j for j in range(mk) if kb[j][1] <= simthreshd1)
                 if qb[i][1] <= simthreshd1:
                     keep |= set(range(mk))
@@ -66,8 +67,8 @@ def naive_predict(q, k, *, simthreshd1, cdfthreshd=None, topk=None, is_causal=Fa
                 if suffix and last_row >= nq - suffix:
                     keep |= set(range(mk))
                 keep |= set(j for j in range(mk) if j * 64 < prefix or (j + 1) * 64 > nk - suffix and suffix > 0)
-                if is_causal:
-                    keep |= set(j for j in range(mk) if j * 64 <= last_row and min(nk - 1, j * 64 + 63) >= i * 128)
+                if is_causal:  # the diagonal and the recent window (the previous query block's keys)
+                    keep |= set(j for j in range(mk) if j * 64 <= last_row and min(nk - 1, j * 64 + 63) >= (i - 1) * 128)
                 for j in keep:
                     out[bi, h, i, j] = allowed[j]
     return out

@@ -23,6 +23,7 @@ class CpuBackend:
     """Block-sparse attention on CPU tensors with the compiled kernel (AVX-512/AVX2/baseline)."""
 
     name = "cpu"
+    returns_lse = True  # docs/DESIGN.md "Partial softmax"
 
     def unavailable_reason(self) -> str | None:
         return load_extension("cpu").error

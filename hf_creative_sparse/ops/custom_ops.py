@@ -92,14 +92,17 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
                         is_causal: bool, scale: float, simthreshd1: torch.Tensor, cdfthreshd: torch.Tensor | None,
                         topk: torch.Tensor | None, pvthreshd: torch.Tensor, attention_sink: bool, dense_prefix: int,
                         dense_suffix: int, min_seq_len: int, max_kept_fraction: float,
-                        backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """`ops.sparse_attention` (HND) with thresholds as per-head tensors; see the module doc."""
+                        backend: str, target_l1: float = 0.0, compensate: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`ops.sparse_attention` (HND) with thresholds as per-head tensors; see the module doc.
+    ``target_l1`` 0 and no cdfthreshd/topk means the default target; ``compensate`` -1 is
+    unset, 0/1 off/on."""
     from ..config import SparseAttentionConfig
     from .attention import sparse_attention_inputs
     from .inputs import attention_inputs
 
     cfg = SparseAttentionConfig(
-        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd if cdfthreshd is not None else 1.0, topk=topk,
+        simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, target_l1=target_l1 if target_l1 > 0 else None,
+        compensate=None if compensate < 0 else bool(compensate),
         pvthreshd=pvthreshd, attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
         min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend)
     inp = attention_inputs(q, k, v, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
@@ -112,7 +115,8 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
 
 @sparse_attention_op.register_fake
 def _sparse_attention_fake(q, k, v, key_padding_mask, is_causal, scale, simthreshd1, cdfthreshd, topk, pvthreshd,
-                           attention_sink, dense_prefix, dense_suffix, min_seq_len, max_kept_fraction, backend):
+                           attention_sink, dense_prefix, dense_suffix, min_seq_len, max_kept_fraction, backend,
+                           target_l1=0.0, compensate=-1):
     b, hq, nq, d = q.shape
     return q.new_empty(b, hq, nq, d), torch.empty(len(STATS_FIELDS), dtype=torch.float32, device="cpu")
 
@@ -145,10 +149,10 @@ def compiled_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return sparse_attention_op(
         q, k, v, key_padding_mask, is_causal, scale, _heads(cfg.effective_simthreshd1, heads, device),
-        None if cfg.topk is not None else _heads(cfg.cdfthreshd, heads, device),
+        None if cfg.cdfthreshd is None or cfg.topk is not None else _heads(cfg.cdfthreshd, heads, device),
         None if cfg.topk is None else _heads(cfg.topk, heads, device), _heads(cfg.pvthreshd, heads, device),
-        bool(cfg.attention_sink), cfg.dense_prefix, cfg.dense_suffix, cfg.min_seq_len, float(cfg.max_kept_fraction),
-        cfg.backend)
+        cfg.sink_for(is_causal), cfg.dense_prefix, cfg.dense_suffix, cfg.min_seq_len, float(cfg.max_kept_fraction),
+        cfg.backend, float(cfg.target_l1 or 0.0), -1 if cfg.compensate is None else int(cfg.compensate))
 
 
 __all__ = ["STATS_FIELDS", "block_sparse_fwd", "compiled_sparse_attention", "sparse_attention_op"]

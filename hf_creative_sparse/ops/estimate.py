@@ -54,6 +54,9 @@ DEFAULT_SAMPLE_ROWS = 64
 #: dense until it has at least CAUSAL_MIN_SAMPLES of them.
 CAUSAL_WINDOW = 16
 CAUSAL_MIN_SAMPLES = 4
+#: A causal block's budget must meet this share of the target on the samples before it:
+#: the rows of a later block see more key blocks and err more at the same fraction.
+CAUSAL_MARGIN = 0.5
 #: Heads processed at once: bounds the float32 score tile to this many x S x Nk values.
 _HEADS_PER_CHUNK = 4
 
@@ -201,7 +204,7 @@ def _choose(inp: AttentionInputs, fractions: torch.Tensor, err: torch.Tensor, re
     cum_err = torch.einsum("fbhs,bhis->fbhi", err, wf)
     cum_ref = torch.einsum("bhs,bhis->bhi", ref, wf)
     rel = cum_err / cum_ref.clamp(min=1e-30)
-    ok = (rel <= target) & (window.sum(-1) >= CAUSAL_MIN_SAMPLES)[None]
+    ok = (rel <= target * CAUSAL_MARGIN) & (window.sum(-1) >= CAUSAL_MIN_SAMPLES)[None]
     ok[-1] = True
     first = ok.float().argmax(0)  # [B, H, Mq]
     topk = fractions[first]

@@ -139,7 +139,8 @@ class BlockScores:
         candidates: bool [B, Hq, Mq, Mk]: attendable blocks a rule may drop (self-similar,
             not forced).
         forced: bool [B, Hq, Mq, Mk]: attendable blocks kept whatever the rule
-            (non-self-similar rows and columns, sink, text, the causal diagonal).
+            (non-self-similar rows and columns, sink, text, the causal diagonal and the
+            recent window: the key blocks of the previous query block).
         allowed: bool [B, 1, Mq, Mk]: attendable blocks (`attendable_blocks`).
         pooled_k: float32 [B, Hkv, Mk, D]: mean of each key block's attendable keys (0 if
             none), reused by coarse compensation.
@@ -157,6 +158,13 @@ class BlockScores:
     allowed: torch.Tensor
     pooled_k: torch.Tensor
     count_k: torch.Tensor
+
+
+def _reaches_block(inp: AttentionInputs) -> torch.Tensor:
+    """bool [Mq, Mk]: key block j holds a key at or after query block i's first row."""
+    first_row = torch.arange(inp.num_q_blocks, device=inp.device) * BLOCK_M
+    last_key = torch.clamp(torch.arange(inp.num_k_blocks, device=inp.device) * BLOCK_N + BLOCK_N - 1, max=inp.len_k - 1)
+    return last_key[None, :] >= first_row[:, None]
 
 
 def _previous_block(x: torch.Tensor, fill: float | bool) -> torch.Tensor:
@@ -203,12 +211,16 @@ def block_scores(
     if dense_suffix > 0:
         forced[:, :, max(inp.len_q - dense_suffix, 0) // BLOCK_M:, :] = True
         forced[..., max(inp.len_k - dense_suffix, 0) // BLOCK_N:] = True
-    if inp.is_causal:
-        forced = forced | diagonal_block_mask(inp.len_q, inp.len_k, inp.device)[None, None]
+    if inp.is_causal:  # the diagonal, and the recent window: the key blocks of the previous query block
+        diagonal = diagonal_block_mask(inp.len_q, inp.len_k, inp.device)
+        recent = torch.cat([torch.zeros_like(diagonal[:1]), diagonal[:-1]], dim=0)
+        forced = forced | (diagonal | recent)[None, None]
     forced = forced & allowed
     # Forced blocks stay candidates of the cdf/top-k ranking (as SpargeAttn: only non-similar
     # key columns leave it), so a rule's count of kept blocks means what it did before.
     candidates = allowed & k_similar[:, :, None, :]
+    if inp.is_causal:  # blocks holding keys at or after the query block's first row are forced, never ranked
+        candidates = candidates & ~_reaches_block(inp)[None, None]
     score = score.masked_fill(~candidates, float("-inf"))
     prob = torch.softmax(score, dim=-1).nan_to_num(0.0)  # rows without candidates -> 0
     return BlockScores(prob=prob, candidates=candidates, forced=forced, allowed=allowed,

@@ -1,0 +1,208 @@
+"""Speed at a stated error (issue 13): coarse compensation against an independent float64
+reference, the partial-softmax merge, per-head budgets that honour ``target_l1`` on several
+input families, explicit budgets never refused for the prediction's cost, and patched
+layers that measure their budgets in the dense warm-up step."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_creative_sparse as hcs
+from hf_creative_sparse.ops import gpu_policy
+from hf_creative_sparse.ops.compensation import merge_partials
+from hf_creative_sparse.ops.dispatch import why_not
+from hf_creative_sparse.ops.inputs import attention_inputs
+from hf_creative_sparse.ops.masks import block_scores, select_blocks
+from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.realistic_inputs import make_inputs  # noqa: E402
+
+BACKENDS = ["reference"] + (["cpu"] if why_not("cpu") is None else [])
+
+
+def compensated_f64(q, k, v, block_mask, *, is_causal=False, kpm=None):
+    """Dense float64 softmax over the kept keys plus one pooled token per skipped attendable
+    key block (mean key, mean value, logit + log count), written per row from DESIGN.md."""
+    q, k, v = q.double(), k.double(), v.double()
+    b, hq, nq, d = q.shape
+    nk, group = k.shape[2], hq // k.shape[1]
+    scale = d ** -0.5
+    out = torch.zeros(b, hq, nq, d, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            kh, vh = k[bi, h // group], v[bi, h // group]
+            for r in range(nq):
+                logits, values = [], []
+                for j in range(math.ceil(nk / 64)):
+                    cols = torch.arange(j * 64, min(nk, (j + 1) * 64))
+                    if kpm is not None:
+                        cols = cols[kpm[bi, cols]]
+                    if len(cols) == 0:
+                        continue
+                    block_attendable = not is_causal or j * 64 <= min(nq - 1, (r // 128) * 128 + 127)
+                    if not block_attendable:
+                        continue
+                    if block_mask[bi, h, r // 128, j]:
+                        used = cols[cols <= r] if is_causal else cols
+                        logits.append(q[bi, h, r] @ kh[used].T * scale)
+                        values.append(vh[used])
+                    else:
+                        logits.append((q[bi, h, r] @ kh[cols].mean(0) * scale + math.log(len(cols))).reshape(1))
+                        values.append(vh[cols].mean(0, keepdim=True))
+                if logits:
+                    p = torch.softmax(torch.cat(logits), 0)
+                    out[bi, h, r] = p @ torch.cat(values)
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal,gqa,pad", [(False, (4, 2), False), (True, (2, 1), False), (False, (2, 2), True)])
+def test_compensation_matches_float64_rule(backend, causal, gqa, pad):
+    hq, hkv = gqa
+    n = 333  # not a multiple of either block size
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, hq, n, 24, generator=g)
+    k, v = torch.randn(2, hkv, n, 24, generator=g), torch.randn(2, hkv, n, 24, generator=g)
+    kpm = (torch.rand(2, n, generator=g) > 0.3) if pad else None
+    mask = torch.rand(2, hq, 3, 6, generator=g) > 0.6
+    out = hcs.block_sparse_attention(q, k, v, mask, is_causal=causal, key_padding_mask=kpm, backend=backend,
+                                     compensate=True)
+    ref = compensated_f64(q, k, v, mask & _attendable(mask, n, causal), is_causal=causal, kpm=kpm)
+    assert (out.double() - ref).abs().max() < 1e-4
+    plain = hcs.block_sparse_attention(q, k, v, mask, is_causal=causal, key_padding_mask=kpm, backend=backend)
+    assert (plain.double() - ref).abs().max() > 1e-3, "compensate=True must change the output"
+
+
+def _attendable(mask, n, causal):
+    if not causal:
+        return torch.ones_like(mask)
+    mq, mk = mask.shape[-2:]
+    last = torch.clamp(torch.arange(mq) * 128 + 127, max=n - 1)
+    return (torch.arange(mk)[None, :] * 64 <= last[:, None])[None, None]
+
+
+def test_merge_partials_is_exact():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(3, 50, generator=g, dtype=torch.float64)
+    v = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    full = torch.softmax(s, -1) @ v
+    a, b = s[:, :20], s[:, 20:]
+    out_a, out_b = torch.softmax(a, -1) @ v[:20], torch.softmax(b, -1) @ v[20:]
+    merged, lse = merge_partials(out_a, torch.logsumexp(a, -1), out_b, torch.logsumexp(b, -1))
+    assert torch.allclose(merged.double(), full, atol=1e-6)
+    assert torch.allclose(lse.double(), torch.logsumexp(s, -1), atol=1e-6)
+    empty = torch.full((3,), float("-inf"), dtype=torch.float64)
+    merged, lse = merge_partials(out_a, empty, torch.zeros_like(out_b), empty)
+    assert (merged == 0).all() and torch.isneginf(lse).all()
+
+
+FAMILIES = [
+    ("video", False, dict(grid=(4, 16, 28), text_len=4096 - 4 * 16 * 28)),
+    ("local", False, {}),
+    ("random", False, {}),
+]
+
+
+@pytest.mark.parametrize("family,causal,kw", FAMILIES)
+@pytest.mark.parametrize("target", [0.01, 0.03])
+def test_target_is_honoured(family, causal, kw, target):
+    """Measured L1 within 1.2x of the target; on structured inputs not below 0.5x of it (a
+    budget that wastes speed is a miss too); random inputs may only go dense."""
+    q, k, v = make_inputs(family, 1, 4, 4096, 64, **kw)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal)
+    out, stats = hcs.sparse_attention(q, k, v, is_causal=causal, target_l1=target, min_seq_len=0,
+                                      backend=BACKENDS[-1], return_stats=True)
+    l1 = float((out.double() - ref).abs().sum() / ref.abs().sum())
+    assert l1 <= 1.2 * target, (family, l1, stats.head_budgets)
+    assert stats.target_l1 == target and stats.head_budgets.shape == (1, 4)
+    assert abs(stats.estimated_l1 - l1) <= 0.5 * target, "the estimate must predict the measured error"
+    if family == "random":
+        assert stats.fallback_reason is not None or stats.kept_fraction > 0.9
+    else:
+        assert l1 >= 0.5 * target, (family, l1, "budgets wasted speed")
+        assert stats.kept_fraction < 0.8 and stats.compensated
+
+
+def test_target_changes_budgets_and_compensation_changes_them():
+    q, k, v = make_inputs("video", 1, 4, 4096, 64, grid=(4, 16, 28), text_len=4096 - 4 * 16 * 28)
+    runs = {}
+    for target in (0.01, 0.05):
+        for comp in (True, False):
+            _, st = hcs.sparse_attention(q, k, v, target_l1=target, compensate=comp, min_seq_len=0,
+                                         backend=BACKENDS[-1], return_stats=True)
+            runs[target, comp] = st.kept_fraction
+            assert st.compensated == comp
+    assert runs[0.05, True] < runs[0.01, True]
+    assert runs[0.05, True] < runs[0.05, False], "compensation reaches the target with fewer blocks"
+
+
+def test_causal_target_is_strictly_causal():
+    """Budgets of a causal call come from earlier rows only: changing the last tokens leaves
+    every earlier query block's output bit-identical."""
+    q, k, v = make_inputs("causal_text", 1, 2, 1500, 32)
+    out, _ = hcs.sparse_attention(q, k, v, is_causal=True, target_l1=0.03, min_seq_len=0, backend="reference",
+                                  return_stats=True)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    for t in (q2, k2, v2):
+        t[:, :, 1300:] = torch.randn_like(t[:, :, 1300:])
+    out2 = hcs.sparse_attention(q2, k2, v2, is_causal=True, target_l1=0.03, min_seq_len=0, backend="reference")
+    assert torch.equal(out[:, :, :1300], out2[:, :, :1300])
+
+
+def test_selection_rules_and_bad_targets():
+    q = k = v = torch.randn(1, 2, 256, 32)
+    with pytest.raises(ValueError, match="one selection rule"):
+        hcs.sparse_attention(q, k, v, target_l1=0.02, topk=0.3)
+    with pytest.raises(ValueError, match="target_l1"):
+        hcs.sparse_attention(q, k, v, target_l1=0.0)
+    with pytest.raises(TypeError, match="compensate"):
+        hcs.sparse_attention(q, k, v, compensate="yes")
+    scores = block_scores(attention_inputs(q, k, v), simthreshd1=-1.0)
+    with pytest.raises(ValueError, match=r"\[B, Hq, Mq\]"):
+        select_blocks(scores, attention_inputs(q, k, v), topk=torch.full((1, 2, 5), 0.5))
+
+
+def test_explicit_budget_is_never_refused_for_prediction_cost():
+    """CogVideoX-shaped call: the shape-only model refuses to predict for the default call,
+    but an explicit top-k 0.3 pays and must run; top-k 0.99 cannot pay and says so."""
+    class Fake:  # AttentionInputs' properties the GPU cost model reads
+        batch, heads_q, len_q, len_k, head_dim, is_causal = 1, 30, 17776, 17776, 64, False
+        num_q_blocks, num_k_blocks = math.ceil(17776 / 128), math.ceil(17776 / 64)
+        q = k = torch.empty(0, dtype=torch.bfloat16)
+    inp = Fake()
+    inp.q = torch.empty(1, 30, 17776, 64, dtype=torch.bfloat16, device="meta")
+    inp.k = inp.q
+    assert gpu_policy.explicit_budget_reason(inp, 0.3) is None
+    assert "cannot pay" in gpu_policy.explicit_budget_reason(inp, 0.99)
+
+
+def test_patched_layer_measures_budgets_in_warmup_step():
+    q, k, v = make_inputs("video", 1, 4, 2048, 32, grid=(2, 16, 28), text_len=2048 - 2 * 16 * 28)
+    clock = StepClock(num_steps=20)
+    cfg = hcs.SparseAttentionConfig(target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1])
+    state = LayerState("blocks.0.attn1", cfg, clock=clock, options=PatchOptions(remeasure_every=3))
+    state.attend(q, k, v)
+    assert state.last_stats.fallback_reason.startswith("dense step"), "default: one dense warm-up step"
+    budgets = state.budgets
+    assert budgets is not None and budgets.shape == (4,) and (budgets < 1).any()
+    row = state.report_row()
+    assert row["target_l1"] == 0.03 and row["estimated_l1"] <= 0.03 and len(row["head_budgets"]) == 4
+    clock.advance()
+    out = state.attend(q, k, v)
+    st = state.last_stats
+    assert st.fallback_reason is None and st.compensated and st.head_budgets is None, "budgets reused, not re-measured"
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert float((out.double() - ref).abs().sum() / ref.abs().sum()) <= 0.036
+    for _ in range(3):
+        clock.advance()
+    state.attend(q, k, v)
+    assert state.last_stats.head_budgets is not None, "re-measured after remeasure_every steps"
+    no_warmup = LayerState("l", cfg, clock=StepClock(), options=PatchOptions(dense_steps=0))
+    no_warmup.attend(q, k, v)
+    assert no_warmup.last_stats.fallback_reason is None and no_warmup.last_stats.head_budgets is not None
