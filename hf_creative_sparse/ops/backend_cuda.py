@@ -58,6 +58,7 @@ class CudaBackend:
     """Block-sparse attention on CUDA tensors through the compiled kernel."""
 
     name = "cuda"
+    returns_lse = True  # docs/DESIGN.md "Partial softmax"
 
     def unavailable_reason(self) -> str | None:
         if not torch.cuda.is_available():

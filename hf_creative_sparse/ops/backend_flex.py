@@ -299,6 +299,7 @@ class FlexBackend:
     """FlexAttention with a BlockMask: CUDA tensors, any float dtype, head dim <= 256."""
 
     name = "flex"
+    returns_lse = True  # docs/DESIGN.md "Partial softmax"
 
     def unavailable_reason(self) -> str | None:
         reason = flex_available_reason()
