@@ -118,7 +118,7 @@ class LayerStats:
     dense_steps: int = 0
     sparse_steps: int = 0
     selections: int = 0
-    context_tokens: int = 0  # at the last selection, per row (attendable)
+    context_tokens: float = 0.0  # at the last selection, attendable tokens, mean over the selecting rows
     retained_tokens: float = 0.0  # at the last selection, mean over the selecting rows
     full_bytes: int = 0  # K+V bytes of the full context of the rows selecting, last selection
     kept_bytes: int = 0  # K+V bytes of their compact copy
@@ -149,7 +149,7 @@ class RetentionReport:
         header = ("layer", "type", "dense", "sparse", "context", "retained", "share", "saved MB", "offloaded MB")
         lines = [header]
         for r in self.rows:
-            lines.append((r["layer"], r["type"], str(r["dense_steps"]), str(r["sparse_steps"]), str(r["context_tokens"]),
+            lines.append((r["layer"], r["type"], str(r["dense_steps"]), str(r["sparse_steps"]), f"{r['context_tokens']:.1f}",
                           f"{r['retained_tokens']:.1f}", f"{r['retained_share']:.3f}", f"{r['memory_saved_mb']:.2f}",
                           f"{r['offloaded_mb']:.2f}"))
         lines.append(("total", "", str(sum(r["dense_steps"] for r in self.rows)),
@@ -185,6 +185,7 @@ class RetentionRuntime:
         self.canvas = 0
         self._canvas_key: tuple[int, int] | None = None
         self.stores: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> row -> (k, v)
+        self.indices: dict[int, dict[int, torch.Tensor]] = {}  # layer -> row -> retained positions (S, R)
         self.offloaded: dict[int, _Offloaded] = {}
         self.stats: dict[int, LayerStats] = {}
         self.controller = SparsityController()
@@ -210,6 +211,7 @@ class RetentionRuntime:
     def new_canvas(self) -> None:
         self.restore_all()
         self.stores.clear()
+        self.indices.clear()
         self.step = -1
         self.canvas += 1
 
@@ -349,7 +351,7 @@ class RetentionRuntime:
         context = full_k.shape[2]
         attendable = context_attendable(attention_mask, batch, context, context + q.shape[2])
         stats = self.stats[idx]
-        kept, full_bytes, kept_bytes, counts = 0, 0, 0, []
+        kept, full_bytes, kept_bytes, valid = 0, 0, 0, 0
         for b in selecting:
             cfg = configs[b]
             pos = sparse_rows.index(b)
@@ -363,13 +365,14 @@ class RetentionRuntime:
             index = select_retained(scores, count)
             k_c, v_c = compact_kv(full_k[b:b + 1], full_v[b:b + 1], index)
             store[b] = (k_c[0], v_c[0])
-            counts.append(count)
+            self.indices.setdefault(idx, {})[b] = index[0]
+            valid += n_valid
             elt = full_k.element_size()
             full_bytes += 2 * full_k[b].numel() * elt
             kept_bytes += 2 * k_c.numel() * elt
             kept += count
         stats.selections += 1
-        stats.context_tokens = context if attendable is None else int(attendable[selecting[0]].sum())
+        stats.context_tokens = valid / len(selecting)
         stats.retained_tokens = kept / len(selecting)
         stats.full_bytes, stats.kept_bytes = full_bytes, kept_bytes
 

@@ -349,6 +349,21 @@ def test_bad_input_leaves_the_model_unchanged(model):
         decode(model, canvas, cache)
 
 
+def test_left_padding_is_never_retained(model):
+    ids, _, _ = encode(model, batch=2)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=0, pool_kernel=3))
+    runtime = getattr(model, HANDLE_ATTR).runtime
+    torch.manual_seed(0)
+    model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=CANVAS, max_denoising_steps=2)
+    for idx, rows in runtime.indices.items():
+        assert rows[0].min() >= 5                                   # row 0 is padded on its first 5 tokens
+        assert rows[0].shape[-1] == RetentionConfig().retained_count(PROMPT - 5)
+        assert rows[1].shape[-1] == RetentionConfig().retained_count(PROMPT)
+    assert all(r["context_tokens"] == PROMPT - 2.5 for r in hcs.sparsity_report(model).rows)
+
+
 def test_pipeline_component_is_found(model):
     class Pipe:  # what diffusers pipelines expose: .components
         components = {"model": model, "scheduler": None}
