@@ -210,5 +210,7 @@ def test_flex_backend_returns_lse_on_gpu(shape):
     lse = result.lse.double().cpu()
     assert result.lse.dtype == torch.float32 and lse.shape == ref.shape
     empty = ref == -math.inf
-    assert empty.any() and (lse[empty] == -math.inf).all()
+    if causal:
+        assert empty.any(), "causal with padding: the first rows of batch 0 have no key"
+    assert (lse[empty] == -math.inf).all() and not lse.isnan().any()
     torch.testing.assert_close(lse[~empty], ref[~empty], atol=2e-2, rtol=1e-3)
