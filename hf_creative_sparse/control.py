@@ -42,10 +42,11 @@ attention patches read it (`current_sparsity`) to choose k_attn(s) for the same 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 from .config import SparseAttentionConfig
 
@@ -98,8 +99,15 @@ class SparsityConfig:
         temperature_schedule: "two_stage" (T follows T(s) as s moves through the
             schedule) or "constant" (T = T0 at every s).
         nucleus_adaptation: apply p_nuc(s); False means no nucleus filtering (p = 1).
-        simthreshd1, cdfthreshd, pvthreshd: kernel thresholds used with k_attn(s)
-            (see `SparseAttentionConfig`).
+        min_p: min-p filter after the temperature in every stage (keeps the tokens whose
+            probability is at least ``min_p`` times the top token's; 0 disables it).
+            Range [0, 1).
+        simthreshd1, pvthreshd: kernel thresholds imposed with k_attn(s); None (default)
+            keeps the attention config's own (the user's) values.
+        cdfthreshd: None (default): attention keeps ``topk = k_attn(s)`` of the blocks.
+            A float in [0, 1]: blocks are chosen by softmax mass instead, keeping
+            ``1 - (1 - cdfthreshd) * (1 - k_attn(s)) / attention_sparsity`` of it (all at
+            s = 0, ``cdfthreshd`` at the dial's sparsest point; `ControlPoint.cdf_mass`).
         temperature_base (T0), temperature_gain (kT), nucleus_base (p0), nucleus_gain (kp),
             nucleus_scale (sp), expert_scale (tK): manifold constants (module docstring).
 
@@ -115,9 +123,10 @@ class SparsityConfig:
     kv_reuse_ratio: float = 0.0
     temperature_schedule: str = "two_stage"
     nucleus_adaptation: bool = True
-    simthreshd1: float = 0.6
-    cdfthreshd: float = 0.98
-    pvthreshd: float = 50.0
+    min_p: float = 0.0
+    simthreshd1: float | None = None
+    cdfthreshd: float | None = None
+    pvthreshd: float | None = None
     temperature_base: float = 1.0
     temperature_gain: float = 0.5
     nucleus_base: float = 0.9
@@ -135,15 +144,54 @@ class SparsityConfig:
                              f"got {self.temperature_schedule!r}")
         if not isinstance(self.nucleus_adaptation, bool):
             raise TypeError(f"nucleus_adaptation must be a bool, got {type(self.nucleus_adaptation).__name__}")
-        _check_float("simthreshd1", self.simthreshd1, -1.0, 2.0)
-        _check_float("cdfthreshd", self.cdfthreshd, 0.0, 1.0)
-        _check_float("pvthreshd", self.pvthreshd, 0.0, math.inf)
+        _check_float("min_p", self.min_p, 0.0, 1.0, high_open=True)
+        if self.simthreshd1 is not None:
+            _check_float("simthreshd1", self.simthreshd1, -1.0, 2.0)
+        if self.cdfthreshd is not None:
+            _check_float("cdfthreshd", self.cdfthreshd, 0.0, 1.0)
+        if self.pvthreshd is not None:
+            _check_float("pvthreshd", self.pvthreshd, 0.0, math.inf)
         _check_float("temperature_base", self.temperature_base, TEMPERATURE_MIN, TEMPERATURE_MAX)
-        _check_float("temperature_gain", self.temperature_gain, -5.0, 5.0)
+        _check_float("temperature_gain", self.temperature_gain, -10.0, 10.0)
         _check_float("nucleus_base", self.nucleus_base, 0.0, 1.0, low_open=True)
         _check_float("nucleus_gain", self.nucleus_gain, -1.0, 1.0)
         _check_float("nucleus_scale", self.nucleus_scale, 0.0, 100.0, low_open=True)
         _check_float("expert_scale", self.expert_scale, 0.0, 100.0, low_open=True)
+
+    @classmethod
+    def from_stages(cls, diverge: tuple[float, float, float], refine: tuple[float, float, float],
+                    **kwargs: Any) -> "SparsityConfig":
+        """The config whose T(s) and p_nuc(s) pass through two stage targets, each
+        ``(s, temperature, top_p)``: solves T0, kT from T(s_A) = T_A, T(s_B) = T_B and p0, kp
+        from p(s_A) = p_A, p(s_B) = p_B (the seed formulas, ``nucleus_scale`` from
+        ``kwargs`` or its default). ``kwargs`` set the other fields.
+
+        Example:
+            >>> cfg = SparsityConfig.from_stages((0.7, 1.5, 1.0), (0.3, 0.8, 0.9))
+            >>> ctl = SparsityController(cfg)
+            >>> round(ctl.temperature(0.7), 6), round(ctl.top_p(0.3), 6)
+            (1.5, 0.9)
+        """
+        (s_a, t_a, p_a), (s_b, t_b, p_b) = diverge, refine
+        s_a, s_b = _check_sparsity("diverge s", s_a), _check_sparsity("refine s", s_b)
+        t_a = _check_float("diverge temperature", t_a, TEMPERATURE_MIN, TEMPERATURE_MAX)
+        t_b = _check_float("refine temperature", t_b, TEMPERATURE_MIN, TEMPERATURE_MAX)
+        p_a = _check_float("diverge top_p", p_a, 0.0, 1.0, low_open=True)
+        p_b = _check_float("refine top_p", p_b, 0.0, 1.0, low_open=True)
+        scale = kwargs.get("nucleus_scale", cls.nucleus_scale)
+
+        def f(s: float) -> float:  # exponent of T(s) / (T0 kT)
+            return s * (1.0 - s / 2.0)
+
+        def g(s: float) -> float:  # growth of p(s) / kp
+            return s * math.tanh(s / scale)
+
+        if f(s_a) == f(s_b) and (t_a != t_b or p_a != p_b):
+            raise ValueError(f"the stages need different s to have different knobs, got s = {s_a} and {s_b}")
+        k_t = 0.0 if t_a == t_b else math.log(t_a / t_b) / (f(s_a) - f(s_b))
+        k_p = 0.0 if p_a == p_b else (p_a - p_b) / (g(s_a) - g(s_b))
+        return cls(temperature_base=t_b / math.exp(k_t * f(s_b)), temperature_gain=k_t,
+                   nucleus_base=p_b - k_p * g(s_b), nucleus_gain=k_p, **kwargs)
 
     @property
     def mask_refresh_interval(self) -> int:
@@ -163,7 +211,13 @@ class ControlPoint:
         top_p: p_nuc(s) in [NUCLEUS_MIN, 1] (1.0 = no nucleus filtering).
         num_experts: K(s), MoE experts per token in [1, E], or None for dense models.
         attention_budget: k_attn(s), kept fraction of attention blocks in (0, 1].
-        simthreshd1, cdfthreshd, pvthreshd: kernel thresholds that go with it.
+        min_p: the min-p filter applied after the temperature (0 = off).
+        simthreshd1, pvthreshd: kernel thresholds to impose, or None to keep the base
+            config's (the user's) values.
+        cdfthreshd: None (blocks chosen by ``topk = attention_budget``) or the kept
+            softmax mass at the dial's sparsest point; see `attention_config`.
+        attention_sparsity: the peak removed fraction of the controller (scales
+            ``cdfthreshd`` with the dial).
     """
 
     s: float
@@ -171,32 +225,60 @@ class ControlPoint:
     top_p: float
     num_experts: int | None
     attention_budget: float
-    simthreshd1: float = 0.6
-    cdfthreshd: float = 0.98
-    pvthreshd: float = 50.0
+    min_p: float = 0.0
+    simthreshd1: float | None = None
+    cdfthreshd: float | None = None
+    pvthreshd: float | None = None
+    attention_sparsity: float = 0.5
 
     @property
     def is_dense(self) -> bool:
         """Whether attention keeps every block (k_attn = 1)."""
         return self.attention_budget >= 1.0
 
+    @property
+    def cdf_mass(self) -> float | None:
+        """The kept softmax mass at this point when ``cdfthreshd`` is set, else None:
+        ``1 - (1 - cdfthreshd) * (1 - k_attn(s)) / attention_sparsity``, so the dropped mass
+        follows the dial like the dropped blocks do (none at s = 0, ``1 - cdfthreshd`` where
+        k_attn is smallest)."""
+        if self.cdfthreshd is None:
+            return None
+        if self.attention_sparsity <= 0.0:
+            return 1.0
+        removed = min(1.0, (1.0 - self.attention_budget) / self.attention_sparsity)
+        return 1.0 - (1.0 - self.cdfthreshd) * removed
+
     def attention_config(self, base: SparseAttentionConfig | None = None) -> SparseAttentionConfig:
-        """The kernel config for this point: ``topk = attention_budget`` with this point's
-        thresholds on top of ``base`` (default `SparseAttentionConfig()`); a dense config
-        (every block kept, no pv skip) when the budget is 1, so s = 0 equals SDPA.
+        """The kernel config for this point on top of ``base`` (default
+        `SparseAttentionConfig()`): ``topk = attention_budget`` (or, with ``cdfthreshd``,
+        ``cdfthreshd = cdf_mass``); ``simthreshd1`` / ``pvthreshd`` only where this point
+        sets them, so the user's values in ``base`` (``pvthreshd=inf``, say) stay. A dense
+        config (every block kept, no pv skip) when the budget is 1, so s = 0 equals SDPA.
 
         Example:
             >>> cp = SparsityController().get_sparsity_params(0.7)
             >>> round(cp.attention_config().topk, 3)
             0.5
+            >>> import math
+            >>> math.isinf(cp.attention_config(SparseAttentionConfig(pvthreshd=math.inf)).pvthreshd)
+            True
         """
         if base is not None and not isinstance(base, SparseAttentionConfig):
             raise TypeError(f"base must be a SparseAttentionConfig or None, got {type(base).__name__}")
         base = base if base is not None else SparseAttentionConfig()
         if self.is_dense:
             return base.replace(simthreshd1=1.0, cdfthreshd=1.0, topk=None, pvthreshd=math.inf)
-        return base.replace(topk=self.attention_budget, simthreshd1=self.simthreshd1,
-                            cdfthreshd=self.cdfthreshd, pvthreshd=self.pvthreshd)
+        changes: dict[str, Any] = {}
+        if self.cdfthreshd is None:
+            changes["topk"] = self.attention_budget
+        else:
+            changes["cdfthreshd"] = self.cdf_mass
+        if self.simthreshd1 is not None:
+            changes["simthreshd1"] = self.simthreshd1
+        if self.pvthreshd is not None:
+            changes["pvthreshd"] = self.pvthreshd
+        return base.replace(**changes)
 
 
 class SparsityController:
@@ -231,14 +313,14 @@ class SparsityController:
 
     @classmethod
     def for_model(cls, model: Any, config: SparsityConfig | None = None) -> "SparsityController":
-        """A controller with E and K0 read from a transformers model (or config): the
-        ``num_local_experts`` / ``num_experts`` and ``num_experts_per_tok`` fields."""
-        cfg = getattr(model, "config", model)
-        total = getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None)
-        per_tok = getattr(cfg, "num_experts_per_tok", None)
-        if not total or not per_tok:
+        """A controller with E and K0 read from a transformers model (or config) by
+        `moe.moe_layout` (its ``text_config`` too); a dense model gets K(s) = None."""
+        from .moe import moe_layout  # local: moe is a leaf module, control stays import-light
+
+        layout = moe_layout(model)
+        if layout is None:
             return cls(config)
-        return cls(config, num_experts=int(total), experts_per_token=int(per_tok))
+        return cls(config, num_experts=layout[0], experts_per_token=layout[1])
 
     # The four coordinates of M(s), unclamped then clamped.
     def temperature(self, s: float) -> float:
@@ -287,7 +369,8 @@ class SparsityController:
         c = self.config
         return ControlPoint(s=s, temperature=self.temperature(s), top_p=self.top_p(s),
                             num_experts=self.experts(s), attention_budget=self.attention_budget(s),
-                            simthreshd1=c.simthreshd1, cdfthreshd=c.cdfthreshd, pvthreshd=c.pvthreshd)
+                            min_p=c.min_p, simthreshd1=c.simthreshd1, cdfthreshd=c.cdfthreshd,
+                            pvthreshd=c.pvthreshd, attention_sparsity=c.attention_sparsity)
 
 
 @dataclass
@@ -334,14 +417,36 @@ class TwoStageSchedule:
         return min(num_steps, max(0, math.ceil(self.switch * num_steps - 1e-9)))
 
 
-_LOCAL = threading.local()
+#: The dial published by the running logits processor. A ContextVar, not a thread-local:
+#: each thread, asyncio task and copied context (generators run under
+#: ``contextvars.copy_context().run``) sees its own value.
+_DIAL: contextvars.ContextVar[float | None] = contextvars.ContextVar("hf_creative_sparse_dial", default=None)
 
 
 def current_sparsity() -> float | None:
-    """The s published by the running logits processor in this thread, or None."""
-    return getattr(_LOCAL, "s", None)
+    """The s published by the running logits processor in this context, or None."""
+    return _DIAL.get()
 
 
 def set_current_sparsity(s: float | None) -> None:
-    """Publish the dial for attention patches in this thread (None clears it)."""
-    _LOCAL.s = None if s is None else _check_sparsity("s", s)
+    """Publish the dial for attention patches in this context (None clears it)."""
+    _DIAL.set(None if s is None else _check_sparsity("s", s))
+
+
+@contextlib.contextmanager
+def use_sparsity(s: float | None) -> Iterator[None]:
+    """``with use_sparsity(0.5):`` publish s inside the block, then restore the value from
+    before it (also on errors).
+
+    Example:
+        >>> with use_sparsity(0.5):
+        ...     current_sparsity()
+        0.5
+        >>> current_sparsity() is None
+        True
+    """
+    token = _DIAL.set(None if s is None else _check_sparsity("s", s))
+    try:
+        yield
+    finally:
+        _DIAL.reset(token)

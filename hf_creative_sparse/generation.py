@@ -26,6 +26,7 @@ functional Q, continues it at s_B under constraint-aware decoding and reranks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -33,32 +34,41 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
-from transformers.generation.logits_process import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList, MinPLogitsWarper,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
 from .constraints import BannedWordsLogitsProcessor, Constraints, RequiredWordsLogitsProcessor
 from .control import (ControlPoint, SparsityConfig, SparsityController, TwoStageSchedule, current_sparsity,
                       set_current_sparsity)
 from .moe import ExpertRouting
+from .quality import NLLReference
 
 #: Neutral values of generate's own sampling warpers (nothing stacks on the processor).
 NEUTRAL_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+#: `CreativeSparseWrapper.generate_creative`'s default number of new tokens.
+DEFAULT_MAX_NEW_TOKENS = 200
+#: Candidates whose NLL lies more than this many standard deviations above the model's own
+#: dense samples of the prompt rank last (`CreativeSparseWrapper`).
+DEFAULT_INCOHERENCE_BOUND = 2.0
 
 
 # ----------------------------------------------------------------------------- warpers
 
 
 def temperature_scale(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """scores / T (T > 0)."""
+    """scores / T (T > 0), through transformers' `TemperatureLogitsWarper`."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    return scores / temperature
+    return TemperatureLogitsWarper(float(temperature))(None, scores)
 
 
 def nucleus_keep(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """bool mask [B, V] of the nucleus: per row, the most probable tokens whose probability
-    mass reaches ``top_p`` (a token is kept when the mass of the tokens ranked before it is
-    below top_p), always at least the most probable token. ``top_p >= 1`` keeps all.
+    """bool mask [B, V] of the nucleus kept by transformers' `TopPLogitsWarper`: per row,
+    the most probable tokens whose probability mass reaches ``top_p`` (a token is kept
+    when the mass of the tokens ranked before it is below top_p), always at least the
+    most probable token. ``top_p >= 1`` keeps all.
 
     Example:
         >>> nucleus_keep(torch.log(torch.tensor([[0.5, 0.3, 0.2]])), 0.7)
@@ -66,22 +76,27 @@ def nucleus_keep(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     if top_p >= 1.0:
         return torch.ones_like(scores, dtype=torch.bool)
-    probs = torch.softmax(scores.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    keep_sorted = before < top_p
-    keep_sorted[..., 0] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return torch.isfinite(TopPLogitsWarper(float(top_p))(None, scores.float()))
 
 
-def pruning_keep(scores: torch.Tensor, rate: float) -> torch.Tensor:
-    """bool mask [B, V] keeping the ceil((1 - rate) * V) highest scores per row (>= 1)."""
-    if rate <= 0.0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    vocab = scores.shape[-1]
-    k = max(1, math.ceil((1.0 - rate) * vocab))
-    idx = scores.topk(k, dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+def control_warpers(cp: ControlPoint, vocab_size: int, token_pruning_rate: float = 0.0) -> LogitsProcessorList:
+    """transformers' warpers for the control point ``cp``, in generate's order: temperature
+    T(s), token pruning (top-k keeping ceil((1 - rate) * V) tokens), nucleus p_nuc(s), min-p.
+    Filters that keep everything are left out.
+
+    Example:
+        >>> cp = SparsityController(SparsityConfig(min_p=0.1)).get_sparsity_params(0.7)
+        >>> [type(w).__name__ for w in control_warpers(cp, vocab_size=100)]
+        ['TemperatureLogitsWarper', 'TopPLogitsWarper', 'MinPLogitsWarper']
+    """
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(cp.temperature))])
+    if token_pruning_rate > 0.0:
+        warpers.append(TopKLogitsWarper(max(1, math.ceil((1.0 - token_pruning_rate) * vocab_size))))
+    if cp.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(float(cp.top_p)))
+    if cp.min_p > 0.0:
+        warpers.append(MinPLogitsWarper(float(cp.min_p)))
+    return warpers
 
 
 def sampling_problems(generation_config: Any) -> list[str]:
@@ -302,12 +317,7 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
                                   "and p_nuc(s)", stacklevel=2)
         step = self.step_of(input_ids)
         cp = self.control_at_step(step)
-        scores = temperature_scale(scores, cp.temperature)
-        keep = nucleus_keep(scores, cp.top_p)
-        rate = self.controller.config.token_pruning_rate
-        if rate > 0.0:
-            keep &= pruning_keep(scores, rate)
-        scores = scores.masked_fill(~keep, -math.inf)
+        scores = control_warpers(cp, scores.shape[-1], self.controller.config.token_pruning_rate)(input_ids, scores)
         self.history.append(StepRecord(step=step, stage=self.stage_at_step(step), s=cp.s,
                                        temperature=cp.temperature, top_p=cp.top_p, num_experts=cp.num_experts))
         if step + 1 < self.max_new_tokens:
@@ -316,6 +326,49 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
             self._restore()
         return scores
 
+
+
+def _creative_processors(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[CreativeSparseLogitsProcessor]:
+    """The `CreativeSparseLogitsProcessor` objects in a generate() call's logits_processor
+    (keyword, or the third positional argument as in GenerationMixin.generate)."""
+    procs = kwargs.get("logits_processor")
+    if procs is None and len(args) > 2:
+        procs = args[2]
+    return [p for p in (procs or ()) if isinstance(p, CreativeSparseLogitsProcessor)]
+
+
+def install_generate_hook() -> None:
+    """Make ``model.generate(..., logits_processor=[proc])`` enter ``proc`` around the call.
+
+    The prefill (the one forward over the whole prompt) runs before the processor's first
+    call, so without this the attention of the prefill would see no dial (or a stale one).
+    The hook wraps ``GenerationMixin.generate``: for every `CreativeSparseLogitsProcessor`
+    in ``logits_processor`` that is not already inside ``with proc:``, it publishes the
+    processor's first s (and K(s) on MoE routers) before the call and restores both after
+    it, also when generation stops early or raises. Installed once, on import of this
+    module; idempotent.
+    """
+    from transformers.generation.utils import GenerationMixin
+
+    original = GenerationMixin.generate
+    if getattr(original, "_hcs_dial_hook", False):
+        return
+
+    @functools.wraps(original)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        procs = [p for p in _creative_processors(args, kwargs) if not p._entered]
+        if not procs:
+            return original(self, *args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for proc in procs:
+                stack.enter_context(proc)
+            return original(self, *args, **kwargs)
+
+    generate._hcs_dial_hook = True  # type: ignore[attr-defined]
+    GenerationMixin.generate = generate
+
+
+install_generate_hook()
 
 # ------------------------------------------------------------------------------ wrapper
 
@@ -333,6 +386,8 @@ class Candidate:
         opening: the stage-A opening this text continues ('' for a single-stage run).
         opening_score: that opening's quality among the drafts (NaN for a single stage).
         s: the dial of each stage, (s_A, s_B), or (s, s) for a single stage.
+        within_bound: whether its NLL lies within the wrapper's ``incoherence_bound``
+            (candidates outside rank after every candidate inside).
     """
 
     text: str
@@ -343,6 +398,7 @@ class Candidate:
     opening: str = ""
     opening_score: float = math.nan
     s: tuple[float, float] = (math.nan, math.nan)
+    within_bound: bool = True
 
 
 def load_model(model_or_path: Any, tokenizer: Any = None) -> tuple[Any, Any]:
@@ -386,6 +442,21 @@ def load_model(model_or_path: Any, tokenizer: Any = None) -> tuple[Any, Any]:
 Scorer = Callable[[list[str]], Sequence[float]]
 
 
+def _coerce_schedule(schedule: TwoStageSchedule | tuple[float, float] | None, switch: float | None) -> TwoStageSchedule:
+    """A `TwoStageSchedule` from a schedule, an (s_A, s_B) pair (with ``switch``) or None
+    (the defaults, with ``switch`` when given)."""
+    if isinstance(schedule, TwoStageSchedule):
+        if switch is not None:
+            raise ValueError("switch is part of the TwoStageSchedule: give it there, not as switch=")
+        return schedule
+    default = TwoStageSchedule()
+    if schedule is None:
+        return TwoStageSchedule(default.diverge, default.refine, default.switch if switch is None else switch)
+    if not (isinstance(schedule, (tuple, list)) and len(schedule) == 2):
+        raise ValueError(f"schedule must be a TwoStageSchedule or (s_A, s_B), got {schedule!r}")
+    return TwoStageSchedule(float(schedule[0]), float(schedule[1]), default.switch if switch is None else switch)
+
+
 class CreativeSparseWrapper:
     """Draft, pick, refine: two-stage creative generation around a causal LM.
 
@@ -415,24 +486,47 @@ class CreativeSparseWrapper:
     """
 
     def __init__(self, model_or_path: Any = None, tokenizer: Any = None,
-                 sparsity_schedule: tuple[float, float] = (0.7, 0.3), quality_weights: Any = None,
-                 sparsity_config: SparsityConfig | None = None, *, switch: float = 0.5,
+                 schedule: TwoStageSchedule | tuple[float, float] | None = None, quality_weights: Any = None,
+                 config: SparsityConfig | None = None, *, switch: float | None = None,
                  scorer: Scorer | Any = None, reference_data: Sequence[str] | None = None,
                  seed: int | None = None, batch_size: int = 8, sparse_attention: bool = True,
                  attention_config: Any = None, chat_template: bool | None = None,
-                 progress: bool | None = None) -> None:
-        if not (isinstance(sparsity_schedule, (tuple, list)) and len(sparsity_schedule) == 2):
-            raise ValueError(f"sparsity_schedule must be (s_A, s_B), got {sparsity_schedule!r}")
-        self.schedule = TwoStageSchedule(float(sparsity_schedule[0]), float(sparsity_schedule[1]), switch=switch)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+                 progress: bool | None = None, num_openings: int = 3, calibration_samples: int = 4,
+                 incoherence_bound: float = DEFAULT_INCOHERENCE_BOUND,
+                 sparsity_schedule: tuple[float, float] | None = None,
+                 sparsity_config: SparsityConfig | None = None) -> None:
+        if sparsity_schedule is not None:
+            warnings.warn("CreativeSparseWrapper(sparsity_schedule=...) is deprecated: pass schedule=",
+                          DeprecationWarning, stacklevel=2)
+            if schedule is not None:
+                raise ValueError("give schedule or its deprecated alias sparsity_schedule, not both")
+            schedule = sparsity_schedule
+        if sparsity_config is not None:
+            warnings.warn("CreativeSparseWrapper(sparsity_config=...) is deprecated: pass config=",
+                          DeprecationWarning, stacklevel=2)
+            if config is not None:
+                raise ValueError("give config or its deprecated alias sparsity_config, not both")
+            config = sparsity_config
+        self.schedule = _coerce_schedule(schedule, switch)
+        for name, value, low in (("batch_size", batch_size, 1), ("num_openings", num_openings, 1),
+                                 ("calibration_samples", calibration_samples, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if calibration_samples == 1:
+            raise ValueError("calibration_samples must be 0 (no calibration) or >= 2 (a mean and a spread)")
+        if isinstance(incoherence_bound, bool) or not isinstance(incoherence_bound, (int, float)) \
+                or math.isnan(incoherence_bound):
+            raise ValueError(f"incoherence_bound must be a number of standard deviations (inf: no bound), "
+                             f"got {incoherence_bound!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         if scorer is not None and not callable(scorer) and not hasattr(scorer, "evaluate"):
             raise TypeError(f"scorer must be callable (texts -> scores) or a QualityFunctional, got {type(scorer).__name__}")
+        self.num_openings, self.calibration_samples = num_openings, calibration_samples
+        self.incoherence_bound = float(incoherence_bound)
         self.model, self.tokenizer = load_model(model_or_path, tokenizer)
         self.model.eval()
-        self.controller = SparsityController.for_model(self.model, sparsity_config)
+        self.controller = SparsityController.for_model(self.model, config)
         self.quality_weights = quality_weights
         self.reference_data = list(reference_data) if reference_data is not None else None
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
@@ -442,8 +536,11 @@ class CreativeSparseWrapper:
         if self.chat_template and not has_template:
             raise ValueError("chat_template=True but the tokenizer has no chat template")
         self._banned_cache: dict[tuple[str, ...], BannedWordsLogitsProcessor] = {}
+        self._lm: Any = None
         #: (opening text, Q) of every stage-A draft of the last two-stage call.
         self.last_openings: list[tuple[str, float]] = []
+        #: The NLL yardstick of the last call's prompt (None without calibration).
+        self.last_reference: NLLReference | None = None
         self._patch = None
         if sparse_attention:
             self._enable_attention(attention_config)
@@ -556,14 +653,44 @@ class CreativeSparseWrapper:
                 bar.update(rows)
         return out
 
-    def score(self, texts: list[str], prompt: str = "") -> tuple[list[float], list[dict[str, float]] | None]:
-        """(Q per text, components per text or None) from the scorer."""
+    def _nll(self, prompt_ids: torch.Tensor, continuations: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """Per-token NLL of each continuation given the prompt (the generating model)."""
+        if self._lm is None:
+            from .quality import LMScorer
+
+            scorer = getattr(self.scorer, "scorer", None) if hasattr(self.scorer, "evaluate") else None
+            self._lm = scorer if isinstance(scorer, LMScorer) else LMScorer(self.model, self.tokenizer)
+        return self._lm.continuation_token_nll(prompt_ids[0].tolist(), continuations)
+
+    def _uses_own_nll(self) -> bool:
+        """Whether the scorer's NLL may be replaced by the prompt-conditioned one (the default
+        scorer, or a QualityFunctional over an `LMScorer`); a user's own NLL scorer is kept."""
+        from .quality import LMScorer
+
+        inner = getattr(self.scorer, "_scorer", None)
+        return hasattr(self.scorer, "evaluate") and (inner is None or isinstance(inner, LMScorer))
+
+    def reference_nll(self, prompt_ids: torch.Tensor, new_tokens: int, seed: int | None) -> list[np.ndarray] | None:
+        """Per-token NLL of ``calibration_samples`` dense samples (s = 0) of the prompt: the
+        model's own yardstick for this prompt (None without calibration)."""
+        if self.calibration_samples == 0 or not self._uses_own_nll():
+            return None
+        dense = TwoStageSchedule(0.0, 0.0, switch=1.0)
+        refs = self._sample(prompt_ids, self.calibration_samples, schedule=dense, total_steps=new_tokens,
+                            step_offset=0, new_tokens=new_tokens, min_new_tokens=0, extra=[],
+                            seed=None if seed is None else seed + 200_003, bar=None)
+        return self._nll(prompt_ids, refs)
+
+    def score(self, texts: list[str], prompt: str = "", *, nll: Sequence[float] | None = None,
+              nll_reference: NLLReference | None = None) -> tuple[list[float], list[dict[str, float]] | None]:
+        """(Q per text, components per text or None) from the scorer; ``nll`` and
+        ``nll_reference`` go to a `QualityFunctional` (see `QualityFunctional.evaluate`)."""
         scorer = self.scorer
         if hasattr(scorer, "evaluate"):
             refs = self.reference_data
             if refs is None and len(texts) < 2:
                 refs = [prompt] if prompt else None
-            report = scorer.evaluate(texts, refs)
+            report = scorer.evaluate(texts, refs, nll=nll, nll_reference=nll_reference)
             comps = [{"novelty": n, "diversity": d, "incoherence": i}
                      for n, d, i in zip(report.novelty, report.diversity, report.incoherence)]
             return [float(q) for q in report.quality], comps
@@ -572,33 +699,69 @@ class CreativeSparseWrapper:
             raise ValueError(f"scorer returned {len(scores)} scores for {len(texts)} texts")
         return scores, None
 
+    def _judge(self, texts: list[str], ids: list[list[int]], prompt: str, prompt_ids: torch.Tensor,
+               reference: list[np.ndarray] | None) -> tuple[list[float], list[dict[str, float]] | None, list[float]]:
+        """(Q, components, z of the NLL against the reference) for texts of token ids ``ids``.
+        Reference and candidates are compared over the same number of leading tokens."""
+        if not self._uses_own_nll():
+            quality, comps = self.score(texts, prompt)
+            return quality, comps, [0.0] * len(texts)
+        token_nll = self._nll(prompt_ids, ids)
+        nll = [float(x.mean()) if len(x) else math.nan for x in token_nll]
+        ref = None
+        if reference is not None:
+            span = max((len(x) for x in token_nll), default=0)
+            ref_nll = [float(r[:span].mean()) for r in reference if len(r)]
+            if len(ref_nll) >= 2 and span > 0:
+                ref = NLLReference.from_samples(ref_nll)
+        self.last_reference = ref
+        quality, comps = self.score(texts, prompt, nll=nll, nll_reference=ref)
+        z = [ref.z(x) if ref is not None else 0.0 for x in nll]
+        if comps is not None:
+            for c, x, zi in zip(comps, nll, z):
+                c["nll"], c["nll_z"] = x, zi
+        return quality, comps, z
+
     # -- the public call -------------------------------------------------------------
 
-    def generate_creative(self, prompt: str, max_length: int = 200, num_candidates: int = 5,
+    def generate_creative(self, prompt: str, max_new_tokens: int | None = None, num_candidates: int = 5,
                           return_best: bool = True, sparsity_level: float | None = None,
                           constraints: Constraints | dict | None = None, *, seed: int | None = None,
-                          progress: bool | None = None) -> str | list[Candidate]:
+                          progress: bool | None = None, max_length: int | None = None) -> str | list[Candidate]:
         """Two-stage creative generation.
 
-        Stage A drafts ``num_candidates`` openings (``switch * max_length`` new tokens) at
-        s_A and ranks them by Q; stage B continues the best one ``num_candidates`` times at
-        s_B (banned words forbidden in both stages, missing required words encouraged);
-        the full texts are reranked by Q - penalty * violations. With ``sparsity_level``
-        a single stage samples ``num_candidates`` texts at that s instead.
+        Stage A drafts ``num_candidates`` openings (``switch * max_new_tokens`` new tokens)
+        at s_A and ranks them by Q; stage B continues the best ``num_openings`` of them at
+        s_B, ``num_candidates`` continuations in all, dealt round-robin (banned words
+        forbidden in both stages, missing required words encouraged); the full texts are
+        reranked by Q - penalty * violations. Incoherence is calibrated against
+        ``calibration_samples`` dense samples of the same prompt (`NLLReference`), and
+        candidates whose NLL lies more than ``incoherence_bound`` standard deviations above
+        them rank after every candidate within the bound. With ``sparsity_level`` a single
+        stage samples ``num_candidates`` texts at that s instead.
 
         Args:
             prompt: the user prompt (wrapped in the chat template when enabled).
-            max_length: new tokens in all (both stages).
+            max_new_tokens: new tokens in all (both stages); default 200.
             num_candidates: drafts per stage.
-            return_best: return the best text; False returns every `Candidate`, best first.
+            return_best: return the best text; False returns every `Candidate`, best first
+                (texts repeated exactly are returned once).
             sparsity_level: a single-stage run at this s.
             constraints: `Constraints` or a dict of its fields.
             seed: overrides the wrapper's seed for this call.
+            max_length: deprecated alias of ``max_new_tokens``.
 
         Returns:
-            The best text, or the list of `Candidate` sorted by score (best first).
+            The best text, or the list of `Candidate` sorted by rank (best first).
         """
-        for name, value in (("max_length", max_length), ("num_candidates", num_candidates)):
+        if max_length is not None:
+            warnings.warn("generate_creative(max_length=...) is deprecated: pass max_new_tokens= (the same "
+                          "meaning: new tokens in all)", DeprecationWarning, stacklevel=2)
+            if max_new_tokens is not None:
+                raise ValueError("give max_new_tokens or its deprecated alias max_length, not both")
+            max_new_tokens = max_length
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        for name, value in (("max_new_tokens", max_new_tokens), ("num_candidates", num_candidates)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         constraints = Constraints.coerce(constraints)
@@ -607,41 +770,53 @@ class CreativeSparseWrapper:
         show = progress if progress is not None else (self.progress if self.progress is not None else num_candidates > 8)
         from tqdm.auto import tqdm
 
+        reference = self.reference_nll(ids, max_new_tokens, seed)
         if sparsity_level is not None:
             single = TwoStageSchedule(sparsity_level, sparsity_level, switch=1.0)
             bar = tqdm(total=num_candidates, desc="candidates", disable=not show)
-            extra = self._banned(constraints) + self._required(constraints, ids.shape[1], ids.shape[1], 0, max_length)
-            drafts = self._sample(ids, num_candidates, schedule=single, total_steps=max_length, step_offset=0,
-                                  new_tokens=max_length, min_new_tokens=0, extra=extra, seed=seed, bar=bar)
+            extra = self._banned(constraints) + self._required(constraints, ids.shape[1], ids.shape[1], 0,
+                                                               max_new_tokens)
+            drafts = self._sample(ids, num_candidates, schedule=single, total_steps=max_new_tokens, step_offset=0,
+                                  new_tokens=max_new_tokens, min_new_tokens=0, extra=extra, seed=seed, bar=bar)
             bar.close()
-            texts = [self._decode(d) for d in drafts]
-            return self._finish(texts, prompt, constraints, return_best, openings=[""] * len(texts),
-                                opening_scores=[math.nan] * len(texts), s=(single.diverge, single.refine))
+            return self._finish(drafts, prompt, ids, reference, constraints, return_best,
+                                openings=[""] * len(drafts), opening_scores=[math.nan] * len(drafts),
+                                s=(single.diverge, single.refine), unique=False)
 
-        n_a = min(max_length, max(1, round(self.schedule.switch * max_length)))
-        n_b = max_length - n_a
+        n_a = min(max_new_tokens, max(1, round(self.schedule.switch * max_new_tokens)))
+        n_b = max_new_tokens - n_a
         bar = tqdm(total=num_candidates * (2 if n_b else 1), desc="candidates", disable=not show)
-        openings = self._sample(ids, num_candidates, schedule=self.schedule, total_steps=max_length, step_offset=0,
-                                new_tokens=n_a, min_new_tokens=n_a, extra=self._banned(constraints),
+        openings = self._sample(ids, num_candidates, schedule=self.schedule, total_steps=max_new_tokens,
+                                step_offset=0, new_tokens=n_a, min_new_tokens=n_a, extra=self._banned(constraints),
                                 seed=seed, bar=bar)
         opening_texts = [self._decode(o) for o in openings]
-        opening_q, _ = self.score(opening_texts, prompt)
+        opening_q, _, opening_z = self._judge(opening_texts, openings, prompt, ids, reference)
         self.last_openings = list(zip(opening_texts, opening_q))
-        best = max(range(len(openings)), key=lambda i: opening_q[i])
         s_pair = (self.schedule.diverge, self.schedule.refine)
         if n_b == 0:
             bar.close()
-            return self._finish(opening_texts, prompt, constraints, return_best, openings=opening_texts,
-                                opening_scores=opening_q, s=s_pair)
-        base = torch.cat([ids, torch.tensor([openings[best]], dtype=ids.dtype, device=ids.device)], dim=1)
-        extra = self._banned(constraints) + self._required(constraints, ids.shape[1], base.shape[1], n_a, max_length)
-        conts = self._sample(base, num_candidates, schedule=self.schedule, total_steps=max_length, step_offset=n_a,
-                             new_tokens=n_b, min_new_tokens=0, extra=extra,
-                             seed=None if seed is None else seed + 100_003, bar=bar)
+            return self._finish(openings, prompt, ids, reference, constraints, return_best, openings=opening_texts,
+                                opening_scores=opening_q, s=s_pair, unique=True)
+        ranked = sorted(range(len(openings)), key=lambda i: (opening_z[i] > self.incoherence_bound, -opening_q[i]))
+        kept = ranked[: min(self.num_openings, len(ranked))]
+        conts: list[list[int]] = []
+        owner: list[int] = []
+        for k, o in enumerate(kept):  # continuations per opening: num_candidates dealt round-robin
+            count = len(range(k, num_candidates, len(kept)))
+            if count == 0:
+                continue
+            base = torch.cat([ids, torch.tensor([openings[o]], dtype=ids.dtype, device=ids.device)], dim=1)
+            extra = self._banned(constraints) + self._required(constraints, ids.shape[1], base.shape[1], n_a,
+                                                               max_new_tokens)
+            conts.extend(self._sample(base, count, schedule=self.schedule, total_steps=max_new_tokens, step_offset=n_a,
+                                      new_tokens=n_b, min_new_tokens=0, extra=extra,
+                                      seed=None if seed is None else seed + 100_003 * (k + 1), bar=bar))
+            owner.extend([o] * count)
         bar.close()
-        texts = [self._decode(openings[best] + c) for c in conts]
-        return self._finish(texts, prompt, constraints, return_best, openings=[opening_texts[best]] * len(texts),
-                            opening_scores=[opening_q[best]] * len(texts), s=s_pair)
+        full = [openings[o] + c for o, c in zip(owner, conts)]
+        return self._finish(full, prompt, ids, reference, constraints, return_best,
+                            openings=[opening_texts[o] for o in owner], opening_scores=[opening_q[o] for o in owner],
+                            s=s_pair, unique=True)
 
     def _required(self, constraints: Constraints | None, text_start: int, prompt_length: int, step_offset: int,
                   total_steps: int) -> list[LogitsProcessor]:
@@ -654,14 +829,22 @@ class CreativeSparseWrapper:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    def _finish(self, texts: list[str], prompt: str, constraints: Constraints | None, return_best: bool, *,
-                openings: list[str], opening_scores: list[float], s: tuple[float, float]) -> str | list[Candidate]:
-        quality, comps = self.score(texts, prompt)
+    def _finish(self, ids: list[list[int]], prompt: str, prompt_ids: torch.Tensor,
+                reference: list[np.ndarray] | None, constraints: Constraints | None, return_best: bool, *,
+                openings: list[str], opening_scores: list[float], s: tuple[float, float],
+                unique: bool) -> str | list[Candidate]:
+        texts = [self._decode(x) for x in ids]
+        if unique:  # the same text twice is one candidate
+            first = {t: i for i, t in reversed(list(enumerate(texts)))}
+            keep = sorted(first.values())
+            ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
+            openings, opening_scores = [openings[i] for i in keep], [opening_scores[i] for i in keep]
+        quality, comps, z = self._judge(texts, ids, prompt, prompt_ids, reference)
         violations = [constraints.violations(t) if constraints is not None else 0.0 for t in texts]
         penalty = constraints.penalty if constraints is not None else 0.0
         cands = [Candidate(text=t, score=q - penalty * v, quality=q, violations=v,
                            components=None if comps is None else comps[i], opening=openings[i],
-                           opening_score=opening_scores[i], s=s)
+                           opening_score=opening_scores[i], s=s, within_bound=z[i] <= self.incoherence_bound)
                  for i, (t, q, v) in enumerate(zip(texts, quality, violations))]
-        cands.sort(key=lambda c: c.score, reverse=True)
+        cands.sort(key=lambda c: (not c.within_bound, -c.score))
         return cands[0].text if return_best else cands

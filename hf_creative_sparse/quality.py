@@ -25,6 +25,13 @@ Scales (all dimensionless):
   predictable text and 1 is no better than chance. v_i in [0, 1] is the fraction of the
   constraints the output violates and lambda is ``violation_weight`` (default 0.5).
   An output with no scorable token (empty, one token) gets nll_i = nll_scale.
+  Calibrated (`NLLReference`, what the wrapper uses): ln V is the wrong yardstick for one
+  model and prompt (a 135M model's fluent text has NLL ~1.5 nats, its word salad ~5, i.e.
+  0.14 vs 0.46 of ln V, which novelty outweighs). With a reference, the mean m and standard
+  deviation sd of the NLL of the model's own dense samples for the same prompt, nll_i
+  enters as z_i = (nll_i - m) / sd and ``min(1, max(0, z_i / z_scale))`` (default
+  z_scale 3): as predictable as the model's own samples is 0, z_scale standard deviations
+  less predictable is 1. The wrapper also rejects candidates with z_i above a bound.
 - Coherence C_i = 1 - I_i (the seed API's ``compute_coherence``); Q uses -gamma * I_i,
   i.e. gamma * (C_i - 1), so overriding ``compute_coherence`` changes Q.
 
@@ -343,32 +350,64 @@ class LMScorer:
         self.vocab_size = int(vocab)
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
+        return [float(x.mean()) if len(x) else float("nan") for x in self.token_nll(ids, [1] * len(ids))]
+
+    def continuation_nll(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int] | str]) -> list[float]:
+        """Mean NLL (nats) of each continuation's tokens given ``prefix_ids`` (the prompt,
+        chat template included): the coherence the model assigns to what it was asked to
+        continue. Continuations are token-id lists or texts (tokenised without special
+        tokens); NaN for an empty one.
+
+        Example:
+            >>> scorer = LMScorer(model, tok)                                        # doctest: +SKIP
+            >>> scorer.continuation_nll(tok("Once upon")["input_ids"], [" a time"])  # doctest: +SKIP
+            [0.4...]
+        """
+        per_token = self.continuation_token_nll(prefix_ids, continuations)
+        return [float(x.mean()) if len(x) else float("nan") for x in per_token]
+
+    def continuation_token_nll(self, prefix_ids: Sequence[int],
+                               continuations: Sequence[Sequence[int] | str]) -> list[np.ndarray]:
+        """Per-token NLL (nats) of each continuation given ``prefix_ids`` (see
+        `continuation_nll`); an empty array for an empty continuation."""
+        prefix = [int(t) for t in prefix_ids]
+        if not prefix:
+            raise ValueError("prefix_ids must hold at least one token (the prompt)")
+        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else [int(t) for t in c]
+                 for c in continuations]
+        room = max(0, self.max_length - len(prefix))
+        rows = [prefix + c[:room] for c in conts]
+        return self.token_nll(rows, [len(prefix)] * len(rows))
+
+    def token_nll(self, rows: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
+        """Per-token NLL (nats) of ``rows[i][starts[i]:]``, each token given everything before
+        it, batched with right padding (``starts[i] >= 1``). One forward per batch."""
         import torch
 
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
-        out = [float("nan")] * len(texts)
-        order = [i for i in range(len(texts)) if len(ids[i]) >= 2]
+        if len(rows) != len(starts):
+            raise ValueError(f"rows and starts must have the same length, got {len(rows)} and {len(starts)}")
+        out = [np.zeros(0) for _ in rows]
+        order = [i for i in range(len(rows)) if len(rows[i]) > starts[i] >= 1]
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(order), self.batch_size):
-                rows = order[start:start + self.batch_size]
-                width = max(len(ids[i]) for i in rows)
-                input_ids = torch.zeros(len(rows), width, dtype=torch.long)
-                mask = torch.zeros(len(rows), width, dtype=torch.long)
-                for r, i in enumerate(rows):
-                    input_ids[r, : len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, : len(ids[i])] = 1
+                batch = order[start:start + self.batch_size]
+                width = max(len(rows[i]) for i in batch)
+                input_ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros(len(batch), width, dtype=torch.long)
+                for r, i in enumerate(batch):
+                    input_ids[r, : len(rows[i])] = torch.tensor(list(rows[i]), dtype=torch.long)
+                    mask[r, : len(rows[i])] = 1
                 input_ids, mask = input_ids.to(device), mask.to(device)
                 with torch.no_grad():
                     logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                token_nll = -logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-                valid = mask[:, 1:].to(token_nll.dtype)
-                mean_nll = (token_nll * valid).sum(1) / valid.sum(1)
-                for r, i in enumerate(rows):
-                    out[i] = float(mean_nll[r])
+                token_nll = (-logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)).double().cpu().numpy()
+                for r, i in enumerate(batch):
+                    out[i] = token_nll[r, starts[i] - 1: len(rows[i]) - 1]
         finally:
             self.model.train(was_training)
         return out
@@ -413,6 +452,55 @@ def load_smollm2_scorer(device: str = "cpu") -> LMScorer:
 
 
 # ------------------------------------------------------------------------- the functional
+
+
+@dataclass(frozen=True)
+class NLLReference:
+    """The NLL yardstick of one prompt: mean and standard deviation (nats) of the NLL of the
+    model's own dense samples for it (module docstring, "Calibrated").
+
+    Attributes:
+        mean: mean NLL of the reference samples (nats / token).
+        std: their standard deviation, at least ``min_std`` (nats).
+        z_scale: z at which incoherence reaches 1 (> 0).
+
+    Example:
+        >>> ref = NLLReference.from_samples([1.2, 1.6, 1.4])
+        >>> round(ref.z(2.2), 3), ref.incoherence(1.0), ref.incoherence(9.0)
+        (4.899, 0.0, 1.0)
+    """
+
+    mean: float
+    std: float
+    z_scale: float = 3.0
+
+    #: Smallest standard deviation (nats): two near-identical samples must not make every
+    #: other text look incoherent.
+    MIN_STD = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("mean", "std", "z_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+                raise ValueError(f"NLLReference.{name} must be a finite number, got {value!r}")
+        if self.std <= 0 or self.z_scale <= 0:
+            raise ValueError(f"NLLReference.std and z_scale must be > 0, got {self.std}, {self.z_scale}")
+
+    @classmethod
+    def from_samples(cls, nll: Sequence[float], *, min_std: float = MIN_STD, z_scale: float = 3.0) -> "NLLReference":
+        """From the NLLs of the reference samples (NaN ignored; at least two finite)."""
+        values = np.asarray([x for x in nll if math.isfinite(x)], dtype=np.float64)
+        if len(values) < 2:
+            raise ValueError(f"NLLReference needs at least two finite reference NLLs, got {list(nll)}")
+        return cls(float(values.mean()), max(float(values.std(ddof=1)), min_std), z_scale)
+
+    def z(self, nll: float) -> float:
+        """Standard deviations above the reference mean (NaN: +inf, nothing was scorable)."""
+        return math.inf if math.isnan(nll) else (nll - self.mean) / self.std
+
+    def incoherence(self, nll: float) -> float:
+        """min(1, max(0, z / z_scale))."""
+        return min(1.0, max(0.0, self.z(nll) / self.z_scale))
 
 
 def _check_texts(name: str, texts: Any) -> list[str]:
@@ -643,17 +731,33 @@ class QualityFunctional:
             raise ValueError(f"scorer must return one NLL per text ({len(outputs)}), got {len(nll)}")
         return nll
 
-    def compute_incoherence(self, outputs: Sequence[str]) -> list[float]:
-        """I_i = min(1, nll_i / nll_scale) + lambda * violations_i (NaN nll counts as 1)."""
-        scale = self.nll_scale
-        nll = self.compute_nll(outputs)
+    def compute_incoherence(self, outputs: Sequence[str], *, nll: Sequence[float] | None = None,
+                            nll_reference: NLLReference | None = None) -> list[float]:
+        """I_i = min(1, nll_i / nll_scale) + lambda * violations_i (NaN nll counts as 1), or
+        with ``nll_reference`` the calibrated ``nll_reference.incoherence(nll_i)`` in place of
+        the first term. ``nll``: the outputs' NLLs when already known (for example given the
+        prompt); default the scorer's."""
+        outputs = _check_texts("outputs", outputs)
+        if nll is None:
+            nll = self.compute_nll(outputs)
+        else:
+            nll = [float(x) for x in nll]
+            if len(nll) != len(outputs):
+                raise ValueError(f"nll must have one value per output ({len(outputs)}), got {len(nll)}")
+        if nll_reference is not None and not isinstance(nll_reference, NLLReference):
+            raise TypeError(f"nll_reference must be an NLLReference or None, got {type(nll_reference).__name__}")
         violations = self.compute_violations(outputs)
-        return [(1.0 if math.isnan(x) else min(1.0, max(0.0, x / scale))) + self.violation_weight * v
-                for x, v in zip(nll, violations)]
+        if nll_reference is not None:
+            first = [nll_reference.incoherence(x) for x in nll]
+        else:
+            scale = self.nll_scale
+            first = [1.0 if math.isnan(x) else min(1.0, max(0.0, x / scale)) for x in nll]
+        return [f + self.violation_weight * v for f, v in zip(first, violations)]
 
-    def compute_coherence(self, outputs: Sequence[str]) -> list[float]:
+    def compute_coherence(self, outputs: Sequence[str], *, nll: Sequence[float] | None = None,
+                          nll_reference: NLLReference | None = None) -> list[float]:
         """C_i = 1 - I_i (the seed API's name; Q uses gamma * (C_i - 1) = -gamma * I_i)."""
-        return [1.0 - x for x in self.compute_incoherence(outputs)]
+        return [1.0 - x for x in self.compute_incoherence(outputs, nll=nll, nll_reference=nll_reference)]
 
     # -- the functional
     def compute_quality_score(self, outputs: Sequence[str], novelty_weight: float | None = None,
@@ -680,13 +784,15 @@ class QualityFunctional:
                               w.coherence if g is None else g)
 
     def evaluate(self, outputs: Sequence[str], reference_data: Sequence[str] | None = None, *,
-                 groups: Sequence[Any] | None = None, weights: Any = None) -> QualityReport:
-        """All components, Q and diagnostics for ``outputs`` in one `QualityReport`."""
+                 groups: Sequence[Any] | None = None, weights: Any = None, nll: Sequence[float] | None = None,
+                 nll_reference: NLLReference | None = None) -> QualityReport:
+        """All components, Q and diagnostics for ``outputs`` in one `QualityReport`
+        (``nll`` / ``nll_reference``: see `compute_incoherence`)."""
         outputs = _check_texts("outputs", outputs)
         w = self.weights if weights is None else QualityWeights.coerce(weights)
         novelty = self.compute_novelty(outputs, reference_data, groups=groups)
         diversity = self.compute_diversity(outputs, groups=groups)
-        incoherence = [1.0 - c for c in self.compute_coherence(outputs)]
+        incoherence = [1.0 - c for c in self.compute_coherence(outputs, nll=nll, nll_reference=nll_reference)]
         quality = [w.novelty * n + w.diversity * d - w.coherence * i
                    for n, d, i in zip(novelty, diversity, incoherence)]
         return QualityReport(novelty=novelty, diversity=diversity, incoherence=incoherence, quality=quality,
@@ -694,16 +800,20 @@ class QualityFunctional:
                              self_bleu=self_bleu(outputs, groups) if len(outputs) > 1 else float("nan"))
 
 
-def compute_quality_score(outputs: Sequence[str], novelty_weight: float = 0.4, diversity_weight: float = 0.3,
-                          coherence_weight: float = 0.3, reference_data: Sequence[str] | None = None, *,
+def compute_quality_score(outputs: Sequence[str], novelty_weight: float | None = None,
+                          diversity_weight: float | None = None, coherence_weight: float | None = None,
+                          reference_data: Sequence[str] | None = None, *,
                           functional: QualityFunctional | None = None) -> list[float]:
     """Q_i for every output with the default MiniLM embedder and SmolLM2 scorer (or
-    ``functional``'s).
+    ``functional``'s). Weights left as None come from ``functional.weights`` (default
+    0.4, 0.3, 0.3), so a functional's own weights are honoured.
 
     Example:
         >>> compute_quality_score(["A comet sang to the sea."], reference_data=["The cat sat."])  # doctest: +SKIP
         [0.1...]
     """
+    if functional is not None and not isinstance(functional, QualityFunctional):
+        raise TypeError(f"functional must be a QualityFunctional or None, got {type(functional).__name__}")
     functional = functional or QualityFunctional()
     return functional.compute_quality_score(outputs, novelty_weight, diversity_weight, coherence_weight,
                                             reference_data)

@@ -1,5 +1,7 @@
 """The control manifold M(s), its clamps and constants, and the two-stage schedule."""
 
+import asyncio
+import contextvars
 import math
 import threading
 
@@ -8,7 +10,10 @@ import pytest
 from hf_creative_sparse.config import SparseAttentionConfig
 from hf_creative_sparse.control import (ATTENTION_BUDGET_MIN, TEMPERATURE_MAX, TEMPERATURE_MIN, ControlPoint,
                                         SparsityConfig, SparsityController, TwoStageSchedule, current_sparsity,
-                                        set_current_sparsity)
+                                        set_current_sparsity, use_sparsity)
+
+#: The seed's manifold constants (the hand-computed values below use them).
+SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5)
 
 
 # Hand-computed with the documented constants (T0=1, kT=0.5, p0=0.9, kp=0.12, sp=0.5,
@@ -25,7 +30,7 @@ HAND = {
 
 @pytest.mark.parametrize("s", sorted(HAND))
 def test_manifold_matches_hand_computed_values(s):
-    cp = SparsityController(num_experts=8, experts_per_token=2).get_sparsity_params(s)
+    cp = SparsityController(SparsityConfig(**SEED), num_experts=8, experts_per_token=2).get_sparsity_params(s)
     t, p, k, a = HAND[s]
     assert cp.s == s
     assert cp.temperature == pytest.approx(t, abs=1e-6)
@@ -93,14 +98,51 @@ def test_constant_temperature_schedule_and_no_nucleus_adaptation():
 
 
 def test_attention_config_follows_the_budget_and_is_dense_at_s0():
-    ctl = SparsityController(SparsityConfig(simthreshd1=0.5, cdfthreshd=0.9, pvthreshd=20.0))
+    ctl = SparsityController(SparsityConfig(simthreshd1=0.5, pvthreshd=20.0))
     dense = ctl.get_sparsity_params(0.0).attention_config()
     assert dense.topk is None and dense.cdfthreshd == 1.0 and dense.simthreshd1 == 1.0 and math.isinf(dense.pvthreshd)
     cfg = ctl.get_sparsity_params(0.7).attention_config(SparseAttentionConfig(min_seq_len=0, backend="reference"))
-    assert cfg.topk == pytest.approx(0.5001, abs=1e-4)
+    assert cfg.topk == pytest.approx(0.5001, abs=1e-4) and cfg.cdfthreshd is None
     assert (cfg.simthreshd1, cfg.pvthreshd, cfg.min_seq_len, cfg.backend) == (0.5, 20.0, 0, "reference")
     with pytest.raises(TypeError, match="base"):
         ctl.get_sparsity_params(0.7).attention_config({"topk": 0.5})
+
+
+def test_attention_config_keeps_the_users_thresholds():
+    """Issue 16: a dial point must not replace the user's simthreshd1 / pvthreshd (before the
+    fix pvthreshd=inf silently became 50 and simthreshd1 0.6)."""
+    user = SparseAttentionConfig(simthreshd1=0.3, pvthreshd=math.inf, min_seq_len=0)
+    for s in (0.3, 0.7):
+        cfg = SparsityController().get_sparsity_params(s).attention_config(user)
+        assert cfg.simthreshd1 == 0.3 and math.isinf(cfg.pvthreshd)
+        assert cfg.topk == pytest.approx(SparsityController().attention_budget(s))
+
+
+def test_cdfthreshd_selects_by_mass_scaled_by_the_dial():
+    """Issue 16: SparsityConfig.cdfthreshd has an effect: blocks are chosen by softmax mass,
+    1 - (1 - c) (1 - k_attn(s)) / attention_sparsity, i.e. c at the sparsest point."""
+    ctl = SparsityController(SparsityConfig(cdfthreshd=0.9, attention_sparsity=0.5))
+    peak = ctl.get_sparsity_params(1 / math.sqrt(2)).attention_config()
+    assert peak.topk is None and peak.selection == "cdf" and peak.cdfthreshd == pytest.approx(0.9, abs=1e-12)
+    k = ctl.attention_budget(0.3)  # 1 - 0.3 sqrt(0.91)
+    expected = 1 - 0.1 * (1 - k) / 0.5
+    assert ctl.get_sparsity_params(0.3).attention_config().cdfthreshd == pytest.approx(expected, abs=1e-12)
+    assert ctl.get_sparsity_params(0.0).attention_config().cdfthreshd == 1.0  # dense at s = 0
+    without = SparsityController().get_sparsity_params(0.3).attention_config()
+    assert without.selection == "topk"
+
+
+def test_from_stages_passes_through_both_targets():
+    cfg = SparsityConfig.from_stages((0.6, 1.8, 1.0), (0.2, 0.75, 0.85), min_p=0.05)
+    ctl = SparsityController(cfg)
+    assert ctl.temperature(0.6) == pytest.approx(1.8, abs=1e-12)
+    assert ctl.temperature(0.2) == pytest.approx(0.75, abs=1e-12)
+    assert ctl.top_p(0.6) == pytest.approx(1.0, abs=1e-12) and ctl.top_p(0.2) == pytest.approx(0.85, abs=1e-12)
+    assert ctl.get_sparsity_params(0.2).min_p == 0.05
+    flat = SparsityConfig.from_stages((0.7, 1.0, 0.9), (0.3, 1.0, 0.9))
+    assert (flat.temperature_gain, flat.nucleus_gain) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="diverge temperature"):
+        SparsityConfig.from_stages((0.7, 0.0, 1.0), (0.3, 1.0, 0.9))
 
 
 def test_for_model_reads_expert_layout():
@@ -115,6 +157,15 @@ def test_for_model_reads_expert_layout():
     assert (ctl.num_experts, ctl.experts_per_token) == (8, 2)
     assert SparsityController.for_model(object()).num_experts is None
 
+    class Outer:  # a multimodal config: the MoE layout lives in text_config (issue 16)
+        text_config = Cfg()
+
+    class Wrapped:
+        config = Outer()
+
+    ctl = SparsityController.for_model(Wrapped())
+    assert (ctl.num_experts, ctl.experts_per_token) == (8, 2)
+
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"attention_sparsity": 1.0}, "attention_sparsity"),
@@ -124,6 +175,7 @@ def test_for_model_reads_expert_layout():
     ({"kv_reuse_ratio": 1.0}, "kv_reuse_ratio"),
     ({"temperature_schedule": "cosine"}, "temperature_schedule"),
     ({"cdfthreshd": 1.2}, "cdfthreshd"),
+    ({"min_p": 1.0}, "min_p"),
     ({"nucleus_base": 0.0}, "nucleus_base"),
     ({"temperature_base": 4.0}, "temperature_base"),
     ({"attention_sparsity": float("nan")}, "attention_sparsity"),
@@ -182,14 +234,34 @@ def test_schedule_validation(kwargs, match):
         TwoStageSchedule().s_at(1.5)
 
 
-def test_current_sparsity_is_thread_local():
+def test_current_sparsity_is_a_context_variable():
+    """Issue 16: the dial lives in a ContextVar: other threads, copied contexts and asyncio
+    tasks each see their own value."""
     set_current_sparsity(0.4)
     seen = []
     thread = threading.Thread(target=lambda: seen.append(current_sparsity()))
     thread.start()
     thread.join()
+
+    def inside_copy():
+        set_current_sparsity(0.9)
+        return current_sparsity()
+
+    async def task(s):
+        set_current_sparsity(s)
+        await asyncio.sleep(0)
+        return current_sparsity()
+
+    async def both():
+        return await asyncio.gather(task(0.1), task(0.2))
+
     try:
         assert current_sparsity() == 0.4 and seen == [None]
+        assert contextvars.copy_context().run(inside_copy) == 0.9 and current_sparsity() == 0.4
+        assert asyncio.run(both()) == [0.1, 0.2] and current_sparsity() == 0.4
+        with use_sparsity(0.6):
+            assert current_sparsity() == 0.6
+        assert current_sparsity() == 0.4
         with pytest.raises(ValueError):
             set_current_sparsity(2.0)
     finally:

@@ -20,6 +20,10 @@ from hf_creative_sparse.control import (SparsityConfig, SparsityController, TwoS
                                         current_sparsity, set_current_sparsity)
 from hf_creative_sparse.generation import (Candidate, CreativeSparseLogitsProcessor,  # noqa: E402
                                            CreativeSparseWrapper, nucleus_keep)
+from hf_creative_sparse.quality import NLLReference, QualityFunctional  # noqa: E402
+
+#: The seed's manifold constants (the hand-computed values below use them).
+SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5)
 from hf_creative_sparse.moe import ExpertRouting  # noqa: E402
 
 WORDS = ("the a cat dog moon sea sun star night day red blue green sang ran flew over under and of to in "
@@ -62,7 +66,7 @@ def test_processor_applies_hand_computed_temperature_and_nucleus():
     last token: 5 kept. Step 2 is stage B (s=0.3): T = 1.135985, p = 0.919334; mass
     before the 5th token is 0.95769: 4 kept."""
     logits = torch.log(torch.tensor([PROBS, PROBS[::-1]]))
-    proc = CreativeSparseLogitsProcessor(prompt_length=3, max_new_tokens=4,
+    proc = CreativeSparseLogitsProcessor(prompt_length=3, max_new_tokens=4, config=SparsityConfig(**SEED),
                                          schedule=TwoStageSchedule(0.7, 0.3, switch=0.5), publish=False)
     for length, t, kept in ((3, 1.255457, 5), (5, 1.135985, 4)):
         out = proc(torch.zeros(2, length, dtype=torch.long), logits.clone())
@@ -78,15 +82,39 @@ def test_processor_applies_hand_computed_temperature_and_nucleus():
 
 def test_nucleus_keeps_at_least_one_token_and_everything_at_p1():
     logits = torch.tensor([[10.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
-    assert nucleus_keep(logits, 0.01).tolist() == [[True, False, False], [True, False, False]]
+    kept = nucleus_keep(logits, 0.01)
+    assert kept[0].tolist() == [True, False, False] and int(kept[1].sum()) == 1  # one of the tied tokens
     assert nucleus_keep(logits, 1.0).all()
 
 
 def test_token_pruning_rate_intersects_the_nucleus():
     proc = CreativeSparseLogitsProcessor(0, 1, sparsity_level=0.7, publish=False,
-                                         config=SparsityConfig(token_pruning_rate=0.5))
+                                         config=SparsityConfig(token_pruning_rate=0.5, **SEED))
     out = proc(torch.zeros(1, 0, dtype=torch.long), torch.log(torch.tensor([PROBS])))
     assert torch.isfinite(out[0]).tolist() == [True, True, True, False, False, False]  # ceil(0.5 * 6) = 3
+
+
+def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
+    """Issue 16: the processor runs transformers' own warpers (a spy counts their calls);
+    min_p = 0.15 at T = 1 keeps the tokens with p >= 0.15 * 0.5 = 0.075: 3 of 6."""
+    from hf_creative_sparse import generation
+
+    calls = []
+
+    def spy(base):
+        class Spy(base):
+            def __call__(self, input_ids, scores):
+                calls.append(base.__name__)
+                return super().__call__(input_ids, scores)
+        return Spy
+
+    for name in ("TemperatureLogitsWarper", "MinPLogitsWarper"):
+        monkeypatch.setattr(generation, name, spy(getattr(generation, name)))
+    cfg = SparsityConfig(temperature_base=1.0, temperature_gain=0.0, nucleus_adaptation=False, min_p=0.15)
+    proc = CreativeSparseLogitsProcessor(0, 1, sparsity_level=0.5, publish=False, config=cfg)
+    out = proc(torch.zeros(1, 0, dtype=torch.long), torch.log(torch.tensor([PROBS])))
+    assert torch.isfinite(out[0]).tolist() == [True, True, True, False, False, False]
+    assert calls == ["TemperatureLogitsWarper", "MinPLogitsWarper"]
 
 
 def test_processor_validation():
@@ -117,6 +145,37 @@ def test_stage_switch_at_the_exact_step_and_s_published_for_each_forward():
     assert [r.step for r in proc.history] == list(range(7))
     assert seen == [0.7] * 4 + [0.3] * 3  # the forward that produces token i runs at s(i)
     assert current_sparsity() is None  # restored on exit
+
+
+def test_prefill_and_every_step_see_the_dial_without_with_block(monkeypatch):
+    """Issue 15: with model.generate(..., logits_processor=[proc]) and no ``with proc:``, the
+    attention of a model loaded with attn_implementation="creative_sparse" sees s_A at the
+    prefill and s(i) at the forward of step i; generation stopping before the end of the
+    schedule restores the dial all the same."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_creative_sparse.state import LayerState
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=256, bos_token_id=0,
+                      eos_token_id=0, pad_token_id=0, attn_implementation="creative_sparse")
+    model = LlamaForCausalLM(cfg).eval()
+    assert model.config._attn_implementation == "creative_sparse"
+    seen = []
+    original = LayerState.current_s
+    monkeypatch.setattr(LayerState, "current_s", lambda self: seen.append(original(self)) or seen[-1])
+    ids = torch.randint(1, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    proc = CreativeSparseLogitsProcessor(5, 6, schedule=TwoStageSchedule(0.8, 0.2, switch=0.5))
+    model.generate(ids, logits_processor=[proc], max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=0)
+    per_forward = [seen[i:i + 2] for i in range(0, len(seen), 2)]
+    assert per_forward == [[0.8, 0.8]] * 3 + [[0.2, 0.2]] * 3  # prefill (step 0), then steps 1..5
+    assert current_sparsity() is None
+    seen.clear()
+    set_current_sparsity(0.4)  # a value from before the call comes back after it
+    short = CreativeSparseLogitsProcessor(5, 8, schedule=TwoStageSchedule(0.8, 0.2, switch=0.5))
+    model.generate(ids, None, [short], max_new_tokens=3, do_sample=True, top_k=0, pad_token_id=0)  # positional
+    assert seen[:2] == [0.8, 0.8] and current_sparsity() == 0.4
 
 
 def test_seeded_generation_is_reproducible():
