@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from transformers.generation.logits_process import LogitsProcessor
 
-from .control import ControlPoint, SparsityController, TwoStageSchedule, set_current_sparsity
+from .control import ControlPoint, SparsityController, TwoStageSchedule, current_sparsity, set_current_sparsity
 from .generation import nucleus_keep, temperature_scale
 
 __all__ = ["DiffusionDialProcessor"]
@@ -70,6 +70,7 @@ class DiffusionDialProcessor(LogitsProcessor):
         self.controller = controller if controller is not None else SparsityController()
         self.publish = publish
         self.history: list[dict[str, Any]] = []
+        self._saved: float | None = None
 
     def s_at_step(self, step: int) -> float:
         """The dial at denoising step ``step`` (0-based) of a canvas."""
@@ -77,6 +78,15 @@ class DiffusionDialProcessor(LogitsProcessor):
 
     def control_at_step(self, step: int) -> ControlPoint:
         return self.controller.get_sparsity_params(self.s_at_step(step))
+
+    def __enter__(self) -> "DiffusionDialProcessor":
+        """``with processor:`` restores the dial published before it on exit (a pipeline
+        or a bare loop; ``generate`` on a model with retention enabled does it by itself)."""
+        self._saved = current_sparsity()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        set_current_sparsity(self._saved)
 
     def generate_kwargs(self) -> dict[str, Any]:
         """``generate`` keywords that leave the temperature to this processor."""

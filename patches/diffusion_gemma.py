@@ -40,7 +40,7 @@ import torch
 
 from hf_creative_sparse.api import HANDLE_ATTR, CreativeSparseHandle, _set_handle, get_handle
 from hf_creative_sparse.config import SparseAttentionConfig
-from hf_creative_sparse.control import SparsityController, current_sparsity
+from hf_creative_sparse.control import SparsityController, current_sparsity, set_current_sparsity
 from hf_creative_sparse.retention import (RetentionConfig, as_retention_configs, compact_kv, saliency_scores,
                                           select_retained)
 from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
@@ -461,11 +461,13 @@ def enable_retention(model_or_pipe: Any, retention: Any) -> RetentionHandle:
             had_generate = "generate" in vars(model)
 
             def generate(*args: Any, **kwargs: Any) -> Any:
+                dial = current_sparsity()
                 try:
                     return original_generate(*args, **kwargs)
-                finally:  # the returned cache is whole and the compact copies are freed
-                    runtime.restore_all()
+                finally:  # the returned cache is whole, the compact copies are freed, and a dial
+                    runtime.restore_all()  # published by this call's processor does not outlive it
                     runtime.stores.clear()
+                    set_current_sparsity(dial)
 
             generate.__wrapped__ = original_generate  # type: ignore[attr-defined]
             generate.__doc__ = original_generate.__doc__

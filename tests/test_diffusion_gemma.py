@@ -24,6 +24,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import apply_r
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.api import HANDLE_ATTR  # noqa: E402
 from hf_creative_sparse.control import SparsityController, set_current_sparsity  # noqa: E402
+from hf_creative_sparse.control import current_sparsity as hcs_current_sparsity  # noqa: E402
 from hf_creative_sparse.retention import (RetentionConfig, compact_kv, saliency_scores,  # noqa: E402
                                           select_retained)
 
@@ -397,8 +398,12 @@ def test_dial_drives_temperature_nucleus_and_retention(model):
 
     ids, _, _ = encode(model, batch=1)
     proc = hcs.DiffusionDialProcessor(5)
-    out = generate(model, ids, logits_processor=LogitsProcessorList([proc]), **{k: v for k, v in proc.generate_kwargs().items()
-                                                           if k != "max_denoising_steps"})
+    set_current_sparsity(None)
+    with proc:  # restores the dial on exit (generate alone leaves the last published s)
+        generate(model, ids, logits_processor=LogitsProcessorList([proc]),
+                 **{k: v for k, v in proc.generate_kwargs().items() if k != "max_denoising_steps"})
+        assert hcs_current_sparsity() == 0.7     # step 0 of a next canvas
+    assert hcs_current_sparsity() is None
     assert [h["step"] for h in proc.history] == list(range(5)) * 2
     assert [h["s"] for h in proc.history[:5]] == [0.7, 0.7, 0.7, 0.3, 0.3]
 
@@ -411,3 +416,10 @@ def test_dial_drives_temperature_nucleus_and_retention(model):
     n = cache.layers[1].keys.shape[2]
     assert rows[1]["retained_tokens"] == RetentionConfig().retained_count(n, 0.8 * ctl.attention_budget(0.7))
     assert rows[1]["retained_tokens"] < RetentionConfig().retained_count(n, 0.8)
+    hcs.disable_creative_sparse(model)
+
+    # generate on a model with retention: a dial its processor published ends with the call
+    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.8, delay_step=1))
+    set_current_sparsity(None)
+    generate(model, ids, logits_processor=LogitsProcessorList([hcs.DiffusionDialProcessor(5)]), t_min=None, t_max=None)
+    assert hcs_current_sparsity() is None
