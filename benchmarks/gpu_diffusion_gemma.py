@@ -145,7 +145,7 @@ class Timer:
 def context_kv_bytes(model: Any, cache: Any, device: torch.device) -> int:
     """K/V bytes of the context on ``device``: the cache's tensors there plus the compact copies."""
     total = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-                if isinstance(t, torch.Tensor) and t.device == device)
+                if isinstance(t, torch.Tensor) and t.device.type == device.type)  # cuda == cuda:0
     handle = getattr(model, HANDLE_ATTR, None)
     if handle is not None:
         total += sum(t.numel() * t.element_size() for rows in handle.runtime.stores.values()
