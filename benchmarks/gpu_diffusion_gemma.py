@@ -29,7 +29,8 @@ the repository root:
         --target /tmp/site .whl/transformers-5.24.0-py3-none-any.whl .whl/regex-*.whl \
       && PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_diffusion_gemma.py
 
-Logs (JSON with every number, the markdown table) go to $OUT when it is set. ``--tiny``
+It first runs tests/test_diffusion_gemma.py (with the GPU offload test) and prints its exit
+status. Logs (JSON with every number, the markdown table) go to $OUT when it is set. ``--tiny``
 runs the same code on a tiny random model on the CPU (checks the script, not speed);
 ``--layers N`` keeps the released attention shapes with fewer layers.
 """
@@ -228,7 +229,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps per canvas (default 48)")
     parser.add_argument("--canvases", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=2048, help="prefill chunk")
+    parser.add_argument("--skip-tests", action="store_true", help="skip tests/test_diffusion_gemma.py first")
     args = parser.parse_args()
+
+    if not args.skip_tests:  # correctness first: the CPU tests and, on a GPU, the offload test
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               os.path.join(root, "tests", "test_diffusion_gemma.py")], cwd=root)
+        print(f"tests/test_diffusion_gemma.py: exit status {done.returncode}", flush=True)
 
     import transformers
 

@@ -169,6 +169,7 @@ class RetentionReport:
 
 @dataclass
 class _Offloaded:
+    layer: Any  # the cache layer the tensors belong to (restored there, whatever cache a call passes)
     keys: torch.Tensor
     values: torch.Tensor
     device: torch.device
@@ -239,18 +240,17 @@ class RetentionRuntime:
         self.step += 1
 
     # -- offloading --------------------------------------------------------------------------
-    def ensure_full(self, layer_idx: int, cache: Any) -> None:
+    def ensure_full(self, layer_idx: int) -> None:
+        """Bring layer ``layer_idx``'s full context KV back to its device if it was offloaded."""
         entry = self.offloaded.pop(layer_idx, None)
-        if entry is None or cache is None:
-            return
-        layer = cache.layers[layer_idx]
-        layer.keys = entry.keys.to(entry.device, non_blocking=True)
-        layer.values = entry.values.to(entry.device, non_blocking=True)
+        if entry is not None:
+            entry.layer.keys = entry.keys.to(entry.device, non_blocking=True)
+            entry.layer.values = entry.values.to(entry.device, non_blocking=True)
 
     def offload(self, layer_idx: int, cache: Any, device: str) -> None:
         layer = cache.layers[layer_idx]
-        target = torch.device(device)
-        if layer_idx in self.offloaded or layer.keys.device == target:
+        target, here = torch.device(device), layer.keys.device
+        if layer_idx in self.offloaded or (target.type == here.type and target.index in (None, here.index)):
             return
         pin = target.type == "cpu" and layer.keys.is_cuda
         moved = []
@@ -258,15 +258,13 @@ class RetentionRuntime:
             host = torch.empty(t.shape, dtype=t.dtype, device=target, pin_memory=pin)
             host.copy_(t, non_blocking=pin)
             moved.append(host)
-        self.offloaded[layer_idx] = _Offloaded(moved[0], moved[1], layer.keys.device)
+        self.offloaded[layer_idx] = _Offloaded(layer, moved[0], moved[1], layer.keys.device)
         self.stats[layer_idx].offloaded_bytes = sum(t.numel() * t.element_size() for t in moved)
         layer.keys, layer.values = moved  # the device copies are freed here
 
     def restore_all(self) -> None:
-        if self.cache is not None:
-            for idx in list(self.offloaded):
-                self.ensure_full(idx, self.cache)
-        self.offloaded.clear()
+        for idx in list(self.offloaded):
+            self.ensure_full(idx)
 
     # -- the attention layer -------------------------------------------------------------------
     def attention(self, module: torch.nn.Module, original: Callable[..., Any], hidden_states: torch.Tensor,
@@ -280,14 +278,14 @@ class RetentionRuntime:
         sparse_rows = [b for b, p in enumerate(phases) if p != "dense"]
         if cache is None or not sparse_rows:
             stats.dense_steps += 1
-            self.ensure_full(idx, cache)
+            self.ensure_full(idx)
             return original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)
 
         start = time.perf_counter()
         dense_rows = [b for b, p in enumerate(phases) if p == "dense"]
         out = None
         if dense_rows:  # exact for them: the original forward over the whole batch
-            self.ensure_full(idx, cache)
+            self.ensure_full(idx)
             out = original(hidden_states, position_embeddings, attention_mask, cache=cache, **kwargs)[0].clone()
         every_row = len(sparse_rows) == batch  # the common case: no index tensors (no host-device copies)
         cos, sin = position_embeddings
@@ -345,7 +343,7 @@ class RetentionRuntime:
     def _select(self, module: torch.nn.Module, idx: int, cache: Any, attention_mask: Any, q: torch.Tensor,
                 sparse_rows: list[int], selecting: list[int], configs: list[RetentionConfig],
                 store: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int) -> None:
-        self.ensure_full(idx, cache)
+        self.ensure_full(idx)
         layer = cache.layers[idx]
         full_k, full_v = layer.keys, layer.values
         context = full_k.shape[2]
