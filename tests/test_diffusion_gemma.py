@@ -304,26 +304,39 @@ def test_cache_memory_falls_by_retained_share_and_offload_is_lossless(model):
 
 @pytest.mark.cuda
 def test_offload_moves_the_full_context_off_the_gpu_and_back():
+    import copy
+
     model = tiny_model(torch.float32).cuda()
-    ids = torch.randint(3, 110, (2, PROMPT), device="cuda")
-    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1))
-    kept_in_place = generate(model, ids)
-    hcs.disable_creative_sparse(model)
-    hcs.enable_creative_sparse(model, retention=RetentionConfig(retention_ratio=0.5, delay_step=1, offload_to="cpu"))
-    runtime = getattr(model, HANDLE_ATTR).runtime
-    moved, devices = [], []
-    hook = model.model.decoder.register_forward_hook(
-        lambda *a: (moved.append(len(runtime.offloaded)), devices.append(runtime.cache.layers[1].keys.device.type)))
-    offloaded = generate(model, ids)
-    hook.remove()
-    assert moved == [0, 2, 2, 2, 2] * 2          # both layers wait off the GPU after the first sparse step
-    assert devices == ["cuda", "cpu", "cpu", "cpu", "cpu"] * 2
-    assert not runtime.offloaded                  # the returned cache is whole and back on the GPU
-    assert torch.equal(offloaded.sequences, kept_in_place.sequences)
-    for a, b in zip(offloaded.cache.layers, kept_in_place.cache.layers):
-        assert a.keys.is_cuda and torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
-    assert all(r["offloaded_mb"] > 0 for r in hcs.sparsity_report(model).rows)
-    hcs.disable_creative_sparse(model)
+    _, canvas, cache = encode(model.cpu(), batch=2)   # the same context, built on the CPU, then moved
+    model.cuda()
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys.cuda(), layer.values.cuda()
+    canvas = canvas.cuda()
+    nxt = torch.randint(3, 110, (2, CANVAS), device="cuda")
+    runs = {}
+    for name, cfg in (("in place", RetentionConfig(retention_ratio=0.5, delay_step=1)),
+                      ("offload", RetentionConfig(retention_ratio=0.5, delay_step=1, offload_to="cpu"))):
+        c = copy.deepcopy(cache)
+        hcs.enable_creative_sparse(model, retention=cfg)
+        runtime = getattr(model, HANDLE_ATTR).runtime
+        logits, where = [], []
+        for _ in range(4):
+            logits.append(decode(model, canvas, c))
+            where.append((len(runtime.offloaded), c.layers[1].keys.device.type))
+        with torch.no_grad():  # the canvas is accepted: the encoder appends it to the full cache
+            model.model.encoder(input_ids=nxt, cache=c,
+                                position_ids=torch.arange(PROMPT, PROMPT + CANVAS, device="cuda").unsqueeze(0))
+        where.append((len(runtime.offloaded), c.layers[1].keys.device.type))
+        report = hcs.sparsity_report(model).rows
+        hcs.disable_creative_sparse(model)
+        runs[name] = (logits, where, c, report)
+    assert runs["in place"][1] == [(0, "cuda")] * 5
+    assert runs["offload"][1] == [(0, "cuda"), (2, "cpu"), (2, "cpu"), (2, "cpu"), (0, "cuda")]
+    for a, b in zip(runs["in place"][0], runs["offload"][0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    for a, b in zip(runs["in place"][2].layers, runs["offload"][2].layers):
+        torch.testing.assert_close(a.keys, b.keys, rtol=1e-4, atol=1e-4)
+    assert all(r["offloaded_mb"] > 0 for r in runs["offload"][3])
 
 
 def test_bad_input_leaves_the_model_unchanged(model):
