@@ -358,6 +358,35 @@ def _attend(layer_state: LayerState, query: torch.Tensor, key: torch.Tensor, val
     return layer_state.attend(query, key, value, layout="NHD", is_causal=is_causal, scale=scale, key_padding_mask=kpm)
 
 
+def drop_replicated_keys(key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None, world: int,
+                         len_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values that every Ulysses rank held in full, as one copy.
+
+    A model's context-parallel plan may leave the text unsplit (Wan: the cross-attention's
+    keys are the same 512 text tokens on every rank); the Ulysses all-to-all then gathers
+    ``world`` identical copies of them. Attending over identical copies gives the same
+    softmax as over one, but a block-sparse budget would count, and might drop, whole
+    copies, and a short text would no longer look short to the dense-fallback policy. So
+    when the gathered (B, Sk, H, D) key and value are ``world`` identical chunks (checked
+    exactly), the first chunk is kept (and the mask's matching part). Self-attention
+    (Sk == Sq) is left alone.
+    """
+    len_k = key.shape[1]
+    if world < 2 or len_k == len_q or len_k % world:
+        return key, value, attn_mask
+    chunk = len_k // world
+    for x in (key, value):
+        first = x[:, :chunk]
+        if not all(torch.equal(first, x[:, i * chunk:(i + 1) * chunk]) for i in range(1, world)):
+            return key, value, attn_mask
+    if attn_mask is not None:
+        first = attn_mask[..., :chunk]
+        if not all(torch.equal(first, attn_mask[..., i * chunk:(i + 1) * chunk]) for i in range(1, world)):
+            return key, value, attn_mask
+        attn_mask = first
+    return key[:, :chunk], value[:, :chunk], attn_mask
+
+
 def _ulysses_forward_op(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool, scale: float | None,
                         enable_gqa: bool, return_lse: bool, _save_ctx: bool = True,
@@ -377,6 +406,7 @@ def _ulysses_forward_op(ctx: Any, query: torch.Tensor, key: torch.Tensor, value:
     if stop - start != query.shape[2]:
         raise ValueError(f"Ulysses rank {rank} of {world} holds {query.shape[2]} heads, expected heads "
                          f"[{start}, {stop}) of {num_heads}")
+    key, value, attn_mask = drop_replicated_keys(key, value, attn_mask, world, query.shape[1])
     return _attend(layer.for_heads(start, stop, num_heads), query, key, value, attn_mask, dropout_p, is_causal,
                    scale, enable_gqa)
 
@@ -650,6 +680,6 @@ def enable_diffusers_backend(
 
 __all__ = [
     "BACKEND_NAME", "SUPPORTED_DIFFUSERS", "BackendLayer", "backend_layers", "DiffusersBackendPatch", "check_diffusers_version",
-    "creative_sparse_attention", "default_state", "enable_diffusers_backend", "key_padding_mask_from",
+    "creative_sparse_attention", "default_state", "drop_replicated_keys", "enable_diffusers_backend", "key_padding_mask_from",
     "register_diffusers_backend", "shard_config", "ulysses_head_range",
 ]

@@ -123,6 +123,13 @@ def _ulysses_vs_single(rank: int) -> dict:
                 hcs.enable_diffusers_backend(model, config)
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
             cp = model(**inputs)[0]
+            # the cross-attention's unsplit text reaches the kernel once, not once per rank
+            text_lengths: list[int] = []
+            db.backend_layers(model)["blocks.0.attn2"].active_state().add_hook(
+                lambda call: text_lengths.append(call.inputs.len_k))
+            again = model(**inputs)[0]
+        report[f"{kind}_text_lengths"] = text_lengths
+        report[f"{kind}_repeat_diff"] = float((again - cp).abs().max())
         layer = db.backend_layers(model)["blocks.0.attn1"]
         report[kind] = dict(
             diff=float((cp - single).abs().max()), scale=float(single.abs().max()),
@@ -145,6 +152,8 @@ def test_ulysses_two_ranks_match_one_process() -> None:
         assert r["sparse"]["shard_topk"] == pytest.approx(TOPK[2 * rank:2 * rank + 2])
         assert r["dense"]["cp_kept"] == 1.0
         assert r["dense_vs_native"] <= TOL
+        assert r["sparse_text_lengths"] == r["dense_text_lengths"] == [12]
+        assert r["sparse_repeat_diff"] == 0.0
     # each rank's kept fraction is its heads' share; together they are the one-process mean
     kept = [results[rank]["sparse"]["cp_kept"] for rank in (0, 1)]
     assert kept[0] < kept[1]

@@ -188,6 +188,22 @@ def test_head_shard_state_runs_its_heads_with_their_budgets() -> None:
     assert sorted(layer.shards) == [(0, 2), (2, 4)]
 
 
+def test_replicated_keys_are_attended_once() -> None:
+    """Wan's unsplit text gathered by Ulysses 2: two identical copies become one."""
+    q, k, v = _qkv(b=1, s=300, d=16)
+    text_k, text_v = k[:, :40], v[:, :40]
+    key, value = torch.cat([text_k, text_k], 1), torch.cat([text_v, text_v], 1)
+    mask = torch.ones(1, 80, dtype=torch.bool)
+    k1, v1, m1 = db.drop_replicated_keys(key, value, mask, 2, len_q=300)
+    assert torch.equal(k1, text_k) and torch.equal(v1, text_v) and m1.shape == (1, 40)
+    # the same softmax over one copy as over both
+    assert torch.allclose(_sdpa64(q, k1, v1), _sdpa64(q, key, value), atol=1e-10)
+    different = torch.cat([text_k, text_k + 1e-3], 1)
+    assert db.drop_replicated_keys(different, value, None, 2, len_q=300)[0] is different
+    assert db.drop_replicated_keys(key, value, None, 2, len_q=80)[0] is key  # self-attention: left alone
+    assert db.drop_replicated_keys(key, value, None, 3, len_q=300)[0] is key  # 80 keys do not split in 3
+
+
 # -- whole models -----------------------------------------------------------------------------
 
 
