@@ -328,12 +328,12 @@ def main() -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| context | variant | tokens/s | x unpatched | attention ms | attention x | attention share | "
-             "decode x allowed (Amdahl) | peak MB | context KV on GPU MB | attn rel L1 mean / max |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| context | variant | tokens/s | x unpatched | decoder x | attention ms | attention x | attention share | "
+             "decoder x allowed (Amdahl) | peak MB | context KV on GPU MB | attn rel L1 mean / max |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, row in results["contexts"].items():
         if "error" in row:
-            lines.append(f"| {n} | error: {row['error'][:60]} |||||||||")
+            lines.append(f"| {n} | error: {row['error'][:60]} ||||||||||")
             continue
         un = row["variants"]["unpatched"]
         for name, r in row["variants"].items():
@@ -344,10 +344,11 @@ def markdown(results: dict[str, Any]) -> str:
             l1 = row["l1"].get(key)
             l1_text = f"{sum(l1) / len(l1):.3f} / {max(l1):.3f}" if l1 else "-"
             lines.append(f"| {n} | {name} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / un['tokens_per_s']:.2f} | "
+                         f"{un['decoder_ms'] / r['decoder_ms']:.2f} | "
                          f"{r['attention_ms']:.0f} | {attn_x:.2f} | {100 * r['attention_share']:.0f}% | "
                          f"{allowed:.2f} | {r['peak_mb']:.0f} | {r['context_kv_mb']:.1f} | {l1_text} |")
         lines.append(f"| {n} | prefill {row['prefill_s']:.2f} s (not in tokens/s); retention 1.0 "
-                     f"{'bit-identical' if row['ratio1_identical'] else 'DIFFERS'} |||||||||")
+                     f"{'bit-identical' if row['ratio1_identical'] else 'DIFFERS'} ||||||||||")
     return "\n".join(lines)
 
 
