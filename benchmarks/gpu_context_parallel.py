@@ -123,7 +123,12 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, freq_dim=256,
                                       num_layers=args.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
                                       eps=1e-6, rope_max_seq_len=1024, **sizes)
-    model = model.to(dtype).eval()
+    # cast as from_pretrained(torch_dtype=...) does: _keep_in_fp32_modules stay float32
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not keep.intersection(name.split(".")):
+            tensor.data = tensor.data.to(dtype)
+    model.eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn1.to_k.weight.copy_(block.attn1.to_q.weight)
@@ -152,13 +157,16 @@ def sync(device: torch.device) -> None:
 
 
 def time_forwards(model: torch.nn.Module, inputs: dict, args: argparse.Namespace, device: torch.device,
-                  group: Any) -> tuple[float, torch.Tensor]:
+                  group: Any, after_warmup: Callable[[], None] | None = None) -> tuple[float, torch.Tensor]:
     """Median over ``--iters`` of the slowest participating rank's forward time (ms), and
-    the output of the last forward. ``group`` None: this rank alone."""
+    the output of the last forward. ``group`` None: this rank alone. ``after_warmup`` runs
+    between the warm-up and the timed forwards (e.g. to reset statistics)."""
     out = None
     with torch.no_grad():
         for _ in range(args.warmup):
             out = model(**inputs)[0]
+        if after_warmup is not None:
+            after_warmup()
         times = []
         for _ in range(args.iters):
             sync(device)
@@ -238,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     outputs: dict[str, torch.Tensor] = {}
 
     def run(name: str, gpus: int, group: Any, sparse: bool) -> None:
+        handle = None
         if sparse:
-            hcs.enable_diffusers_backend(model, config)
+            handle = hcs.enable_diffusers_backend(model, config)
         else:
             model.set_attention_backend(dense_backend)
-        ms, out = time_forwards(model, inputs, args, device, group)
+        ms, out = time_forwards(model, inputs, args, device, group,
+                                after_warmup=handle.reset_stats if handle is not None else None)
         row: dict[str, Any] = dict(variant=name, gpus=gpus, forward_ms=ms, finite=bool(torch.isfinite(out).all()))
         if sparse:
-            row["attention_ms"], row["kept"] = attention_ms(model, args.warmup + args.iters)
+            row["attention_ms"], row["kept"] = attention_ms(model, args.iters)
             errors = measure_l1(model, inputs)
             if gpus > 1:
                 errors = gather_floats(errors, device)
