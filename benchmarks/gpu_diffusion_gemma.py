@@ -328,7 +328,8 @@ def main() -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["| context | variant | tokens/s | x unpatched | decoder x | attention ms | attention x | attention share | "
+    lines = ["| context | variant | tokens/s | x unpatched | decoder x | attention ms | attention x | "
+             "attention share | "
              "decoder x allowed (Amdahl) | peak MB | context KV on GPU MB | attn rel L1 mean / max |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, row in results["contexts"].items():

@@ -98,7 +98,8 @@ class DiffusionDialProcessor(LogitsProcessor):
                              "got None")
         remaining = int(cur_step)
         if not 1 <= remaining <= self.max_denoising_steps:
-            raise ValueError(f"cur_step must be in [1, max_denoising_steps={self.max_denoising_steps}], got {remaining}; "
+            raise ValueError(f"cur_step must be in [1, max_denoising_steps={self.max_denoising_steps}], "
+                             f"got {remaining}; "
                              "was the processor built with generate's max_denoising_steps?")
         step = self.max_denoising_steps - remaining
         cp = self.control_at_step(step)

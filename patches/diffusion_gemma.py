@@ -27,13 +27,13 @@ Example:
     >>> import hf_creative_sparse as hcs
     >>> handle = hcs.enable_creative_sparse(model, retention=hcs.RetentionConfig(retention_ratio=0.5))  # doctest: +SKIP
     >>> out = model.generate(input_ids=ids, max_new_tokens=64)                                          # doctest: +SKIP
-    >>> print(hcs.sparsity_report(model))   # per layer: retained tokens, dense/sparse steps, memory saved  # doctest: +SKIP
+    >>> print(hcs.sparsity_report(model))   # per layer: retained tokens, steps, MB saved  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -149,7 +149,8 @@ class RetentionReport:
         header = ("layer", "type", "dense", "sparse", "context", "retained", "share", "saved MB", "offloaded MB")
         lines = [header]
         for r in self.rows:
-            lines.append((r["layer"], r["type"], str(r["dense_steps"]), str(r["sparse_steps"]), f"{r['context_tokens']:.1f}",
+            lines.append((r["layer"], r["type"], str(r["dense_steps"]), str(r["sparse_steps"]),
+                          f"{r['context_tokens']:.1f}",
                           f"{r['retained_tokens']:.1f}", f"{r['retained_share']:.3f}", f"{r['memory_saved_mb']:.2f}",
                           f"{r['offloaded_mb']:.2f}"))
         lines.append(("total", "", str(sum(r["dense_steps"] for r in self.rows)),
@@ -158,7 +159,8 @@ class RetentionReport:
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
         out = []
         for n, row in enumerate(lines):
-            out.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            cells = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            out.append("  ".join(cells).rstrip())
             if n == 0 or n == len(lines) - 2:
                 out.append("  ".join("-" * w for w in widths))
         return "\n".join(out)

@@ -106,7 +106,8 @@ def test_saliency_hand_computed():
     assert per_head.tolist() == [[[2.0, 4.0, 1.0, 0.0]]]                # max over the group
     pooled = saliency_scores(q, k, head_select=False, pool_kernel=3)
     assert pooled.tolist() == [[[4.0, 4.0, 4.0, 1.5]]]
-    masked = saliency_scores(q, k, head_select=False, pool_kernel=1, attendable=torch.tensor([[True, False, True, True]]))
+    masked = saliency_scores(q, k, head_select=False, pool_kernel=1,
+                             attendable=torch.tensor([[True, False, True, True]]))
     assert select_retained(masked, 2).tolist() == [[[0, 2]]]
     kk = torch.arange(8.0).view(1, 1, 4, 2)
     kc, vc = compact_kv(kk, kk + 100, torch.tensor([[[1, 3]]]))
