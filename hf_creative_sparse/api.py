@@ -313,6 +313,11 @@ def enable_creative_sparse(
     if retention is not None:  # diffusion LMs: context KV retention (hf_creative_sparse/retention.py)
         from .retention import enable_retention
 
+        extra = [n for n, v in (("config", config), ("schedule", schedule), ("calibration", calibration),
+                                ("options", options), ("allow_other_model", allow_other_model or None)) if v is not None]
+        if extra:
+            raise ValueError(f"retention= runs alone: {', '.join(extra)} would be ignored (the dial over denoising "
+                             "steps is hcs.DiffusionDialProcessor)")
         return enable_retention(pipe_or_model, retention)
     if not isinstance(allow_other_model, bool):
         raise TypeError(f"allow_other_model must be a bool, got {type(allow_other_model).__name__}")

@@ -354,6 +354,9 @@ def test_bad_input_leaves_the_model_unchanged(model):
         with pytest.raises(err, match=match):
             hcs.enable_creative_sparse(model, retention=bad)
         assert untouched()
+    with pytest.raises(ValueError, match="retention= runs alone: schedule"):
+        hcs.enable_creative_sparse(model, retention=0.5, schedule=hcs.TwoStageSchedule())
+    assert untouched()
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64)).eval()
     with pytest.raises(ValueError, match="retention= supports DiffusionGemma.*GPT2LMHeadModel"):
         hcs.enable_creative_sparse(gpt2, retention=0.5)
