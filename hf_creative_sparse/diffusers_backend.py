@@ -261,11 +261,22 @@ class BackendLayer:
 
     Under Ulysses a rank attends over a head range of the layer; `for_heads` gives the
     state whose config is sliced to that range (same name, schedule, clock and options).
+    ``heads`` is the module's q head count when known (needed under "Ulysses anything",
+    where a rank's share does not tell the total).
     """
 
-    def __init__(self, state: LayerState) -> None:
+    def __init__(self, state: LayerState, heads: int | None = None) -> None:
         self.state = state
+        self.heads = heads
         self.shards: dict[tuple[int, int], LayerState] = {}
+
+    def total_heads(self) -> int | None:
+        """The layer's q heads: the length of its config's per-head tensors, else ``heads``."""
+        for f in dataclasses.fields(self.state.config):
+            value = getattr(self.state.config, f.name)
+            if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
+                return int(value.numel())
+        return self.heads
 
     def for_heads(self, start: int, stop: int, num_heads: int) -> LayerState:
         if (start, stop) == (0, num_heads):
@@ -398,26 +409,18 @@ def _ulysses_forward_op(ctx: Any, query: torch.Tensor, key: torch.Tensor, value:
     cp = _parallel_config.context_parallel_config
     world, rank = int(cp.ulysses_degree), int(cp._ulysses_local_rank)
     layer = _current_layer()
-    num_heads = query.shape[2] * world
-    anything = bool(getattr(cp, "ulysses_anything", False))
-    if anything:  # heads padded to a multiple of world; the layer says how many there are
-        num_heads = _layer_heads(layer, num_heads)
+    key, value, attn_mask = drop_replicated_keys(key, value, attn_mask, world, query.shape[1])
+    num_heads = layer.total_heads()
+    if num_heads is None:
+        if getattr(cp, "ulysses_anything", False):  # uneven shares; nothing per-head to slice either
+            return _attend(layer.state, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        num_heads = query.shape[2] * world
     start, stop = ulysses_head_range(num_heads, rank, world)
     if stop - start != query.shape[2]:
         raise ValueError(f"Ulysses rank {rank} of {world} holds {query.shape[2]} heads, expected heads "
                          f"[{start}, {stop}) of {num_heads}")
-    key, value, attn_mask = drop_replicated_keys(key, value, attn_mask, world, query.shape[1])
     return _attend(layer.for_heads(start, stop, num_heads), query, key, value, attn_mask, dropout_p, is_causal,
                    scale, enable_gqa)
-
-
-def _layer_heads(layer: BackendLayer, fallback: int) -> int:
-    """The layer's q head count from its config's per-head tensors, else ``fallback``."""
-    for f in dataclasses.fields(layer.state.config):
-        value = getattr(layer.state.config, f.name)
-        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() > 1:
-            return int(value.numel())
-    return fallback
 
 
 def _backward_op(ctx: Any, grad_out: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -511,7 +514,8 @@ class DiffusersBackendPatch(ModelPatch):
             raise ValueError(f"{type(self.model).__name__} has no attention module that goes through diffusers' "
                              "attention dispatch (CogVideoX, say, calls SDPA directly): use enable_creative_sparse")
         for name, module in modules:
-            layer = self._layers[name] = BackendLayer(self.make_state(name))
+            heads = getattr(module, "heads", None)
+            layer = self._layers[name] = BackendLayer(self.make_state(name), heads if isinstance(heads, int) else None)
             tokens: list[contextvars.Token] = []
 
             def enter(mod: torch.nn.Module, args: tuple, kwargs: dict, layer: BackendLayer = layer,

@@ -40,10 +40,10 @@ TOL = 1e-5
 TOPK = (0.2, 0.4, 0.6, 0.8)
 
 
-def _wan() -> torch.nn.Module:
+def _wan(heads: int = 4) -> torch.nn.Module:
     torch.manual_seed(0)
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8, in_channels=4, out_channels=4,
         text_dim=16, freq_dim=256, ffn_dim=32, num_layers=1, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
 
@@ -158,6 +158,36 @@ def test_ulysses_two_ranks_match_one_process() -> None:
     kept = [results[rank]["sparse"]["cp_kept"] for rank in (0, 1)]
     assert kept[0] < kept[1]
     assert sum(kept) / 2 == pytest.approx(results[0]["sparse"]["single_kept"], abs=1e-6)
+
+
+def _ulysses_anything(rank: int) -> dict:
+    """3 heads over 2 ranks ("Ulysses anything": rank 0 holds heads 0-1, rank 1 head 2),
+    per-head budgets given by a per-layer calibration mapping."""
+    topk = torch.tensor([0.2, 0.5, 0.8])
+    out: dict[str, Any] = {}
+    for kind in ("calibrated", "uniform"):  # per-head budgets, and none (nothing to slice)
+        model, inputs = _wan(heads=3), _inputs()
+        calibration = {"blocks.0.attn1": {"topk": topk}} if kind == "calibrated" else None
+        hcs.enable_diffusers_backend(model, _sparse_config().replace(topk=0.5), calibration=calibration)
+        with torch.no_grad():
+            single = model(**inputs)[0]
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2, ulysses_anything=True))
+            cp = model(**inputs)[0]
+        layer = db.backend_layers(model)["blocks.0.attn1"]
+        out[kind] = dict(diff=float((cp - single).abs().max()), shards=sorted(layer.shards),
+                         topk=layer.active_state().config.topk)
+    out["calibrated"]["topk"] = [float(x) for x in out["calibrated"]["topk"]]
+    return out
+
+
+def test_ulysses_anything_uneven_heads_follow_the_calibration() -> None:
+    results = _run_two_ranks(_ulysses_anything)
+    expected = {0: ((0, 2), [0.2, 0.5]), 1: ((2, 3), [0.8])}
+    for rank, (shard, topk) in expected.items():
+        r = results[rank]
+        assert r["calibrated"]["diff"] <= TOL and r["uniform"]["diff"] <= TOL, r
+        assert r["calibrated"]["shards"] == [shard] and r["calibrated"]["topk"] == pytest.approx(topk)
+        assert r["uniform"]["shards"] == [shard] and r["uniform"]["topk"] == 0.5
 
 
 def _ring(rank: int) -> dict:
