@@ -242,7 +242,8 @@ def shard_config(config: SparseAttentionConfig, start: int, stop: int, num_heads
     if not isinstance(config, SparseAttentionConfig):
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     if not 0 <= start < stop <= num_heads:
-        raise ValueError(f"head range must satisfy 0 <= start < stop <= num_heads, got [{start}, {stop}) of {num_heads}")
+        raise ValueError(f"head range must satisfy 0 <= start < stop <= num_heads, "
+                         f"got [{start}, {stop}) of {num_heads}")
     if (start, stop) == (0, num_heads):
         return config
     changes: dict[str, Any] = {}
@@ -683,7 +684,8 @@ def enable_diffusers_backend(
 
 
 __all__ = [
-    "BACKEND_NAME", "SUPPORTED_DIFFUSERS", "BackendLayer", "backend_layers", "DiffusersBackendPatch", "check_diffusers_version",
-    "creative_sparse_attention", "default_state", "drop_replicated_keys", "enable_diffusers_backend", "key_padding_mask_from",
-    "register_diffusers_backend", "shard_config", "ulysses_head_range",
+    "BACKEND_NAME", "SUPPORTED_DIFFUSERS", "BackendLayer", "DiffusersBackendPatch", "backend_layers",
+    "check_diffusers_version", "creative_sparse_attention", "default_state", "drop_replicated_keys",
+    "enable_diffusers_backend", "key_padding_mask_from", "register_diffusers_backend", "shard_config",
+    "ulysses_head_range",
 ]

@@ -275,3 +275,22 @@ def test_bad_targets_and_arguments() -> None:
         hcs.enable_diffusers_backend("wan")
     with pytest.raises(ValueError, match="not active"):
         db.backend_layers(model)
+
+
+@pytest.mark.cuda
+def test_cuda_backend_on_the_gpu_kernels() -> None:
+    """bf16 on the GPU, Wan's head size: dense config = SDPA; a per-head top-k config runs
+    the compiled kernel with the budget each head was given."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 4100, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ref = _sdpa64(q, k, v)
+    db.register_diffusers_backend(hcs.SparseAttentionConfig.dense(min_seq_len=0, backend="cuda"))
+    out = db.creative_sparse_attention(q, k, v)
+    assert (out.double() - ref).abs().max() < 2e-2
+    topk = torch.tensor([0.1, 0.2, 0.4, 0.8])
+    db.register_diffusers_backend(hcs.SparseAttentionConfig(topk=topk, simthreshd1=-1.0, backend="cuda"))
+    db.creative_sparse_attention(q, k, v)
+    stats = db.default_state().last_stats
+    assert stats.fallback_reason is None and stats.backend == "cuda"
+    kept = stats.block_mask.float().mean(dim=(0, 2, 3)).cpu()
+    assert torch.allclose(kept, topk, atol=0.02)
