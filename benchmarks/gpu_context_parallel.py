@@ -31,7 +31,9 @@ Variants (same weights and inputs; every rank runs the 1-GPU ones on its own GPU
 numbers are reported):
 
 * 1-GPU dense: diffusers' ``_native_cudnn`` backend (cuDNN SDPA);
-* 1-GPU sparse: ``hcs.enable_diffusers_backend`` (the ``creative_sparse`` backend);
+* 1-GPU sparse: ``hcs.enable_diffusers_backend`` (the ``creative_sparse`` backend), once
+  per ``--budgets`` entry (default: top-k 10% of the key blocks, and per-head budgets
+  measured to relative L1 0.03 where the config has ``target_l1``);
 * N-GPU dense: ``enable_parallelism(ContextParallelConfig(ulysses_degree=N))`` with
   ``_native_cudnn``;
 * N-GPU sparse: the same with ``creative_sparse`` (each rank: its heads, whole sequence).
@@ -75,13 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=None, help="latent frames (default 21)")
     p.add_argument("--height", type=int, default=None, help="latent height (default 60)")
     p.add_argument("--width", type=int, default=None, help="latent width (default 104)")
-    p.add_argument("--topk", type=float, default=0.1, help="kept fraction of key blocks (default 0.1)")
+    p.add_argument("--budgets", default="topk=0.1,target_l1=0.03",
+                   help="sparse budgets to run, comma-separated: topk=F (kept fraction of key blocks) and/or "
+                        "target_l1=E (per-head budgets measured to that error; skipped where the config lacks it); "
+                        "default topk=0.1,target_l1=0.03")
     p.add_argument("--qk-gain", type=float, default=1.5,
                    help="scale of the self-attention q/k RMSNorm weights (default 1.5; see above)")
     p.add_argument("--simthreshd1", type=float, default=-1.0,
-                   help="self-similarity threshold (default -1: top-k alone decides)")
-    p.add_argument("--target-l1", type=float, default=None,
-                   help="error-targeted budgets instead of --topk (needs SparseAttentionConfig(target_l1=))")
+                   help="self-similarity threshold (default -1: the budget alone decides)")
     p.add_argument("--backend", default="auto", help="creative_sparse kernel backend (default auto)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -95,17 +98,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def sparse_config(args: argparse.Namespace) -> hcs.SparseAttentionConfig:
-    kwargs: dict[str, Any] = dict(simthreshd1=args.simthreshd1, backend=args.backend)
+def sparse_configs(args: argparse.Namespace) -> dict[str, hcs.SparseAttentionConfig]:
+    """Budget label ("topk=0.1") -> config, for each of ``--budgets`` this checkout has."""
+    base: dict[str, Any] = dict(simthreshd1=args.simthreshd1, backend=args.backend)
     if args.tiny:
-        kwargs.update(min_seq_len=0, backend="reference" if args.backend == "auto" else args.backend)
-    if args.target_l1 is not None:
-        if "target_l1" not in hcs.SparseAttentionConfig.__dataclass_fields__:
-            raise SystemExit("--target-l1 needs SparseAttentionConfig(target_l1=...), which this checkout lacks")
-        kwargs["target_l1"] = args.target_l1
-    else:
-        kwargs["topk"] = args.topk
-    return hcs.SparseAttentionConfig(**kwargs)
+        base.update(min_seq_len=0, backend="reference" if args.backend == "auto" else args.backend)
+    configs = {}
+    for spec in filter(None, (x.strip() for x in args.budgets.split(","))):
+        name, _, value = spec.partition("=")
+        if name not in ("topk", "target_l1") or not value:
+            raise SystemExit(f"--budgets: expected topk=F or target_l1=E, got {spec!r}")
+        if name not in hcs.SparseAttentionConfig.__dataclass_fields__:
+            print(f"skipping {spec}: SparseAttentionConfig has no {name} in this checkout", flush=True)
+            continue
+        configs[spec] = hcs.SparseAttentionConfig(**base, **{name: float(value)})
+    if not configs:
+        raise SystemExit("--budgets: nothing to run")
+    return configs
 
 
 def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -252,12 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, device, dtype)
     inputs = build_inputs(args, device, dtype)
     tokens = args.frames * (args.height // 2) * (args.width // 2)
-    config = sparse_config(args)
+    configs = sparse_configs(args)
     dense_backend = "_native_cudnn" if use_cuda else "native"
     results: dict[str, dict[str, Any]] = {}
     outputs: dict[str, torch.Tensor] = {}
 
-    def run(name: str, gpus: int, group: Any, sparse: bool) -> None:
+    def run(name: str, gpus: int, group: Any, config: hcs.SparseAttentionConfig | None) -> None:
+        sparse = config is not None
         handle = None
         if sparse:
             handle = hcs.enable_diffusers_backend(model, config)
@@ -265,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             model.set_attention_backend(dense_backend)
         ms, out = time_forwards(model, inputs, args, device, group,
                                 after_warmup=handle.reset_stats if handle is not None else None)
-        row: dict[str, Any] = dict(variant=name, gpus=gpus, forward_ms=ms, finite=bool(torch.isfinite(out).all()))
+        row: dict[str, Any] = dict(variant=name, gpus=gpus, forward_ms=ms, finite=bool(torch.isfinite(out).all()),
+                                   budget=name.split(" ", 2)[2] if sparse else None)
         if sparse:
             row["attention_ms"], row["kept"] = attention_ms(model, args.iters)
             errors = measure_l1(model, inputs)
@@ -278,30 +289,30 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(json.dumps(row), flush=True)
 
-    run("1-GPU dense", 1, None, sparse=False)
-    run("1-GPU sparse", 1, None, sparse=True)
+    run("1-GPU dense", 1, None, None)
+    for budget, config in configs.items():
+        run(f"1-GPU sparse {budget}", 1, None, config)
     dist.barrier()
     model.set_attention_backend(dense_backend)
     model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
-    run(f"{world}-GPU dense", world, dist.group.WORLD, sparse=False)
-    run(f"{world}-GPU sparse", world, dist.group.WORLD, sparse=True)
+    run(f"{world}-GPU dense", world, dist.group.WORLD, None)
+    for budget, config in configs.items():
+        run(f"{world}-GPU sparse {budget}", world, dist.group.WORLD, config)
 
-    cp_dense = rel_l1(outputs[f"{world}-GPU dense"], outputs["1-GPU dense"])
-    cp_sparse = rel_l1(outputs[f"{world}-GPU sparse"], outputs["1-GPU sparse"])
-    checks = {
-        "finite outputs": all(r["finite"] for r in results.values()),
-        f"{world}-GPU dense = 1-GPU dense (rel L1 {cp_dense:.2e} <= {args.cp_tol})": cp_dense <= args.cp_tol,
-        f"{world}-GPU sparse = 1-GPU sparse (rel L1 {cp_sparse:.2e} <= {args.cp_tol})": cp_sparse <= args.cp_tol,
-    }
+    checks = {"finite outputs": all(r["finite"] for r in results.values())}
+    for kind in ["dense", *(f"sparse {b}" for b in configs)]:
+        diff = rel_l1(outputs[f"{world}-GPU {kind}"], outputs[f"1-GPU {kind}"])
+        checks[f"{world}-GPU {kind} = 1-GPU {kind} (rel L1 {diff:.2e} <= {args.cp_tol})"] = diff <= args.cp_tol
     ok = all(checks.values())
     if rank == 0:
-        table = format_table(results, world, args, tokens, config)
+        table = format_table(results, world, args, tokens, next(iter(configs.values())).backend)
         print(table)
         for name, passed in checks.items():
             print(f"{'PASS' if passed else 'FAIL'}: {name}")
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], "gpu_context_parallel.json"), "w") as f:
-                json.dump(dict(args=vars(args), config=config.to_dict(), results=results, checks=checks,
+                json.dump(dict(args=vars(args), configs={b: c.to_dict() for b, c in configs.items()},
+                               results=results, checks=checks,
                                device=torch.cuda.get_device_name(device) if use_cuda else "cpu",
                                torch=torch.__version__), f, indent=2)
             with open(os.path.join(os.environ["OUT"], "gpu_context_parallel.md"), "w") as f:
@@ -311,18 +322,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def format_table(results: dict[str, dict], world: int, args: argparse.Namespace, tokens: int,
-                 config: hcs.SparseAttentionConfig) -> str:
-    base = results["1-GPU sparse"]["forward_ms"]
+                 backend: str) -> str:
     dense = {1: results["1-GPU dense"]["forward_ms"], world: results[f"{world}-GPU dense"]["forward_ms"]}
-    budget = f"target_l1={args.target_l1}" if args.target_l1 is not None else f"topk={args.topk}"
     lines = [f"Wan-480p-shaped transformer, {args.layers} blocks, {tokens} video tokens, Ulysses {world}; "
-             f"q/k gain {args.qk_gain}; creative_sparse {budget}, simthreshd1={args.simthreshd1}, "
-             f"backend={config.backend}",
+             f"q/k gain {args.qk_gain}; creative_sparse simthreshd1={args.simthreshd1}, backend={backend}",
              "",
-             "| variant | GPUs | forward ms | attention ms | kept | attn L1 mean / max | vs 1-GPU sparse | "
-             "vs dense, same GPUs |",
+             "| variant | GPUs | forward ms | attention ms | kept | attn L1 mean / max | vs 1-GPU, same "
+             "attention | vs dense, same GPUs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in results.values():
+        same = "1-GPU dense" if r["budget"] is None else f"1-GPU sparse {r['budget']}"
+        base = results[same]["forward_ms"]
         attn = f"{r['attention_ms']:.1f}" if "attention_ms" in r else "-"
         kept = f"{r['kept']:.3f}" if "kept" in r else "1.000"
         l1 = f"{r['l1_mean']:.4f} / {r['l1_max']:.4f}" if "l1_mean" in r else "0"
