@@ -41,14 +41,16 @@ DEFAULT_SIMTHRESHD1 = 0.6
 Threshold = "float | torch.Tensor"
 
 
-def _check_threshold(name: str, value: Any, low: float, high: float, *, allow_inf: bool = False) -> None:
-    """Validate a scalar or per-head 1-D tensor threshold lies in [low, high]."""
+def _check_threshold(name: str, value: Any, low: float, high: float, *, allow_inf: bool = False,
+                     allow_rows: bool = False) -> None:
+    """Validate a scalar or per-head 1-D tensor threshold lies in [low, high] (with
+    ``allow_rows`` also a [B, Hq, Mq] tensor of per-query-block values)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a 1-D per-head tensor, got bool")
     if isinstance(value, (int, float)):
         values = [float(value)]
     elif isinstance(value, torch.Tensor):
-        if value.dim() > 1:
+        if value.dim() > 1 and not (allow_rows and value.dim() == 3):
             raise ValueError(f"{name} must be a scalar or a 1-D per-head tensor, got shape {tuple(value.shape)}")
         if value.is_complex() or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"{name} must hold real numbers, got dtype {value.dtype}")
@@ -141,7 +143,7 @@ class SparseAttentionConfig:
         if self.cdfthreshd is not None:
             _check_threshold("cdfthreshd", self.cdfthreshd, 0.0, 1.0)
         if self.topk is not None:
-            _check_threshold("topk", self.topk, 0.0, 1.0)
+            _check_threshold("topk", self.topk, 0.0, 1.0, allow_rows=True)
             vals = self.topk.flatten().tolist() if isinstance(self.topk, torch.Tensor) else [self.topk]
             if any(float(x) <= 0.0 for x in vals):
                 raise ValueError(f"topk must lie in (0, 1], got {self.topk}")
@@ -262,6 +264,8 @@ class SparseStats:
             target gave (None without a target).
         estimated_l1: relative L1 error against dense over the sampled rows at those
             budgets (None without a target).
+        budgets: float32 [B, H, Mq] kept-fraction budget per query block that the target
+            gave (what a call site's cache reuses; None without a target).
         compensated: skipped blocks entered the softmax as pooled tokens.
         compensation_note: why compensation was not applied although asked for by default.
     """
@@ -276,6 +280,7 @@ class SparseStats:
     target_l1: float | None = None
     head_budgets: torch.Tensor | None = field(default=None, repr=False)
     estimated_l1: float | None = None
+    budgets: torch.Tensor | None = field(default=None, repr=False)
     compensated: bool = False
     compensation_note: str | None = None
 

@@ -44,6 +44,7 @@ import torch
 from .config import SparseAttentionConfig, SparseStats
 from .ops.attention import sparse_attention_inputs
 from .ops.estimate import estimate_budgets
+from .ops.gpu_policy import explicit_budget_reason
 from .ops.masks import block_scores
 from .ops.dense import dense_attention
 from .ops.inputs import AttentionInputs, attention_inputs
@@ -446,6 +447,9 @@ class LayerState:
         warm-up step) and keep them for the next steps."""
         if inp.len_k < cfg.min_seq_len or cfg.backend == "sdpa":
             return  # this layer's calls run dense anyway: nothing to budget
+        if inp.q.is_cuda and cfg.backend == "auto" and \
+                explicit_budget_reason(inp, 0.0, self.options.refresh) is not None:
+            return  # no budget can pay at this size on the GPU: its calls run dense
         with torch.no_grad():
             scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
                                   dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
@@ -457,7 +461,8 @@ class LayerState:
     def _store_budgets(self, head_budgets: torch.Tensor, estimated_l1: float | None, target: float, step: int) -> None:
         # one budget per head, the largest over the batch (classifier-free guidance's two
         # halves share a call): the kept fraction of every row then meets the target
-        per_head = head_budgets.float().reshape(-1, head_budgets.shape[-1]).amax(0)
+        # kept on the host: configs validate their thresholds there (no device sync per call)
+        per_head = head_budgets.float().reshape(-1, head_budgets.shape[-1]).amax(0).cpu()
         self._budgets[self.clock.call_in_step] = _Budgets(per_head, step, estimated_l1, target)
 
     @property

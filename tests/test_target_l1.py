@@ -206,3 +206,26 @@ def test_patched_layer_measures_budgets_in_warmup_step():
     no_warmup = LayerState("l", cfg, clock=StepClock(), options=PatchOptions(dense_steps=0))
     no_warmup.attend(q, k, v)
     assert no_warmup.last_stats.fallback_reason is None and no_warmup.last_stats.head_budgets is not None
+
+
+def test_call_site_reuses_budgets_then_remeasures():
+    from hf_creative_sparse.ops import attention as attention_module
+
+    q, k, v = make_inputs("local", 1, 2, 2048, 32)
+    seen = []
+    for _ in range(attention_module.TARGET_REMEASURE_CALLS + 1):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
+        seen.append(st.head_budgets is not None)  # only a measuring call has fresh head budgets
+    assert seen[0] and not any(seen[1:-1]) and seen[-1]
+    assert st.target_l1 == 0.03 and st.budgets is not None
+
+
+def test_call_site_remeasures_for_other_inputs():
+    """One line serving different inputs (layers) must not reuse another input's budgets."""
+    runs = []
+    for family in ("video", "local", "video"):
+        kw = dict(grid=(2, 16, 28), text_len=2048 - 2 * 16 * 28) if family == "video" else {}
+        q, k, v = make_inputs(family, 1, 2, 2048, 32, **kw)
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
+        runs.append(st.head_budgets is not None)
+    assert runs == [True, True, True]
