@@ -18,6 +18,7 @@ over one pooled token per key block with a per-(query block, key block) bias.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 import threading
@@ -174,12 +175,19 @@ def _run_flex(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch
     rows without a key) through ``return_aux`` where this torch has it, else ``return_lse``."""
     if not want_lse:
         return fn(q, k, v, **kwargs), None
-    fa = _flex_module()
-    if hasattr(fa, "AuxRequest") and "return_aux" in inspect.signature(fa.flex_attention).parameters:
-        out, aux = fn(q, k, v, return_aux=fa.AuxRequest(lse=True), **kwargs)
+    if _has_return_aux():
+        out, aux = fn(q, k, v, return_aux=_flex_module().AuxRequest(lse=True), **kwargs)
         return out, aux.lse
     out, lse = fn(q, k, v, return_lse=True, **kwargs)
     return out, lse
+
+
+@functools.lru_cache(maxsize=None)
+def _has_return_aux() -> bool:
+    """Whether this torch's flex_attention takes ``return_aux`` (``return_lse`` is deprecated
+    there); looked up once: signature inspection costs tens of microseconds a call."""
+    fa = _flex_module()
+    return hasattr(fa, "AuxRequest") and "return_aux" in inspect.signature(fa.flex_attention).parameters
 
 
 def _flex_block_sparse(inp: AttentionInputs, block_mask: torch.Tensor, compiled: bool,
