@@ -280,13 +280,16 @@ class BackendLayer:
         return self.heads
 
     def for_heads(self, start: int, stop: int, num_heads: int) -> LayerState:
-        if (start, stop) == (0, num_heads):
-            return self.state
+        """The state for q heads ``[start, stop)`` of ``num_heads``: the layer's own when its
+        config has nothing per head (or the range is all heads), else the shard's."""
         shard = self.shards.get((start, stop))
         if shard is None:
             base = self.state
-            shard = LayerState(base.name, shard_config(base.config, start, stop, num_heads), schedule=base.schedule,
-                               clock=base.clock, options=base.options, calibrated=base.calibrated)
+            config = shard_config(base.config, start, stop, num_heads)
+            if config is base.config:
+                return base
+            shard = LayerState(base.name, config, schedule=base.schedule, clock=base.clock, options=base.options,
+                               calibrated=base.calibrated)
             self.shards[(start, stop)] = shard
         return shard
 
@@ -297,8 +300,9 @@ class BackendLayer:
         return self.state
 
 
+#: The layer of the attention module being run (set by `DiffusersBackendPatch`'s hooks).
 _CURRENT: contextvars.ContextVar[BackendLayer | None] = contextvars.ContextVar("hcs_diffusers_layer", default=None)
-_DEFAULT_LAYERS: dict[int, BackendLayer] = {}
+_DEFAULT_LAYER: list[BackendLayer] = []
 
 
 def _current_layer() -> BackendLayer:
@@ -306,11 +310,9 @@ def _current_layer() -> BackendLayer:
     if layer is not None:
         return layer
     state = default_state()
-    layer = _DEFAULT_LAYERS.get(id(state))
-    if layer is None or layer.state is not state:
-        _DEFAULT_LAYERS.clear()
-        layer = _DEFAULT_LAYERS[id(state)] = BackendLayer(state)
-    return layer
+    if not _DEFAULT_LAYER or _DEFAULT_LAYER[0].state is not state:
+        _DEFAULT_LAYER[:] = [BackendLayer(state)]
+    return _DEFAULT_LAYER[0]
 
 
 # -- the backend --------------------------------------------------------------------------
