@@ -35,10 +35,15 @@ Context parallelism:
   `creative_sparse_attention`'s forward op runs the sparse kernel on those heads. Per-head
   thresholds (calibrated ``topk`` / ``cdfthreshd`` / ..., any 1-D per-head tensor of the
   config) follow the rank's head range (`ulysses_head_range`, `shard_config`), and every
-  estimate made during the call (kept fraction, per-head budgets) is made on those heads.
+  estimate made during the call (kept fraction, ``target_l1`` budgets) is made on those
+  heads. A calibration made on one GPU (``hcs.calibrate``) loads as it is. Keys that
+  every rank holds in full (Wan's unsplit text in the cross-attention) are attended once
+  (`drop_replicated_keys`).
 * Ring (``ring_degree > 1``, alone or with Ulysses) is refused with a ValueError that says
   to use Ulysses: composing it would need per-ring-step block masks and merged partial
   softmax including the coarse compensation terms, which this session does not build.
+
+Inference only: the backward op raises, and ``return_lse=True`` is refused.
 
 Example:
     >>> import torch
