@@ -349,12 +349,15 @@ def test_isa_can_be_pinned_by_environment(ext):
             "a = hcs.block_sparse_attention(q, q, q, mask, backend='cpu')\n"
             "b = hcs.block_sparse_attention(q, q, q, mask, backend='reference')\n"
             "print('DIFF', float((a - b).abs().max()))\n"
+            "from hf_creative_sparse.ops._ext import load_extension\n"
+            "print('SELECTED', load_extension('cpu').module.selected_isa(), 'END')\n"
             "hcs.block_sparse_attention(q, q, q, mask, backend='cpu')\n")
     base = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="generic"), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.split("DIFF")[1]) < 1e-5
+    assert float(proc.stdout.split("DIFF")[1].split()[0]) < 1e-5
+    assert "SELECTED generic END" in proc.stdout  # the instance the policy measures
     proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="sse9"), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0 and "HCS_CPU_ISA" in proc.stderr and "sse9" in proc.stderr

@@ -250,6 +250,9 @@ at::Tensor forward_out(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return forward_into(q, k, v, kv_counts, kv_indices, key_padding_mask, is_causal, scale, pvthreshd, out, lse, isa);
 }
 
+// The instance a call with isa '' runs: HCS_CPU_ISA if set, else the best this CPU has.
+std::string selected_isa() { return pick_kernel("")->name; }
+
 std::vector<std::string> available_isas() {
   std::vector<std::string> names;
   for (const IsaKernel* k : usable_kernels()) names.emplace_back(k->name);
@@ -273,4 +276,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("key_padding_mask"), py::arg("is_causal"), py::arg("scale"), py::arg("pvthreshd"), py::arg("out"),
         py::arg("isa") = "", py::arg("lse") = py::none());
   m.def("available_isas", &hcs_cpu::available_isas, "Kernel instances this CPU can run, best first");
+  m.def("selected_isa", &hcs_cpu::selected_isa,
+        "The instance forward() runs: HCS_CPU_ISA when set (raises if this CPU lacks it), else the best");
 }
