@@ -115,8 +115,7 @@ def _efficient_pooled_attention(inp: AttentionInputs, pooled_k: torch.Tensor, po
         inp.q, pk, pv, row_bias, True, 0.0, False, scale=inp.scale)[:2]
     has_rows = has.repeat_interleave(BLOCK_M, dim=2)[:, :, :nq]
     lse = torch.where(has_rows, lse[..., :nq].float(), torch.full_like(has_rows, float("-inf"), dtype=torch.float32))
-    out = torch.where(has_rows[..., None], out.float(), torch.zeros((), device=out.device))
-    return out, lse
+    return out, lse  # in q's dtype: rows without a pooled token get weight 0 in the merge
 
 
 def merge_partials(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
@@ -139,5 +138,11 @@ def compensate_output(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor
     the pooled tokens of the blocks ``block_mask`` skipped; returned in ``out``'s dtype."""
     pk, pv, count = pooled_kv(inp, pooled_k, count_k)
     comp_out, comp_lse = pooled_attention(inp, pk, pv, compensation_bias(block_mask, inp, count))
-    merged, _ = merge_partials(out, lse, comp_out, comp_lse)
-    return merged.to(out.dtype)
+    if torch.is_grad_enabled() and out.requires_grad:
+        merged, _ = merge_partials(out, lse, comp_out, comp_lse)
+        return merged.to(out.dtype)
+    # out + w (comp - out), w = e^lse_c / (e^lse + e^lse_c): three passes in out's dtype
+    # instead of float32 copies (the merge is memory-bound; w is exact in float32)
+    w = torch.sigmoid(comp_lse - lse).nan_to_num_(0.0)  # both empty: 0; sparse side empty: 1
+    comp_out = torch.where(torch.isneginf(comp_lse)[..., None], out, comp_out.to(out.dtype))
+    return torch.lerp(out, comp_out, w.unsqueeze(-1).to(out.dtype))
