@@ -56,6 +56,7 @@ def build() -> None:
         extra_cflags=["-O3"],
         extra_cuda_cflags=["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         + cuda_gencode_flags(arch),
+        is_python_module=False,  # the binding registers torch.ops.hcs_entmax (TORCH_LIBRARY), no PyInit
         verbose=False,
     )
     log(f"built the entmax kernel for sm_{arch} in {time.time() - t0:.0f} s")
