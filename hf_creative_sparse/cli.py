@@ -44,8 +44,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         default = action.default
-        if "(default" in text or "default:" in text or default is None or default is False or default == argparse.SUPPRESS \
-                or not action.option_strings:
+        stated = "(default" in text or "default:" in text
+        if stated or default is None or default is False or default == argparse.SUPPRESS or not action.option_strings:
             return text
         shown = " ".join(str(d) for d in default) if isinstance(default, (list, tuple)) else str(default)
         return f"{text} (default: {shown})"
@@ -68,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name == f"hf_creative_sparse.commands.{name}":
                 continue  # not part of this build
             raise
-        doc = (module.__doc__ or "").split("\n\n", 1)
-        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP + ("\n\n" + doc[1] if len(doc) > 1 else ""),
-                             formatter_class=HelpFormatter)
+        doc = (module.__doc__ or "").split("\n\n", 1)  # the module docstring's body, after its title
+        description = module.HELP + ("\n\n" + doc[1] if len(doc) > 1 else "")
+        cmd = sub.add_parser(name, help=module.HELP, description=description, formatter_class=HelpFormatter)
         module.add_arguments(cmd)
         cmd.add_argument("--no-progress", action="store_true",
                          help="no progress bars (ours, and those of transformers and diffusers)")

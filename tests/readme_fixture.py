@@ -119,8 +119,9 @@ def tiny_wan_pipeline() -> Any:
     class TinyWanPipeline(WanPipeline):
         """Wan 2.1 with a tiny transformer and VAE; prompts become seeded random embeddings."""
 
-        def encode_prompt(self, prompt: Any = None, negative_prompt: Any = None, do_classifier_free_guidance: bool = True,
-                          num_videos_per_prompt: int = 1, prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
+        def encode_prompt(self, prompt: Any = None, negative_prompt: Any = None,
+                          do_classifier_free_guidance: bool = True, num_videos_per_prompt: int = 1,
+                          prompt_embeds: Any = None, negative_prompt_embeds: Any = None,
                           max_sequence_length: int = 226, device: Any = None, dtype: Any = None) -> Any:
             batch = (1 if isinstance(prompt, str) or prompt is None else len(prompt)) * num_videos_per_prompt
             g = torch.Generator().manual_seed(0)

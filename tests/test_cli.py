@@ -56,8 +56,9 @@ def test_bad_arguments_end_with_one_line_and_exit_code_2(argv, option, says, cap
 
 def test_inputs_the_library_refuses_end_with_one_line(tmp_path, capsys):
     code, out, err = run_main(["score", str(tmp_path / "missing.txt")], capsys)
+    missing = tmp_path / "missing.txt"
     assert code == 2 and err.strip().splitlines() == [
-        f"hf-creative-sparse score: error: no such file: {tmp_path / 'missing.txt'} (HCS_TRACEBACK=1 shows the traceback)"]
+        f"hf-creative-sparse score: error: no such file: {missing} (HCS_TRACEBACK=1 shows the traceback)"]
     (tmp_path / "one.txt").write_text("a single text\n")
     code, _, err = run_main(["score", str(tmp_path / "one.txt")], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "--reference" in err
