@@ -371,3 +371,63 @@ def test_disabled_extension_reports_the_variable(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "disabled by HCS_DISABLE_EXT=cpu" in proc.stdout
+
+
+def _pool_f64(x, block, valid):
+    """Per-block mean and |sum of unit vectors|^2 / count^2 of the valid tokens, float64."""
+    b, h, n, d = x.shape
+    nb = math.ceil(n / block)
+    x = x.double()
+    valid = torch.ones(b, n, dtype=torch.bool) if valid is None else valid
+    pooled, sim, count = torch.zeros(b, h, nb, d, dtype=torch.float64), torch.zeros(b, h, nb), torch.zeros(b, 1, nb)
+    for bi in range(b):
+        for j in range(nb):
+            rows = torch.arange(j * block, min(n, (j + 1) * block))
+            rows = rows[valid[bi, rows]]
+            count[bi, 0, j] = len(rows)
+            if len(rows):
+                xs = x[bi, :, rows]
+                pooled[bi, :, j] = xs.mean(1)
+                unit = xs / xs.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+                sim[bi, :, j] = (unit.sum(1) ** 2).sum(-1) / len(rows) ** 2
+    return pooled, sim, count
+
+
+@pytest.mark.parametrize("b,h,n,d,block", [(2, 3, 300, 64, 128), (2, 2, 77, 5, 64), (1, 1, 1, 8, 64),
+                                           (2, 4, 1000, 80, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pool_blocks_cpu_matches_pytorch_path_and_f64(ext, monkeypatch, b, h, n, d, block, dtype):
+    """The prediction's pooling in one compiled pass (ops/predict_cpu.py) equals masks.pool_blocks'
+    PyTorch path and a float64 loop, with and without padding (a fully padded batch row too)."""
+    from hf_creative_sparse.ops import predict_cpu
+    from hf_creative_sparse.ops.masks import pool_blocks
+
+    g = torch.Generator().manual_seed(n + d)
+    x = (torch.randn(b, h, n, d, generator=g) * 3).to(dtype)
+    x[0, 0, 0] = 0.0  # a zero token: its unit vector is 0 (norm clamped), as in the PyTorch path
+    padded = torch.rand(b, n, generator=g) > 0.3
+    padded[-1] = False
+    for valid in (None, padded):
+        got = predict_cpu.pool_blocks_cpu(x, block, valid)
+        monkeypatch.setattr(predict_cpu, "ENABLED", False)
+        ref = pool_blocks(x, block, valid)
+        assert predict_cpu.pool_blocks_cpu(x, block, valid) is None
+        monkeypatch.setattr(predict_cpu, "ENABLED", True)
+        f64 = _pool_f64(x.float(), block, valid)
+        for a, r, e in zip(got, ref, f64):
+            assert a.dtype == torch.float32 and a.shape == r.shape == e.shape
+            assert (a - r).abs().max().item() < 1e-5
+            assert (a.double() - e).abs().max().item() < 1e-5
+
+
+def test_pool_blocks_cpu_rejects_bad_input(ext):
+    from hf_creative_sparse.ops.predict_cpu import pool_blocks_cpu
+
+    x = torch.randn(1, 2, 100, 16)
+    with pytest.raises(RuntimeError, match="token_valid must be a CPU bool tensor"):
+        pool_blocks_cpu(x, 64, torch.ones(1, 99, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="block must be > 0"):
+        pool_blocks_cpu(x, 0, None)
+    with pytest.raises(RuntimeError, match="4-D"):
+        torch.ops.hcs_cpu.pool_blocks(x[0], 64, None)
+    assert pool_blocks_cpu(x.double(), 64, None) is None  # float64 stays on the PyTorch path
