@@ -144,3 +144,16 @@ def test_refresh_and_unwritable_cache(ext, monkeypatch, tmp_path):
     assert cp.cpu_rates() is fixed  # the write fails quietly; the rates stay in memory
     monkeypatch.setenv("HCS_CPU_POLICY_CACHE", "")
     assert cp.cache_path() is None
+
+
+def test_explicit_budget_judged_with_its_prediction(monkeypatch):
+    monkeypatch.setattr(cp, "cpu_rates", lambda refresh=False: RATES)
+    inp = _inp()  # dense 0.3436 s; prediction 2.1 ms; kernel at 90 GFLOP/s with the 0.92 margin
+    dense = 4 * 8 * 4096 ** 2 * 64 / 100e9
+    predict = 2 * 8 * 4096 * 64 * 0.5e-9
+    pays = (dense - predict - 0.3e-3) * cp.MARGIN * 0.9 / dense  # the budget that just breaks even
+    assert cp.explicit_budget_reason_cpu(inp, pays - 0.01) is None
+    reason = cp.explicit_budget_reason_cpu(inp, pays + 0.01)
+    assert reason is not None and "top-k" in reason
+    with pytest.raises(ValueError, match="budget"):
+        cp.explicit_budget_reason_cpu(inp, 1.5)

@@ -295,5 +295,26 @@ def skip_prediction_reason_cpu(inp: AttentionInputs, mask_uses: int = 1) -> str 
     return None
 
 
-__all__ = ["CpuRates", "cache_path", "cpu_rates", "dense_seconds_cpu", "max_useful_kept_fraction_cpu",
+def explicit_budget_reason_cpu(inp: AttentionInputs, budget: float, mask_uses: int = 1) -> str | None:
+    """Why an explicit top-k ``budget`` (mean kept fraction) cannot pay on the CPU, or None
+    (as `gpu_policy.explicit_budget_reason`): judged by what it will cost, prediction
+    included, against dense, with the ``MARGIN`` on the kernel's rate."""
+    if not isinstance(mask_uses, int) or mask_uses < 1:
+        raise ValueError(f"mask_uses must be an int >= 1, got {mask_uses!r}")
+    if not 0.0 <= budget <= 1.0:
+        raise ValueError(f"budget must be a kept fraction in [0, 1], got {budget!r}")
+    rates = cpu_rates()
+    if rates is None:
+        return skip_prediction_reason_cpu(inp, mask_uses)
+    dense = dense_seconds_cpu(inp, rates)
+    sparse = (prediction_seconds_cpu(inp, rates) / mask_uses + rates.overhead_s
+              + budget * _flops(inp) / (MARGIN * rates.sparse_flops))
+    if sparse >= dense:
+        return (f"sparsity cannot pay on the CPU: top-k {budget:.3f} would take ~{sparse * 1e3:.2f} ms with its "
+                f"prediction against ~{dense * 1e3:.2f} ms dense (one-thread CPU time, {rates.isa} kernel)")
+    return None
+
+
+__all__ = ["CpuRates", "cache_path", "cpu_rates", "dense_seconds_cpu", "explicit_budget_reason_cpu",
+           "max_useful_kept_fraction_cpu",
            "measure_rates", "prediction_seconds_cpu", "skip_prediction_reason_cpu", "sparse_seconds_cpu"]
