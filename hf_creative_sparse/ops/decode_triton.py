@@ -80,7 +80,7 @@ if triton is not None:
             live = j < NUM_KEPT  # the last split may have fewer blocks: masked loads read nothing
             blk = tl.load(IDX + bh * NUM_KEPT + j, mask=live, other=0)
             t = blk * BS + toks
-            ok = (t < N) & live
+            ok = (t >= 0) & (t < N) & live  # an out-of-range block index reads nothing
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
             k = tl.load(k_base + t[:, None] * stride_kn + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
