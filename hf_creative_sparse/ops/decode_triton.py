@@ -192,9 +192,10 @@ if triton is not None:
 
 
 def _num_splits(items: int, kept: int, device: torch.device) -> int:
-    """Splits per (batch, kv head): about two programs per SM, at least 4 blocks a split."""
+    """Splits per (batch, kv head): about four programs per SM (enough loads in flight to
+    keep HBM busy), at least 4 blocks a split."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    want = max(1, math.ceil(2 * sms / max(items, 1)))
+    want = max(1, math.ceil(4 * sms / max(items, 1)))
     return max(1, min(want, math.ceil(kept / 4), 64))
 
 
