@@ -99,7 +99,8 @@ def load_model(cache: str | None) -> tuple[Any, Any]:
         saved = torch.load(file, weights_only=False)
         model = LlamaForCausalLM(LlamaConfig(**saved["config"]))
         model.load_state_dict(saved["state"])
-        model.generation_config = saved["generation_config"]
+        if "generation_config" in saved:
+            model.generation_config = saved["generation_config"]
         return model.eval(), saved["tokenizer"]
     model, tok = load_smollm2()
     if file:
@@ -114,12 +115,13 @@ class Evaluator:
     """Holds the model, the embedder and the greedy references of one prompt set."""
 
     def __init__(self, prompts: list[str], samples: int, new_tokens: int, seed: int, batch_prompts: int,
-                 cache: str | None = None) -> None:
+                 cache: str | None = None, wrapper_candidates: int = 5) -> None:
         self.model, self.tok = load_model(cache)
         self.embed = load_minilm_embedder()
         self.scorer = LMScorer(self.model, self.tok, batch_size=16)
         self.prompts, self.samples, self.new_tokens, self.seed = prompts, samples, new_tokens, seed
         self.batch_prompts = batch_prompts
+        self.wrapper_candidates = wrapper_candidates
         self.prompt_ids = [self.tok(self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
                                                                   add_generation_prompt=True),
                                     add_special_tokens=False)["input_ids"] for p in prompts]
@@ -185,7 +187,8 @@ class Evaluator:
             texts, best = [], []
             for prompt in self.prompts:
                 cands = wrapper.generate_creative(prompt, max_new_tokens=self.new_tokens,
-                                                  num_candidates=self.samples, return_best=False, progress=False)
+                                                  num_candidates=self.wrapper_candidates, return_best=False,
+                                                  progress=False)
                 texts.append([c.text for c in cands])
                 best.append(cands[0].text)
         else:
@@ -263,6 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--samples", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wrapper-candidates", type=int, default=5, help="num_candidates of the wrapper's rows")
     ap.add_argument("--batch-prompts", type=int, default=4)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--cache", default=None, help="folder for the de-quantised model (saved on first use)")
@@ -294,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         if old.get("prompts") == prompts and old.get("samples") == args.samples:
             results["methods"] = old["methods"]
     start = time.perf_counter()
-    ev = Evaluator(prompts, args.samples, args.new_tokens, args.seed, args.batch_prompts, args.cache)
+    ev = Evaluator(prompts, args.samples, args.new_tokens, args.seed, args.batch_prompts, args.cache,
+                   args.wrapper_candidates)
     print(f"loaded and greedy references in {time.perf_counter() - start:.0f} s", flush=True)
     results["greedy"] = ev.greedy
     for name in methods:
@@ -303,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         texts, best, seconds = ev.run(name)
         results["methods"][name] = {"metrics": ev.metrics(texts), "seconds": seconds, "texts": texts}
         if best is not None:
-            results["methods"][name.replace("(defaults)", "best-of-5")] = {
+            results["methods"][name.replace("(defaults)", f"best-of-{args.wrapper_candidates}")] = {
                 "metrics": dict(ev.metrics([[b] for b in best]), diversity=float("nan"), distinct2=float("nan")),
                 "seconds": seconds, "texts": [[b] for b in best]}
         m = results["methods"][name]["metrics"]

@@ -207,6 +207,8 @@ class LevelResult:
     control: dict[str, Any]
     seconds: float
     outputs: list[str] = field(default_factory=list)
+    #: k_attn(s): the fraction of dense attention compute this level spends.
+    attention_compute: float = 1.0
 
     @property
     def quality_sem(self) -> float:
@@ -219,7 +221,8 @@ class LevelResult:
                 "quality": self.quality, "quality_std": self.quality_std,
                 "quality_sem": _nan_to_none(self.quality_sem),
                 "distinct": {str(k): v for k, v in self.distinct.items()}, "self_bleu": _nan_to_none(self.self_bleu),
-                "control": self.control, "seconds": self.seconds, "outputs": self.outputs}
+                "control": self.control, "seconds": self.seconds, "outputs": self.outputs,
+                "attention_compute": self.attention_compute}
 
 
 def _nan_to_none(x: float | None) -> float | None:
@@ -241,7 +244,8 @@ class SweepResult:
             (None without fit).
         fits: "novelty", "diversity", "incoherence" -> `PowerLawFit` (missing when unfittable).
         bounds: `OptimumBounds` or None; ``bounds_note`` says why not.
-        s_min: 1 - compute_budget, the smallest allowed s.
+        s_min, s_max: the allowed interval of s: where k_attn(s) <= compute_budget
+            (`SparsityController.feasible_dial`; k_attn is not monotonic in s).
         plot_path, json_path: where the PNG and JSON were written.
 
     ``float(result)`` is ``result.s_star``.
@@ -264,6 +268,7 @@ class SweepResult:
     plot_path: str | None = None
     json_path: str | None = None
     s_star_note: str = ""
+    s_max: float = 1.0
 
     def __float__(self) -> float:
         return float(self.s_star)
@@ -279,7 +284,7 @@ class SweepResult:
     def to_dict(self) -> dict[str, Any]:
         return {"task_type": self.task_type, "s_star": self.s_star, "best_measured": self.best_measured,
                 "s_star_fit": self.s_star_fit, "s_star_note": self.s_star_note,
-                "compute_budget": self.compute_budget, "s_min": self.s_min,
+                "compute_budget": self.compute_budget, "s_min": self.s_min, "s_max": self.s_max,
                 "weights": self.weights.to_dict(), "fits": {k: v.to_dict() for k, v in self.fits.items()},
                 "bounds": self.bounds.to_dict() if self.bounds else None, "bounds_note": self.bounds_note,
                 "levels": [lv.to_dict() for lv in self.levels], "prompts": self.prompts,
@@ -319,9 +324,11 @@ class SweepResult:
             if hi > lo:
                 ax_q.axvspan(lo, hi, ymin=0.94, ymax=1.0, color="tab:green", alpha=0.5,
                              label=f"Corollary-1 bracket [{self.bounds.s_lo:.3g}, {self.bounds.s_hi:.3g}]")
-        if self.s_min > 0:
-            for ax in (ax_q, ax_c):
+        for ax in (ax_q, ax_c):  # the levels whose attention would exceed the compute budget
+            if self.s_min > 0:
                 ax.axvspan(0, self.s_min, color="grey", alpha=0.15)
+            if self.s_max < 1:
+                ax.axvspan(self.s_max, 1, color="grey", alpha=0.15)
         ax_q.axvline(self.s_star, color="tab:red", label=f"s* = {self.s_star:.3f}")
         ax_q.set_ylabel("Q(s)")
         ax_q.set_title(f"{self.task_type}: Q = {self.weights.novelty:g} N + {self.weights.diversity:g} D "
@@ -334,7 +341,8 @@ class SweepResult:
                 ax_c.plot(grid, f(grid), "--", color=color, alpha=0.7,
                           label=f"{f.coefficient:.3g} s^{f.exponent:.3g} (R² {f.r2:.2f})")
         ax_c.axvline(self.s_star, color="tab:red")
-        ax_c.set_xlabel("sparsity s" + (f" (grey: s < 1 - budget = {self.s_min:g})" if self.s_min > 0 else ""))
+        over = self.s_min > 0 or self.s_max < 1
+        ax_c.set_xlabel("sparsity s" + (f" (grey: k_attn(s) > budget {self.compute_budget:g})" if over else ""))
         ax_c.set_ylabel("component (0..1)")
         ax_c.set_xlim(0, 1)
         ax_c.legend(fontsize=7, loc="best", ncol=2)
@@ -363,7 +371,8 @@ def load_sweep(path: str | os.PathLike) -> SweepResult:
                           quality_std=num(lv["quality_std"]),
                           distinct={int(k): num(v) for k, v in lv.get("distinct", {}).items()},
                           self_bleu=num(lv.get("self_bleu")), control=lv.get("control", {}),
-                          seconds=num(lv.get("seconds")), outputs=list(lv.get("outputs", [])))
+                          seconds=num(lv.get("seconds")), outputs=list(lv.get("outputs", [])),
+                          attention_compute=num(lv.get("attention_compute", 1.0)))
               for lv in data["levels"]]
     b = data.get("bounds")
     return SweepResult(task_type=data["task_type"], levels=levels, weights=QualityWeights(**data["weights"]),
@@ -374,7 +383,7 @@ def load_sweep(path: str | os.PathLike) -> SweepResult:
                        bounds=OptimumBounds(**b) if b else None, bounds_note=data.get("bounds_note", ""),
                        prompts=data.get("prompts", []), reference=data.get("reference", []),
                        settings=data.get("settings", {}), plot_path=data.get("plot_path"),
-                       s_star_note=data.get("s_star_note", ""))
+                       s_star_note=data.get("s_star_note", ""), s_max=data.get("s_max", 1.0))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -410,21 +419,21 @@ def load_task(task_type: str) -> dict[str, Any]:
 
 class HFGenerator:
     """The default ``generate_fn``: samples a transformers causal LM at the control point
-    M(s) of `control.SparsityController`.
+    M(s) of `control.SparsityController`, always through
+    `generation.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
+    num_candidates=num_samples, return_best=False``): one generation path for the sweep and
+    the wrapper (prompt encoding, padding, T / p_nuc / min-p / token pruning, MoE K(s), the
+    published s).
 
-    Three ways, picked from the arguments:
-
-    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): called per
-      prompt with ``sparsity_level=s, num_candidates=num_samples, return_best=False``;
-    - a plain model with ``use_wrapper=True`` (default): the same, through a wrapper built
-      here (it routes attention through ``creative_sparse`` so k_attn(s) applies, and
-      scores nothing: the sweep scores). `close` restores the model's attention;
-    - ``use_wrapper=False``: ``model.generate`` with ``temperature = T(s)``,
-      ``top_p = p_nuc(s)``, ``top_k = 0``, prompts batched, while
-      `control.set_current_sparsity` publishes s for attention patches the caller installed.
+    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
+    - a plain model with ``use_wrapper=True`` (default): a wrapper built here routes
+      attention through ``creative_sparse`` so k_attn(s) applies, and scores nothing (the
+      sweep scores). `close` restores the model's attention;
+    - ``use_wrapper=False``: a wrapper built here that leaves the model's attention as it is
+      (attention patches the caller installed read the published s).
 
     Chat models (a tokenizer with a chat template) get each prompt as a user turn.
-    ``reference(prompts)`` decodes greedily with dense attention (s = 0).
+    ``reference(prompts)`` decodes greedily (`CreativeSparseWrapper.generate_greedy`).
     """
 
     def __init__(self, model_or_wrapper: Any, tokenizer: Any = None, *, max_new_tokens: int = 64,
@@ -434,7 +443,7 @@ class HFGenerator:
             raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
         if use_chat_template not in ("auto", True, False):
             raise ValueError(f"use_chat_template must be 'auto', True or False, got {use_chat_template!r}")
-        from .control import SparsityConfig, SparsityController
+        from .control import SparsityConfig
 
         if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
             raise TypeError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")
@@ -450,15 +459,14 @@ class HFGenerator:
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.use_chat_template = use_chat_template
-        if self.wrapper is None and use_wrapper:
+        if self.wrapper is None:
             from .generation import CreativeSparseWrapper
 
-            self.wrapper = CreativeSparseWrapper(model, tokenizer, sparsity_config=sparsity_config,
-                                                 scorer=_no_scores, batch_size=batch_size, progress=False,
+            self.wrapper = CreativeSparseWrapper(model, tokenizer, config=sparsity_config, scorer=_no_scores,
+                                                 batch_size=batch_size, progress=False, sparse_attention=use_wrapper,
                                                  chat_template=None if use_chat_template == "auto" else use_chat_template)
             self._owns_wrapper = True
-        wrapped = getattr(self.wrapper, "controller", None) if self.wrapper is not None else None
-        self.controller = wrapped if wrapped is not None else SparsityController.for_model(model, sparsity_config)
+        self.controller = self.wrapper.controller
 
     def close(self) -> None:
         """Undo what this generator installed (the attention patch of its own wrapper)."""
@@ -469,69 +477,15 @@ class HFGenerator:
     def control(self, s: float) -> dict[str, Any]:
         """The knobs used at s (recorded in the sweep result)."""
         cp = self.controller.get_sparsity_params(s)
-        return {"temperature": cp.temperature, "top_p": cp.top_p, "attention_budget": cp.attention_budget,
-                "num_experts": cp.num_experts}
-
-    def _encode(self, prompt: str) -> list[int]:
-        tok = self.tokenizer
-        chat = self.use_chat_template is True or (self.use_chat_template == "auto" and getattr(tok, "chat_template", None))
-        if chat:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(prompt)["input_ids"])
-
-    def _pad_id(self) -> int:
-        for attr in ("pad_token_id", "eos_token_id"):
-            value = getattr(self.tokenizer, attr, None)
-            if value is not None:
-                return int(value)
-        return 0
-
-    def _generate(self, prompts: list[str], num_samples: int, sample: bool, s: float) -> list[str]:
-        import torch
-
-        from .control import set_current_sparsity
-
-        device = next(self.model.parameters()).device
-        pad = self._pad_id()
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "pad_token_id": pad}
-        if sample:
-            cp = self.controller.get_sparsity_params(s)
-            kwargs.update(do_sample=True, temperature=cp.temperature, top_p=cp.top_p, top_k=0,
-                          num_return_sequences=num_samples)
-        else:
-            kwargs.update(do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None)
-        outputs: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            ids = [self._encode(p) for p in prompts[start:start + self.batch_size]]
-            width = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(ids), width, dtype=torch.long)
-            for r, x in enumerate(ids):  # left padding, so every row continues at the end
-                input_ids[r, width - len(x):] = torch.tensor(x, dtype=torch.long)
-                mask[r, width - len(x):] = 1
-            set_current_sparsity(s if sample else 0.0)
-            try:
-                with torch.no_grad():
-                    gen = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
-            finally:
-                set_current_sparsity(None)
-            new = gen[:, width:]
-            outputs.extend(self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new)
-        return outputs
+        return {"temperature": cp.temperature, "top_p": cp.top_p, "min_p": cp.min_p,
+                "attention_budget": cp.attention_budget, "num_experts": cp.num_experts}
 
     def __call__(self, prompts: list[str], s: float, num_samples: int, seed: int) -> list[str]:
-        import torch
-
-        if self.wrapper is None:
-            torch.manual_seed(seed)
-            return self._generate(prompts, num_samples, True, s)
         outputs: list[str] = []
         for i, prompt in enumerate(prompts):
-            got = self.wrapper.generate_creative(prompt, max_length=self.max_new_tokens, num_candidates=num_samples,
-                                                 return_best=False, sparsity_level=s, seed=seed + 7919 * i,
-                                                 progress=False)
+            got = self.wrapper.generate_creative(prompt, max_new_tokens=self.max_new_tokens,
+                                                 num_candidates=num_samples, return_best=False, sparsity_level=s,
+                                                 seed=seed + 7919 * i, progress=False)
             got = [got] if isinstance(got, str) else list(got)
             if len(got) != num_samples:
                 raise RuntimeError(f"generate_creative returned {len(got)} candidates, expected {num_samples}")
@@ -540,7 +494,7 @@ class HFGenerator:
 
     def reference(self, prompts: list[str]) -> list[str]:
         """Greedy continuations (dense attention): what the model says by default."""
-        return self._generate(prompts, 1, False, 0.0)
+        return [self.wrapper.generate_greedy(p, max_new_tokens=self.max_new_tokens) for p in prompts]
 
 
 def _no_scores(texts: Sequence[str]) -> list[float]:
@@ -580,8 +534,10 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
             `generation.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
         task_type: "creative_writing", "poetry", "ad_copy" or "code": the built-in prompt
             set and its constraints (``prompts`` replaces the prompts).
-        compute_budget: fraction of dense attention FLOPs allowed, in (0, 1]; levels with
-            s < 1 - compute_budget are skipped.
+        compute_budget: fraction of dense attention FLOPs allowed, in (0, 1]; levels whose
+            attention keeps more, k_attn(s) > compute_budget, are skipped (k_attn is not
+            monotonic: the allowed s form the interval `SparsityController.feasible_dial`),
+            and each level reports the fraction it spends (``attention_compute``).
         quality_weights: (alpha, beta, gamma) of Q; default (0.4, 0.3, 0.3).
         levels: the s values to measure (default 0.1, 0.2, ..., 0.9).
         num_samples: samples per prompt and level.
@@ -613,11 +569,7 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
     prompt_list = list(task["prompts"]) if prompts is None else [str(p) for p in prompts]
     if not prompt_list or any(not isinstance(p, str) for p in prompt_list):
         raise ValueError("prompts must be a non-empty list of strings")
-    s_min = max(0.0, 1.0 - float(compute_budget))
     all_levels = _check_levels(DEFAULT_LEVELS if levels is None else levels)
-    run_levels = [s for s in all_levels if s >= s_min - 1e-12]
-    if not run_levels:
-        raise ValueError(f"no level satisfies s >= 1 - compute_budget = {s_min:g}; levels were {all_levels}")
     weights = QualityWeights.coerce(quality_weights) if quality_weights is not None else None
 
     generator: HFGenerator | None = None
@@ -627,6 +579,18 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
         generate_fn = generator
     elif not callable(generate_fn):
         raise TypeError(f"generate_fn must be callable, got {type(generate_fn).__name__}")
+    from .control import SparsityController
+
+    controller = generator.controller if generator is not None else SparsityController(sparsity_config)
+    feasible = controller.feasible_dial(float(compute_budget))
+    run_levels = [s for s in all_levels if controller.attention_budget(s) <= float(compute_budget) + 1e-12]
+    if not run_levels or feasible is None:
+        if generator is not None:
+            generator.close()
+        raise ValueError(f"no level satisfies k_attn(s) <= compute_budget = {float(compute_budget):g} (allowed s: "
+                         f"{'none' if feasible is None else f'[{feasible[0]:.4g}, {feasible[1]:.4g}]'}); "
+                         f"levels were {all_levels}")
+    s_min, s_max = feasible
     try:
         if quality is None:
             scorer = None
@@ -667,13 +631,15 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
                                        incoherence=report.mean_incoherence, quality=report.mean_quality,
                                        quality_std=float(np.std(report.quality)), distinct=report.distinct,
                                        self_bleu=report.self_bleu, control=control,
-                                       seconds=time.perf_counter() - start, outputs=outputs))
+                                       seconds=time.perf_counter() - start, outputs=outputs,
+                                       attention_compute=controller.attention_budget(s)))
             bar.set_postfix(s=f"{s:.2f}", Q=f"{report.mean_quality:.3f}")
     finally:
         if generator is not None:
             generator.close()
 
     result = _analyse(results, task_type, weights, float(compute_budget), s_min, prompt_list, reference)
+    result.s_max = s_max
     result.settings = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed,
                        "levels_requested": all_levels, "constraints": task.get("constraints", {}),
                        "nll_scale": _safe_nll_scale(quality), "violation_weight": quality.violation_weight}

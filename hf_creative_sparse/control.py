@@ -354,6 +354,31 @@ class SparsityController:
         k = ATTENTION_BUDGET_BASE + ka * s * ATTENTION_DIRECTION * math.sqrt(max(0.0, 1.0 - s * s))
         return min(max(k, ATTENTION_BUDGET_MIN), 1.0)
 
+    def feasible_dial(self, compute_budget: float) -> tuple[float, float] | None:
+        """The interval of s whose attention spends at most ``compute_budget`` of dense
+        attention's compute (k_attn(s) <= budget), or None when no s does.
+
+        k_attn is not monotonic, so this is not ``s >= 1 - budget``: 1 - k_attn(s) =
+        ka s sqrt(1 - s^2) >= 1 - budget holds between the two roots of
+        s^2 (1 - s^2) = c^2, c = (1 - budget) / ka: s^2 = (1 -+ sqrt(1 - 4 c^2)) / 2.
+
+        Example:
+            >>> lo, hi = SparsityController().feasible_dial(0.6)   # ka = 1: c = 0.4
+            >>> round(lo, 4), round(hi, 4)
+            (0.4472, 0.8944)
+        """
+        budget = _check_float("compute_budget", compute_budget, 0.0, 1.0, low_open=True)
+        if budget >= 1.0:
+            return (0.0, 1.0)
+        if budget < ATTENTION_BUDGET_MIN:
+            return None
+        ka = 2.0 * self.config.attention_sparsity
+        c = (1.0 - budget) / ka if ka > 0 else math.inf
+        if c > 0.5:
+            return None
+        root = math.sqrt(max(0.0, 1.0 - 4.0 * c * c))
+        return (math.sqrt((1.0 - root) / 2.0), math.sqrt((1.0 + root) / 2.0))
+
     def get_sparsity_params(self, s: float) -> ControlPoint:
         """M(s) = {T(s), p_nuc(s), K(s), k_attn(s)} plus the kernel thresholds.
 

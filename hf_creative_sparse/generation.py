@@ -12,15 +12,23 @@ Use it with sampling and with generate's own warpers neutral, or they stack on t
 (transformers adds ``top_k=50`` by default)::
 
     proc = CreativeSparseLogitsProcessor(input_ids.shape[1], max_new_tokens=60, model=model)
-    with proc:   # the prompt's prefill already runs at s_A; restores everything after
-        out = model.generate(input_ids, logits_processor=[proc], do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=60)
+    out = model.generate(input_ids, logits_processor=[proc], do_sample=True,
+                         temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=60)
+
+Importing this module installs a hook on ``GenerationMixin.generate`` (`install_generate_hook`)
+that enters the processor around the call: the prompt's prefill already runs at s_A, and
+the published s and the MoE routers are restored afterwards, also when generation stops
+early. ``with proc:`` does the same by hand (for a custom decoding loop).
 
 (``**proc.generate_kwargs()`` gives exactly those arguments.) The processor warns once
 per generation when it finds generate's temperature / top-k / top-p active.
 
-`CreativeSparseWrapper` drafts several openings at s_A, keeps the best by the quality
-functional Q, continues it at s_B under constraint-aware decoding and reranks.
+The filters are transformers' own warpers (`control_warpers`): temperature T(s), token
+pruning (top-k), nucleus p_nuc(s) and min-p.
+
+`CreativeSparseWrapper` drafts several openings at s_A, keeps the best ``num_openings`` by
+the quality functional Q, continues them at s_B under constraint-aware decoding and reranks
+with incoherence calibrated against the model's own dense samples of the prompt.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ from transformers.generation.logits_process import (LogitsProcessor, LogitsProce
 
 from .constraints import BannedWordsLogitsProcessor, Constraints, RequiredWordsLogitsProcessor
 from .control import (ControlPoint, SparsityConfig, SparsityController, TwoStageSchedule, current_sparsity,
-                      set_current_sparsity)
+                      set_current_sparsity, use_sparsity)
 from .moe import ExpertRouting
 from .quality import NLLReference
 
@@ -171,9 +179,9 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
 
     Step i (0-based) = step_offset + input_ids.shape[1] - prompt_length. The processor
     sets the s (and K) for step i + 1 after handling step i, because the forward pass for
-    step i + 1 runs after it; ``with processor:`` sets step ``step_offset``'s before
-    generate starts and restores the published s and the routers on exit. Without the
-    block, the processor restores them itself after the last step.
+    step i + 1 runs after it; ``model.generate`` (through the hook this module installs)
+    or ``with processor:`` sets step ``step_offset``'s before the prefill and restores the
+    published s and the routers after the call.
 
     Example:
         >>> proc = CreativeSparseLogitsProcessor(prompt_length=3, max_new_tokens=4,
@@ -464,10 +472,12 @@ class CreativeSparseWrapper:
         model_or_path: a transformers causal LM, a path (folder or .gguf), or None for the
             offline default SmolLM2-135M-Instruct.
         tokenizer: its tokenizer (loaded from the path when None).
-        sparsity_schedule: (s_A, s_B), the dial of the diverge and refine stages.
+        schedule: a `TwoStageSchedule`, or (s_A, s_B) with ``switch``; default
+            `TwoStageSchedule()`.
         quality_weights: `QualityWeights` (or a 3-tuple / dict) of the default scorer.
-        sparsity_config: `SparsityConfig` of the controller (manifold constants).
-        switch: fraction of ``max_length`` generated in stage A (the opening).
+        config: `SparsityConfig` of the controller (manifold constants).
+        switch: fraction of ``max_new_tokens`` generated in stage A (the opening) when
+            ``schedule`` is a pair or None.
         scorer: ``texts -> list of scores`` (higher is better) or a `QualityFunctional`;
             default a QualityFunctional with ``quality_weights`` that scores NLL with this
             model (no second LM) and embeds with MiniLM.
@@ -479,10 +489,17 @@ class CreativeSparseWrapper:
         attention_config: base `SparseAttentionConfig` of the attention patch.
         chat_template: wrap the prompt in the tokenizer's chat template (None: when it has one).
         progress: show a progress bar (None: when more than 8 candidates).
+        num_openings: m, how many of the best stage-A openings stage B continues (the
+            candidates are dealt round-robin among them).
+        calibration_samples: dense samples (s = 0) of the prompt whose NLL calibrates the
+            incoherence term (`quality.NLLReference`); 0: uncalibrated (ln V scale).
+        incoherence_bound: candidates whose NLL lies more than this many standard
+            deviations above those samples rank after all others (inf: no bound).
+        sparsity_schedule, sparsity_config: deprecated aliases of ``schedule`` and ``config``.
 
     Example:
         >>> wrapper = CreativeSparseWrapper()                                   # doctest: +SKIP
-        >>> wrapper.generate_creative("Write a line about the sea.", max_length=40)  # doctest: +SKIP
+        >>> wrapper.generate_creative("Write a line about the sea.", max_new_tokens=40)  # doctest: +SKIP
     """
 
     def __init__(self, model_or_path: Any = None, tokenizer: Any = None,
@@ -817,6 +834,19 @@ class CreativeSparseWrapper:
         return self._finish(full, prompt, ids, reference, constraints, return_best,
                             openings=[opening_texts[o] for o in owner], opening_scores=[opening_q[o] for o in owner],
                             s=s_pair, unique=True)
+
+    def generate_greedy(self, prompt: str, max_new_tokens: int | None = None) -> str:
+        """The model's greedy answer to ``prompt`` at s = 0 (dense attention): what it says by
+        default, the reference of novelty."""
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        ids = self._encode(prompt)
+        with use_sparsity(0.0), torch.no_grad():
+            seq = self.model.generate(ids, do_sample=False, num_beams=1, temperature=None, top_p=None, top_k=None,
+                                      max_new_tokens=max_new_tokens, pad_token_id=self._pad_id(),
+                                      attention_mask=torch.ones_like(ids))
+        return self._decode(self._trim(seq[0, ids.shape[1]:].tolist()))
 
     def _required(self, constraints: Constraints | None, text_start: int, prompt_length: int, step_offset: int,
                   total_steps: int) -> list[LogitsProcessor]:

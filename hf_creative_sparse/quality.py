@@ -792,7 +792,11 @@ class QualityFunctional:
         w = self.weights if weights is None else QualityWeights.coerce(weights)
         novelty = self.compute_novelty(outputs, reference_data, groups=groups)
         diversity = self.compute_diversity(outputs, groups=groups)
-        incoherence = [1.0 - c for c in self.compute_coherence(outputs, nll=nll, nll_reference=nll_reference)]
+        if nll is None and nll_reference is None:  # the seed signature, which subclasses may override
+            coherence = self.compute_coherence(outputs)
+        else:
+            coherence = self.compute_coherence(outputs, nll=nll, nll_reference=nll_reference)
+        incoherence = [1.0 - c for c in coherence]
         quality = [w.novelty * n + w.diversity * d - w.coherence * i
                    for n, d, i in zip(novelty, diversity, incoherence)]
         return QualityReport(novelty=novelty, diversity=diversity, incoherence=incoherence, quality=quality,

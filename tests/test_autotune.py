@@ -169,8 +169,9 @@ def test_sweep_with_injected_parts_writes_json_and_png(tmp_path):
     res = find_optimal_sparsity(None, "ad_copy", compute_budget=0.75, levels=[0.1, 0.3, 0.5, 0.7, 0.9],
                                 prompts=["sell socks", "sell tea"], num_samples=3, generate_fn=fake_generate,
                                 quality=qf, output_dir=tmp_path, progress=False)
-    assert res.s_values == [0.3, 0.5, 0.7, 0.9]             # s >= 1 - 0.75
-    assert res.s_min == 0.25 and len(res.levels[0].outputs) == 6
+    assert res.s_values == [0.3, 0.5, 0.7, 0.9]             # k_attn(0.1) = 0.90 > 0.75
+    assert res.s_min == pytest.approx(math.sqrt((1 - math.sqrt(0.75)) / 2)) and len(res.levels[0].outputs) == 6
+    assert res.s_max == pytest.approx(math.sqrt((1 + math.sqrt(0.75)) / 2))
     assert res.reference == fake_generate(["sell socks", "sell tea"], 0.0, 1, 0)
     assert res.s_star >= res.s_min and float(res) == res.s_star
     data = json.loads((tmp_path / "sweep.json").read_text())
@@ -184,6 +185,25 @@ def test_sweep_with_injected_parts_writes_json_and_png(tmp_path):
     assert image.std() > 0.05                               # not a blank canvas
 
 
+def test_compute_budget_filters_on_the_compute_a_level_spends(tmp_path):
+    """Issue 16: k_attn(s) is not monotonic, so a budget of 0.6 excludes s = 0.9 (k_attn
+    0.608) and s = 0.95 (0.703), which the old rule s >= 1 - budget kept; every level
+    reports the compute it spends."""
+    from hf_creative_sparse.control import SparsityController
+
+    qf = QualityFunctional(embedder=hashed_bow, scorer=lambda t: [0.2 + 0.3 * x.count("zz") for x in t], nll_scale=4.0)
+    res = find_optimal_sparsity(None, "ad_copy", compute_budget=0.6, levels=[0.3, 0.5, 0.7, 0.9, 0.95],
+                                prompts=["sell socks", "sell tea"], num_samples=2, generate_fn=fake_generate,
+                                quality=qf, output_dir=tmp_path, progress=False, plot=False)
+    ctl = SparsityController()
+    assert res.s_values == [0.5, 0.7]
+    assert [lv.attention_compute for lv in res.levels] == [ctl.attention_budget(0.5), ctl.attention_budget(0.7)]
+    assert all(lv.attention_compute <= 0.6 for lv in res.levels)
+    assert (res.s_min, res.s_max) == pytest.approx(ctl.feasible_dial(0.6))
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [lv["attention_compute"] for lv in data["levels"]] == [lv.attention_compute for lv in res.levels]
+
+
 def test_sweep_validates_arguments():
     kw = dict(generate_fn=fake_generate, quality=QualityFunctional(embedder=hashed_bow,
                                                                    scorer=lambda t: [1.0] * len(t), nll_scale=2.0),
@@ -192,6 +212,8 @@ def test_sweep_validates_arguments():
         find_optimal_sparsity(None, compute_budget=0.0, **kw)
     with pytest.raises(ValueError, match="no level satisfies"):
         find_optimal_sparsity(None, compute_budget=0.1, levels=[0.2, 0.5], **kw)
+    with pytest.raises(ValueError, match="no level satisfies"):
+        find_optimal_sparsity(None, compute_budget=0.6, levels=[0.95], **kw)  # s >= 0.4, but k_attn = 0.70
     with pytest.raises(ValueError, match="task_type"):
         find_optimal_sparsity(None, "limericks", **kw)
     with pytest.raises(ValueError, match="levels must lie in"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_creative_sparse.quality import (LMScorer, MeanPoolEmbedder, QualityFunctional, QualityWeights,
+from hf_creative_sparse.quality import (LMScorer, MeanPoolEmbedder, NLLReference, QualityFunctional, QualityWeights,
                                         compute_quality_score, constraints_from_spec, distinct_n,
                                         lexical_diversity, load_minilm_embedder, load_smollm2_scorer,
                                         sentence_bleu, self_bleu, words)
@@ -173,6 +173,52 @@ def test_quality_score_is_the_weighted_sum():
     assert report.distinct[1] == distinct_n(texts, 1)
 
 
+def test_compute_quality_score_honours_the_functionals_weights():
+    """Issue 16: a functional weighted (1, 0, 0) scores novelty alone through the module
+    function too (before the fix the function passed its own 0.4, 0.3, 0.3)."""
+    emb = table_embedder({"a b c d": [1.0, 0.0], "ref": [0.0, 1.0]})
+    qf = QualityFunctional((1.0, 0.0, 0.0), embedder=emb, scorer=const_scorer({"a b c d": 2.0}), nll_scale=4.0)
+    assert compute_quality_score(["a b c d"], reference_data=["ref"], functional=qf) == pytest.approx([1.0])
+    assert compute_quality_score(["a b c d"], 0.5, reference_data=["ref"], functional=qf) == pytest.approx([0.5])
+    with pytest.raises(TypeError, match="functional"):
+        compute_quality_score(["a"], functional=(1.0, 0.0, 0.0))
+
+
+def test_nll_reference_by_hand():
+    ref = NLLReference.from_samples([1.2, 1.6, 1.4, float("nan")])   # mean 1.4, sd (ddof 1) 0.2
+    assert (ref.mean, ref.std) == (pytest.approx(1.4), pytest.approx(0.2))
+    assert ref.z(2.0) == pytest.approx(3.0) and ref.incoherence(2.0) == pytest.approx(1.0)
+    assert ref.incoherence(1.7) == pytest.approx(0.5) and ref.incoherence(1.0) == 0.0
+    assert math.isinf(ref.z(float("nan")))
+    assert NLLReference.from_samples([1.0, 1.0]).std == NLLReference.MIN_STD
+    with pytest.raises(ValueError, match="two finite"):
+        NLLReference.from_samples([1.0])
+    with pytest.raises(ValueError, match="std"):
+        NLLReference(1.0, 0.0)
+
+
+def test_calibrated_incoherence_prefers_a_coherent_novel_text_to_a_novel_salad():
+    """Issue 14: with ln V as the scale (0.46 vs 0.20 for NLL 5.0 vs 2.2 at V = 49152) the
+    salad's extra novelty outweighs its incoherence; calibrated against the model's own
+    samples (mean 1.5, sd 0.4) the coherent novel text wins."""
+    emb = table_embedder({"salad": [0.3, 0.954], "novel": [0.5, 0.866], "ref": [1.0, 0.0]})
+    nll = {"salad": 5.0, "novel": 2.2}
+    qf = QualityFunctional(embedder=emb, scorer=const_scorer(nll), nll_scale=math.log(49152))
+    texts = ["salad", "novel"]
+    plain = qf.evaluate(texts, ["ref"], groups=[0, 1])
+    assert plain.quality[0] > plain.quality[1]
+    ref = NLLReference(1.5, 0.4)
+    calibrated = qf.evaluate(texts, ["ref"], groups=[0, 1], nll_reference=ref)
+    assert calibrated.quality[1] > calibrated.quality[0]
+    assert calibrated.incoherence == pytest.approx([1.0, 0.7 / 0.4 / 3])
+    given = qf.evaluate(texts, ["ref"], groups=[0, 1], nll=[2.2, 2.2], nll_reference=ref)  # nll= replaces the scorer
+    assert given.incoherence == pytest.approx([0.7 / 0.4 / 3] * 2)
+    with pytest.raises(ValueError, match="one value per output"):
+        qf.evaluate(texts, ["ref"], nll=[1.0])
+    with pytest.raises(TypeError, match="nll_reference"):
+        qf.evaluate(texts, ["ref"], nll_reference=(1.5, 0.4))
+
+
 def test_overriding_a_component_changes_q():
     class NoNovelty(QualityFunctional):
         def compute_novelty(self, outputs, reference_data=None, *, groups=None):
@@ -221,6 +267,24 @@ def test_lm_scorer_matches_unpadded_forward(tiny_lm):
         assert value == pytest.approx(expected, rel=1e-5)
     assert math.isnan(got[2]) and math.isnan(got[3])      # nothing to score
     assert scorer.vocab_size == 257
+
+
+def test_continuation_nll_is_conditioned_on_the_prefix(tiny_lm):
+    model, tok = tiny_lm
+    scorer = LMScorer(model, tok, batch_size=2)
+    prefix = list("Once upon".encode())
+    conts = [" a time", " the hill far away", ""]
+    got = scorer.continuation_nll(prefix, conts)
+    for text, value in zip(conts[:2], got[:2]):
+        ids = torch.tensor([prefix + list(text.encode())])
+        logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+        token = -logp.gather(-1, ids[0, 1:, None])[len(prefix) - 1:, 0]
+        assert value == pytest.approx(token.mean().item(), rel=1e-5)
+    assert math.isnan(got[2])
+    per_token = scorer.continuation_token_nll(prefix, [[ord("a"), ord("b")]])
+    assert per_token[0].shape == (2,)
+    with pytest.raises(ValueError, match="prefix_ids"):
+        scorer.continuation_nll([], ["a"])
 
 
 def test_minilm_embeddings_are_padding_invariant(minilm):
