@@ -43,7 +43,7 @@ import torch
 
 from .config import BLOCK_M, BLOCK_N
 from .ops.inputs import AttentionInputs
-from .ops.masks import attendable_blocks, diagonal_block_mask, pool_blocks
+from .ops.masks import attendable_blocks, block_scores, topk_block_counts
 
 #: simthreshd1 candidates: a lower value calls more blocks self-similar, so fewer are
 #: kept unconditionally (sparser); the pooled mean cosine similarity lies in [0, 1].
@@ -143,24 +143,6 @@ class CallOptions:
 # -- stage 1: the nested candidate masks ------------------------------------------------
 
 
-def _static_forced(inp: AttentionInputs, opts: CallOptions) -> torch.Tensor:
-    """bool [Mq, Mk]: blocks kept whatever the thresholds (sink, text, causal diagonal),
-    exactly as `predict_from_inputs` forces them."""
-    mq, mk = inp.num_q_blocks, inp.num_k_blocks
-    keep = torch.zeros(mq, mk, dtype=torch.bool, device=inp.device)
-    if opts.attention_sink:
-        keep[:, 0] = True
-    if opts.dense_prefix > 0:
-        keep[: math.ceil(min(opts.dense_prefix, inp.len_q) / BLOCK_M), :] = True
-        keep[:, : math.ceil(min(opts.dense_prefix, inp.len_k) / BLOCK_N)] = True
-    if opts.dense_suffix > 0:
-        keep[max(inp.len_q - opts.dense_suffix, 0) // BLOCK_M:, :] = True
-        keep[:, max(inp.len_k - opts.dense_suffix, 0) // BLOCK_N:] = True
-    if inp.is_causal:
-        keep |= diagonal_block_mask(inp.len_q, inp.len_k, inp.device)
-    return keep
-
-
 def candidate_segments(inp: AttentionInputs, grid: SearchGrid, opts: CallOptions) -> torch.Tensor:
     """The first selection level that keeps each block, for every simthreshd1 candidate.
 
@@ -169,31 +151,19 @@ def candidate_segments(inp: AttentionInputs, grid: SearchGrid, opts: CallOptions
         mask that `predict_from_inputs` gives for ``simthreshd1=grid.simthreshd1[s]`` and
         level ``grid.levels[c]`` is ``seg[s] <= c``. C means "never kept" (not attendable).
     """
-    group = inp.heads_q // inp.heads_kv
     device = inp.device
     levels = torch.tensor(grid.levels, dtype=torch.float32, device=device)
     n_levels = levels.numel()
-    pooled_q, sim_q, _ = pool_blocks(inp.q, BLOCK_M, None)
-    pooled_k, sim_k, _ = pool_blocks(inp.k, BLOCK_N, inp.key_padding_mask)
-    if group > 1:
-        pooled_k = pooled_k.repeat_interleave(group, dim=1)
-        sim_k = sim_k.repeat_interleave(group, dim=1)
-    allowed = attendable_blocks(inp)  # [B, 1, Mq, Mk]
-    score = pooled_q @ pooled_k.transpose(-1, -2) * inp.scale
-    static = _static_forced(inp, opts)
     positions = torch.arange(inp.num_k_blocks, device=device)
     out = []
-    for s in grid.simthreshd1:
-        q_similar = sim_q > s
-        k_similar = sim_k > s
-        candidates = allowed & k_similar[:, :, None, :]
-        prob = torch.softmax(score.masked_fill(~candidates, float("-inf")), dim=-1).nan_to_num(0.0)
+    for s in grid.simthreshd1:  # the predictor's own scores (masks.block_scores): one path for both
+        scores = block_scores(inp, simthreshd1=s, attention_sink=opts.attention_sink,
+                              dense_prefix=opts.dense_prefix, dense_suffix=opts.dense_suffix)
+        prob, candidates, allowed = scores.prob, scores.candidates, scores.allowed
         sorted_prob, order = prob.sort(dim=-1, descending=True)  # the predictor's own ordering
         n_candidates = candidates.sum(-1, keepdim=True)  # [B, H, Mq, 1]
         if grid.method == "topk":
-            n_allowed = allowed.sum(-1, keepdim=True).float()
-            n_select = torch.ceil(levels * n_allowed - 1e-6).clamp(min=1.0)
-            n_select = torch.minimum(n_select, n_candidates.float())
+            n_select = torch.minimum(topk_block_counts(levels, allowed), n_candidates.float())
         else:
             cdf = sorted_prob.cumsum(-1)
             below = (cdf[..., None] < levels).sum(-2) + 1  # [B, H, Mq, C]
@@ -201,9 +171,8 @@ def candidate_segments(inp: AttentionInputs, grid: SearchGrid, opts: CallOptions
         # sorted position p is selected at level c iff p < n_select[c]; n_select grows with c
         first_sorted = (n_select[..., None, :] <= positions[:, None].float()).sum(-1)  # [B, H, Mq, Mk]
         first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
-        forced = ~k_similar[:, :, None, :] | ~q_similar[:, :, :, None] | static
         never = torch.full_like(first, n_levels)
-        seg = torch.where(forced, torch.zeros_like(first), torch.where(candidates, first, never))
+        seg = torch.where(scores.forced, torch.zeros_like(first), torch.where(candidates, first, never))
         out.append(torch.where(allowed, seg, torch.full_like(seg, n_levels)))
     return torch.stack(out)
 
