@@ -16,8 +16,9 @@ Here:
 - `select_key_blocks`: GQA shares one selection per kv head, so each kept block is read once
   for all of its query heads. The bound summed over the group's heads is
   ``(sum_g relu(q_g)) . max + (sum_g min(q_g, 0)) . min`` (max(x a, x b) with a <= b is
-  x b for x >= 0 and x a otherwise): two matrix-vector products per kv head. The first ``sink_blocks`` and last ``recent_blocks`` blocks
-  are always kept (attention sinks, local context); they count toward the budget.
+  x b for x >= 0 and x a otherwise): two matrix-vector products per kv head. The first
+  ``sink_blocks`` and last ``recent_blocks`` blocks are always kept (attention sinks, local
+  context); they count toward the budget.
 - `decode_block_attention`: attention of the query over the kept blocks (softmax over
   their keys only), by the compiled CPU kernel (``csrc/cpu/decode_attn.cpp``), a Triton
   kernel on CUDA (``ops/decode_triton.py``) or the gather-based reference below.
