@@ -68,7 +68,7 @@ def main() -> None:
     print("\n| context | k_attn | SDPA ms | sparse step ms | speedup | kept fraction | incremental updates / rebuilds |")
     print("|---|---|---|---|---|---|---|")
     for context, bud, sdpa, ms, kept, upd, reb in rows:
-        print(f"| {context // 1024}k | {bud:.0%} | {sdpa:.2f} | {ms:.2f} | {sdpa / ms:.2f}x | {kept:.3f} | {upd} / {reb} |")
+        print(f"| {context // 1024}k | {bud * 100:g}% | {sdpa:.2f} | {ms:.2f} | {sdpa / ms:.2f}x | {kept:.3f} | {upd} / {reb} |")
 
 
 if __name__ == "__main__":
