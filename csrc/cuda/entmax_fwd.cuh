@@ -5,9 +5,15 @@
 //   1. seeds: score the (at most 2) seed key blocks; tau(row) >= max X - 1 (X = (alpha-1) s);
 //   2. candidates: key blocks whose bound (alpha - 1) U exceeds the smallest tau of the
 //      CTA's rows (others hold only exact zeros); compacted in shared memory;
-//   3. Newton passes over the candidates (Q K^T recomputed each pass; f and f' summed per
-//      row), stopping when every row has sum p - 1 <= tol; blocks entirely under the
-//      current tau (a lower bound: Newton from the left stays left) leave the list;
+//   3. Newton passes over the candidates (Q K^T recomputed each pass). Each pass evaluates
+//      f(t) = sum [X - t]_+^beta and f' at kPoints thresholds per row spread over a bracket
+//      [lo, lo + w) (lo a lower bound of tau; the first bracket is [seed max - 1, seed max),
+//      the interval tau lies in when the seed holds the row max), then steps Newton from the
+//      largest threshold with f >= 1: that point and the Newton step from it (f is convex
+//      and decreasing) are lower bounds, the next threshold an upper one. The bracket
+//      shrinks kPoints-fold a pass on top of Newton's own convergence. A row is done when
+//      f(lo) - 1 <= tol, or when it was <= kNear before its last step (Newton from there
+//      lands within ~kNear^2). Blocks entirely under lo leave the list;
 //   4. the final pass: p = [X - tau]_+^beta, O += P V, out = O / sum p (0 for keyless rows).
 #pragma once
 
@@ -59,11 +65,16 @@ struct PowBeta {
 
 enum PassKind { kMaxPass = 0, kNewtonPass = 1, kFinalPass = 2 };
 
+constexpr int kPoints = 8;      // thresholds evaluated per row and Newton pass
+constexpr float kNear = 2e-2f;  // f(lo) - 1 under this: one more Newton step, no further pass
+
 // Per-thread state of its two rows (row0 = g, row1 = g + 8 of the warp's 16).
 template <int D>
 struct RowAcc {
-  float tau0, tau1;
-  float a0, a1, b0, b1;  // max: row max; newton: f, f'; final: sum p
+  float tau0, tau1;      // lower bounds of tau (the final tau after the Newton passes)
+  float w0, w1;          // bracket widths: thresholds tau + m w / kPoints, m < kPoints
+  float a0, a1;          // max pass: row max; final pass: sum p
+  float f0[kPoints], f1[kPoints], d0[kPoints], d1[kPoints];  // Newton: f and sum z^(beta-1)
   float o[D / 8][4];
   unsigned nnz;
 };
@@ -153,26 +164,50 @@ struct Cta {
       // z = X - tau; rows whose tau is -inf (no key seen yet) take no part.
       const bool live0 = acc.tau0 != -INFINITY, live1 = acc.tau1 != -INFINITY;
       bool any = false;
+      if (kKind == kNewtonPass) {
+        float th0[kPoints], th1[kPoints];
 #pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
+        for (int m = 0; m < kPoints; ++m) {
+          th0[m] = acc.tau0 + m * (acc.w0 * (1.f / kPoints));
+          th1[m] = acc.tau1 + m * (acc.w1 * (1.f / kPoints));
+        }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool first = e < 2;
-          const float z = s[nt][e] - (first ? acc.tau0 : acc.tau1);
-          const bool pos = (first ? live0 : live1) && z > 0.f;
-          any |= pos;
-          if (kKind == kNewtonPass) {
-            if (pos) {
-              const float z1 = pw.p1(z);
-              if (first) { acc.a0 += z1 * z; acc.b0 += z1; } else { acc.a1 += z1 * z; acc.b1 += z1; }
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool first = e < 2;
+            const float x = s[nt][e];
+            any |= (first ? live0 : live1) && x > (first ? acc.tau0 : acc.tau1);
+            if (!(first ? live0 : live1)) continue;
+#pragma unroll
+            for (int m = 0; m < kPoints; ++m) {
+              const float z = x - (first ? th0[m] : th1[m]);
+              if (pw.mode == 0) {  // beta 2: f += z^2, f'/2 += z
+                const float zc = fmaxf(z, 0.f);
+                if (first) { acc.f0[m] = fmaf(zc, zc, acc.f0[m]); acc.d0[m] += zc; }
+                else { acc.f1[m] = fmaf(zc, zc, acc.f1[m]); acc.d1[m] += zc; }
+              } else if (z > 0.f) {
+                const float z1 = pw.p1(z);
+                if (first) { acc.f0[m] = fmaf(z1, z, acc.f0[m]); acc.d0[m] += z1; }
+                else { acc.f1[m] = fmaf(z1, z, acc.f1[m]); acc.d1[m] += z1; }
+              }
             }
-          } else {
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const bool first = e < 2;
+            const float z = s[nt][e] - (first ? acc.tau0 : acc.tau1);
+            const bool pos = (first ? live0 : live1) && z > 0.f;
+            any |= pos;
             const float w = pos ? pw.p(z) : 0.f;
             s[nt][e] = w;
             acc.nnz += pos ? 1u : 0u;
             if (first) acc.a0 += w; else acc.a1 += w;
           }
-        }
+      }
       if (__any_sync(0xffffffffu, any) && lane == 0) s_alive[it] = 1;
       if (kKind == kFinalPass) {
         const T* sVs = sV + (it & 1) * kBlockN * kLd;
@@ -230,6 +265,37 @@ __device__ __forceinline__ float quad_max(float x) {
   return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
+// One row's update after a Newton pass (f[m], d[m]: partial sums of z^beta and z^(beta-1)
+// at threshold lo + m w / kPoints, summed over the quad here). Moves lo to the Newton step
+// from the largest threshold with f >= 1 and w to the distance to the next threshold (the
+// smallest known upper bound). Returns whether the row needs another pass.
+__device__ __forceinline__ bool newton_step(float& lo, float& w, float (&f)[kPoints], float (&d)[kPoints], bool valid,
+                                            float beta, float tol) {
+#pragma unroll
+  for (int m = 0; m < kPoints; ++m) {
+    f[m] = quad_sum(f[m]) - 1.f;
+    d[m] = quad_sum(d[m]) * beta;  // |f'|
+  }
+  if (!valid || lo == -INFINITY || !(f[0] > tol)) return false;  // converged (or no key)
+  int mi = 0;
+#pragma unroll
+  for (int m = 1; m < kPoints; ++m)
+    if (f[m] >= 0.f) mi = m;  // f decreases in t: the last point still at or left of tau
+  float fm = f[0], dm = d[0];
+#pragma unroll
+  for (int m = 1; m < kPoints; ++m)
+    if (m == mi) { fm = f[m]; dm = d[m]; }
+  const float tm = lo + mi * (w * (1.f / kPoints));
+  const bool has_up = mi + 1 < kPoints;
+  const float up = lo + (mi + 1) * (w * (1.f / kPoints));
+  float tn = dm > 0.f ? tm + fm / dm : tm;
+  if (has_up && !(tn < up)) tn = tm;  // rounding only: Newton from the left stays below tau
+  w = has_up ? up - tn : w;
+  const bool far = f[0] > kNear;
+  lo = tn;
+  return far;
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads, Traits<D>::kMinBlocks) entmax_fwd_kernel(const __grid_constant__ EntmaxParams p) {
   using Mma = MmaOp<T>;
@@ -280,8 +346,6 @@ __global__ void __launch_bounds__(kThreads, Traits<D>::kMinBlocks) entmax_fwd_ke
   RowAcc<D> acc;
   acc.tau0 = acc.tau1 = -INFINITY;
   acc.nnz = 0;
-#pragma unroll
-  for (int i = 0; i < kDTiles; ++i) acc.o[i][0] = acc.o[i][1] = acc.o[i][2] = acc.o[i][3] = 0.f;
 
   // 1. Seeds: tau >= (max X over the seed blocks) - 1.
   if (c.tid == 0) {
@@ -341,24 +405,24 @@ __global__ void __launch_bounds__(kThreads, Traits<D>::kMinBlocks) entmax_fwd_ke
   }
 
   // 3. Newton passes; blocks entirely under tau leave the list.
+  acc.w0 = acc.w1 = 1.f;  // [max - 1, max): where tau lies if the seed holds the row max
   int passes = 0;
   while (passes < p.max_iters && n > 0) {
-    acc.a0 = acc.a1 = acc.b0 = acc.b1 = 0.f;
+#pragma unroll
+    for (int m = 0; m < kPoints; ++m) acc.f0[m] = acc.f1[m] = acc.d0[m] = acc.d1[m] = 0.f;
     c.template pass<kNewtonPass>(n, acc);
     ++passes;
-    const float f0 = quad_sum(acc.a0) - 1.f, f1 = quad_sum(acc.a1) - 1.f;
-    const float d0 = quad_sum(acc.b0) * beta, d1 = quad_sum(acc.b1) * beta;
-    const bool open0 = rv0 && acc.tau0 != -INFINITY && f0 > p.tol && d0 > 0.f;
-    const bool open1 = rv1 && acc.tau1 != -INFINITY && f1 > p.tol && d1 > 0.f;
-    if (open0) acc.tau0 += f0 / d0;
-    if (open1) acc.tau1 += f1 / d1;
-    const int any_open = __syncthreads_or(open0 || open1);
+    const bool far0 = newton_step(acc.tau0, acc.w0, acc.f0, acc.d0, rv0, beta, p.tol);
+    const bool far1 = newton_step(acc.tau1, acc.w1, acc.f1, acc.d1, rv1, beta, p.tol);
+    const int any_far = __syncthreads_or(far0 || far1);
     n = c.compact(n, &s_count);
-    if (!any_open) break;
+    if (!any_far) break;
   }
 
   // 4. p V over the blocks still alive.
   acc.a0 = acc.a1 = 0.f;
+#pragma unroll
+  for (int i = 0; i < kDTiles; ++i) acc.o[i][0] = acc.o[i][1] = acc.o[i][2] = acc.o[i][3] = 0.f;
   c.template pass<kFinalPass>(n, acc);
   const int alive = c.compact(n, &s_count);
   const float l0 = quad_sum(acc.a0), l1 = quad_sum(acc.a1);
