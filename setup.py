@@ -86,7 +86,7 @@ setup(
     extras_require={
         "hf": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece"],
         "dev": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece",
-                "pytest", "hypothesis", "psutil"],
+                "pytest", "hypothesis", "psutil", "entmax"],
         "cuda": ["nvidia-cutlass"],
     },
     entry_points={"console_scripts": ["hf-creative-sparse=hf_creative_sparse.cli:main"]},
