@@ -76,8 +76,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_blocks(const at::Tensor& x_i
       for (int64_t t = j * block; t < t1; ++t) {
         if (vp != nullptr && !vp[b * N + t]) continue;
         const float* row = xp + ((b * H + h) * N + t) * D;
-        float n2 = 0.0f;
-        for (int64_t d = 0; d < D; ++d) n2 += row[d] * row[d];
+        // 8 partial sums: one dependent add chain over D would bound the pass by add latency
+        float part[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        int64_t d0 = 0;
+        for (; d0 + 8 <= D; d0 += 8)
+          for (int i = 0; i < 8; ++i) part[i] += row[d0 + i] * row[d0 + i];
+        for (; d0 < D; ++d0) part[0] += row[d0] * row[d0];
+        const float n2 = ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
         const float inv = 1.0f / std::max(std::sqrt(n2), 1e-12f);
         for (int64_t d = 0; d < D; ++d) {
           mean[d] += row[d];
