@@ -25,7 +25,8 @@ import torch
 TEXTS = {
     "GPL-3 licence": "/usr/share/common-licenses/GPL-3",
     "MPL-2.0 licence": "/usr/share/common-licenses/MPL-2.0",
-    "Python docs (datamodel)": "pydoc:datamodel",
+    "Python docs (special method names)": "pydoc:specialnames",
+    "Python docs (compound statements)": "pydoc:compound",
 }
 
 
@@ -38,19 +39,19 @@ def load_text(source: str) -> str:
         return f.read()
 
 
-def nll_of_decode(model, ids: torch.Tensor, start: int) -> tuple[float, int]:
-    """Summed NLL of tokens start+1 .. len-1, each predicted by a decode step."""
+def nll_of_decode(model, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Summed NLL per text [B] of tokens start+1 .. len-1, each predicted by a decode step
+    (the texts run as one batch: a decode step reads the weights once for all of them)."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    total, count = 0.0, 0
+    total = torch.zeros(ids.shape[0], dtype=torch.float64)
     with torch.no_grad():
         model(ids[:, :start], past_key_values=cache, use_cache=True)
         for t in range(start, ids.shape[1] - 1):
-            logits = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1].float()
-            total += float(torch.nn.functional.cross_entropy(logits[None], ids[:, t + 1]))
-            count += 1
-    return total, count
+            logits = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[:, -1].float()
+            total += torch.nn.functional.cross_entropy(logits, ids[:, t + 1], reduction="none").double()
+    return total
 
 
 def main() -> None:
@@ -59,6 +60,8 @@ def main() -> None:
     parser.add_argument("--start", type=int, default=512, help="prefilled tokens; decode steps score the rest")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25])
     parser.add_argument("--block-sizes", type=int, nargs="+", default=[32])
+    parser.add_argument("--dense-layers", type=int, nargs="+", default=[0],
+                        help="first layers decoded dense (Quest: 2); one sparse run per value")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave)")
     args = parser.parse_args()
     if args.threads:
@@ -75,42 +78,46 @@ def main() -> None:
     runs = [("dense (SDPA)", DecodeSparsityConfig(enabled=False))]
     for bs in args.block_sizes:
         for budget in args.budgets:
-            runs.append((f"k_attn {budget:.0%}, blocks of {bs}",
-                         DecodeSparsityConfig(budget=budget, block_size=bs, min_context=args.start)))
-    totals = {name: [0.0, 0] for name, _ in runs}
-    kept = {name: [] for name, _ in runs}
-    per_text = []
+            for dense_layers in args.dense_layers:
+                name = f"k_attn {budget:.0%}, blocks of {bs}" + (f", first {dense_layers} layers dense"
+                                                                 if dense_layers else "")
+                runs.append((name, DecodeSparsityConfig(budget=budget, block_size=bs, min_context=args.start,
+                                                        dense_layers=dense_layers)))
+    labels, rows = [], []
     for label, source in TEXTS.items():
         if not source.startswith("pydoc:") and not os.path.exists(source):
             print(f"skipping {label}: {source} not found")
             continue
-        ids = tok(load_text(source), return_tensors="pt").input_ids[:, :args.context]
-        row = [label, str(ids.shape[1])]
-        for name, cfg in runs:
-            ta.set_decode_config(cfg, model)
-            for st in ta.decode_states(model).values():
-                st.reset_stats()
-            t0 = time.perf_counter()
-            nll, n = nll_of_decode(model, ids, args.start)
-            reports = [st.report() for st in ta.decode_states(model).values()]
-            kept[name].append(sum(r["mean_kept_fraction"] for r in reports) / len(reports))
-            totals[name][0] += nll
-            totals[name][1] += n
-            row.append(f"{math.exp(nll / n):.3f}")
-            print(f"{label:28s} {name:28s} ppl {math.exp(nll / n):8.3f}  kept {kept[name][-1]:.3f}  "
-                  f"{time.perf_counter() - t0:.0f} s", flush=True)
-        per_text.append(row)
-    dense_ppl = math.exp(totals[runs[0][0]][0] / totals[runs[0][0]][1])
-    print("\n| text | tokens | " + " | ".join(name for name, _ in runs) + " |")
-    print("|---|---|" + "---|" * len(runs))
-    for row in per_text:
-        print("| " + " | ".join(row) + " |")
+        ids = tok(load_text(source), return_tensors="pt").input_ids[0, :args.context]
+        if ids.numel() < args.context:
+            raise ValueError(f"{label} has {ids.numel()} tokens < --context {args.context}")
+        labels.append(label)
+        rows.append(ids)
+    ids = torch.stack(rows)  # equal lengths: no padding
+    scored = ids.shape[1] - 1 - args.start
+    nll, kept = {}, {}
+    for name, cfg in runs:
+        ta.set_decode_config(cfg, model)
+        for st in ta.decode_states(model).values():
+            st.reset_stats()
+        t0 = time.perf_counter()
+        nll[name] = nll_of_decode(model, ids, args.start)
+        reports = [st.report() for st in ta.decode_states(model).values()]
+        kept[name] = sum(r["mean_kept_fraction"] for r in reports) / len(reports)
+        ppl = math.exp(float(nll[name].sum()) / (scored * len(labels)))
+        print(f"{name:28s} ppl {ppl:8.3f}  kept {kept[name]:.3f}  {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"\nSmolLM2-135M-Instruct, {len(labels)} texts x {args.context} tokens, the first {args.start} prefilled "
+          f"densely, {scored} decode steps scored per text")
+    print("\n| text | " + " | ".join(name for name, _ in runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for i, label in enumerate(labels):
+        print(f"| {label} | " + " | ".join(f"{math.exp(float(nll[name][i]) / scored):.3f}" for name, _ in runs) + " |")
+    dense = math.exp(float(nll[runs[0][0]].sum()) / (scored * len(labels)))
     print("\n| run | perplexity (all texts) | vs dense | mean kept fraction of blocks |")
     print("|---|---|---|---|")
     for name, _ in runs:
-        ppl = math.exp(totals[name][0] / totals[name][1])
-        print(f"| {name} | {ppl:.3f} | {100 * (ppl / dense_ppl - 1):+.2f}% | {sum(kept[name]) / len(kept[name]):.3f} |")
-
+        ppl = math.exp(float(nll[name].sum()) / (scored * len(labels)))
+        print(f"| {name} | {ppl:.3f} | {100 * (ppl / dense - 1):+.2f}% | {kept[name]:.3f} |")
 
 if __name__ == "__main__":
     main()

@@ -130,9 +130,14 @@ def decode_states(model: torch.nn.Module) -> dict[str, DecodeState]:
 def _decode_state_of(module: torch.nn.Module) -> DecodeState:
     state = getattr(module, _DECODE_ATTR, None)
     if state is None:
-        state = DecodeState(DEFAULT_DECODE_CONFIG)
+        state = DecodeState(DEFAULT_DECODE_CONFIG, layer_index=_layer_index(module))
         setattr(module, _DECODE_ATTR, state)
     return state
+
+
+def _layer_index(module: torch.nn.Module) -> int | None:
+    idx = getattr(module, "layer_idx", None)
+    return idx if isinstance(idx, int) and not isinstance(idx, bool) and idx >= 0 else None
 
 
 def _decode_budget(state: LayerState) -> float | None:
@@ -371,7 +376,7 @@ class TransformersAttentionPatch(ModelPatch):
             self._tagged.append((module, getattr(module, _STATE_ATTR, None)))
             setattr(module, _STATE_ATTR, self.make_state(name))
             if not hasattr(module, _DECODE_ATTR):
-                setattr(module, _DECODE_ATTR, DecodeState(DEFAULT_DECODE_CONFIG))
+                setattr(module, _DECODE_ATTR, DecodeState(DEFAULT_DECODE_CONFIG, layer_index=_layer_index(module)))
         try:
             self.model.set_attn_implementation(ATTN_IMPLEMENTATION)
         except Exception:

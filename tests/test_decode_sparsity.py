@@ -235,6 +235,9 @@ def test_dense_fallbacks_say_why():
         out, stats = state.attend(q, k, v)
         assert why in stats.fallback_reason and stats.backend == "sdpa" and torch.allclose(out, ref, atol=1e-6)
         assert state.report()["sparse_calls"] == 0 and state.report()["calls"] == 1
+    dense_first = dm.DecodeSparsityConfig(budget=0.25, min_context=0, block_size=8, dense_layers=2)
+    assert "dense layer" in dm.DecodeState(dense_first, layer_index=1).attend(q, k, v)[1].fallback_reason
+    assert dm.DecodeState(dense_first, layer_index=2).attend(q, k, v)[1].fallback_reason is None
     # a dial budget (k_attn(s)) is used when the config has none
     out, stats = dm.DecodeState(dm.DecodeSparsityConfig(min_context=0, block_size=8)).attend(q, k, v, budget=0.5)
     assert stats.fallback_reason is None and stats.kept_blocks == 7
@@ -255,6 +258,10 @@ def test_config_validation():
         dm.DecodeSparsityConfig(max_kept_fraction=1.5)
     with pytest.raises(TypeError, match="enabled"):
         dm.DecodeSparsityConfig(enabled=1)
+    with pytest.raises(ValueError, match="dense_layers"):
+        dm.DecodeSparsityConfig(dense_layers=-1)
+    with pytest.raises(ValueError, match="layer_index"):
+        dm.DecodeState(layer_index=-2)
     q, k = torch.randn(1, 2, 8), torch.randn(1, 1, 40, 8)
     with pytest.raises(ValueError, match="block_idx"):
         dm.decode_block_attention(q, k, k, torch.zeros(1, 1, 2, dtype=torch.int32), 16)

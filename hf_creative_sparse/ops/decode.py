@@ -70,6 +70,9 @@ class DecodeSparsityConfig:
         max_kept_fraction: a step whose kept fraction exceeds this runs dense.
         backend: "auto" (cpu kernel for float32 CPU tensors, triton on CUDA, else torch),
             or one of "cpu", "triton", "torch" (the gather-based reference).
+        dense_layers: layers with index below this decode dense (Quest keeps its first two
+            layers dense: their attention is the least concentrated). Needs the layer's index
+            (`DecodeState(layer_index=...)`; the transformers glue passes ``layer_idx``).
         verify_cache: check on every step that the cached keys the statistics describe are
             unchanged (compares the last cached key row; one device sync per layer and step
             on GPU). Turn off only when the cache can only grow (no beam search reordering).
@@ -87,6 +90,7 @@ class DecodeSparsityConfig:
     min_context: int = 2048
     max_kept_fraction: float = 0.9
     backend: str = "auto"
+    dense_layers: int = 0
     verify_cache: bool = True
 
     def __post_init__(self) -> None:
@@ -98,7 +102,8 @@ class DecodeSparsityConfig:
                 raise TypeError(f"budget must be a float in (0, 1] or None, got {type(self.budget).__name__}")
             if not 0.0 < float(self.budget) <= 1.0:
                 raise ValueError(f"budget must lie in (0, 1], got {self.budget}")
-        for name, low in (("block_size", 1), ("sink_blocks", 0), ("recent_blocks", 1), ("min_context", 0)):
+        for name, low in (("block_size", 1), ("sink_blocks", 0), ("recent_blocks", 1), ("min_context", 0),
+                          ("dense_layers", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -537,11 +542,16 @@ class DecodeState:
 
     Args:
         config: the policy (default `DecodeSparsityConfig()`).
+        layer_index: the layer's index in its model (for ``config.dense_layers``), or None.
     """
 
-    def __init__(self, config: DecodeSparsityConfig | None = None) -> None:
+    def __init__(self, config: DecodeSparsityConfig | None = None, *, layer_index: int | None = None) -> None:
         if config is not None and not isinstance(config, DecodeSparsityConfig):
             raise TypeError(f"config must be a DecodeSparsityConfig, got {type(config).__name__}")
+        if layer_index is not None and (isinstance(layer_index, bool) or not isinstance(layer_index, int)
+                                        or layer_index < 0):
+            raise ValueError(f"layer_index must be an int >= 0 or None, got {layer_index!r}")
+        self.layer_index = layer_index
         self.config = config if config is not None else DecodeSparsityConfig()
         self.stats = KeyBlockStats(self.config.block_size)
         self.last: DecodeStats | None = None
@@ -566,6 +576,8 @@ class DecodeState:
         c = self.config
         if not c.enabled:
             return "decode sparsity disabled"
+        if self.layer_index is not None and self.layer_index < c.dense_layers:
+            return f"dense layer: layer {self.layer_index} < dense_layers={c.dense_layers}"
         if c.budget is not None:
             budget = float(c.budget)
         if budget is None:
