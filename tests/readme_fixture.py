@@ -16,7 +16,9 @@ that every Python block of the README runs as written, on a CPU, in seconds
   ``AutoTokenizer.from_pretrained(<hub id>)`` returns a byte-level tokenizer (256 byte
   tokens and ``<|endoftext|>``). Existing local paths load as usual.
 - hf_creative_sparse: ``quality.load_smollm2`` (what ``CreativeSparseWrapper()`` and the
-  default scorer load) returns the tiny Llama and the byte-level tokenizer.
+  default scorer load) returns the tiny Llama and the byte-level tokenizer;
+  ``find_optimal_sparsity`` runs `SMALL_SWEEP` (2 of the task's prompts, 2 samples of 16
+  tokens a level) unless the block passes those arguments itself.
 
 Outputs are therefore meaningless; what the test checks is that each block runs as
 written with the package's real code paths (patching, reports, calibration files).
@@ -42,6 +44,9 @@ SKIP_MARKER = re.compile(r"<!--\s*readme-test:\s*skip:\s*(?P<reason>[^>]*?)\s*--
 #: What every `TinyWanPipeline` call runs with (pixels, frames, denoising steps).
 TINY_CALL = {"height": 64, "width": 64, "num_frames": 5, "num_inference_steps": 4}
 VOCAB = 320  # 256 bytes + <|endoftext|>, padded
+#: What a README sweep generates per level (the real default, 4 samples x 64 tokens of
+#: every prompt, takes minutes on a CPU even with the tiny model).
+SMALL_SWEEP = {"prompts": 2, "num_samples": 2, "max_new_tokens": 16}
 _LLAMA_IDS = ("llama", "qwen", "mistral", "smollm")
 
 
@@ -201,6 +206,20 @@ def install() -> None:
         return tiny_causal_lm("smollm2").to(device), byte_tokenizer()
 
     quality.load_smollm2 = load_smollm2
+
+    from hf_creative_sparse import autotune
+
+    original_sweep = autotune.find_optimal_sparsity
+
+    def small_sweep(model_or_wrapper: Any, task_type: str = "creative_writing", *args: Any, **kwargs: Any) -> Any:
+        if not args:  # only keyword arguments: fill in the ones the block left to their defaults
+            if kwargs.get("prompts") is None:
+                kwargs["prompts"] = list(autotune.load_task(task_type)["prompts"])[:SMALL_SWEEP["prompts"]]
+            kwargs.setdefault("num_samples", SMALL_SWEEP["num_samples"])
+            kwargs.setdefault("max_new_tokens", SMALL_SWEEP["max_new_tokens"])
+        return original_sweep(model_or_wrapper, task_type, *args, **kwargs)
+
+    autotune.find_optimal_sparsity = small_sweep
     install.done = True
 
 
