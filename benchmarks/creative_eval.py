@@ -115,7 +115,7 @@ class Evaluator:
     """Holds the model, the embedder and the greedy references of one prompt set."""
 
     def __init__(self, prompts: list[str], samples: int, new_tokens: int, seed: int, batch_prompts: int,
-                 cache: str | None = None, wrapper_candidates: int = 5) -> None:
+                 cache: str | None = None, wrapper_candidates: int = 5, greedy: list[str] | None = None) -> None:
         self.model, self.tok = load_model(cache)
         self.embed = load_minilm_embedder()
         self.scorer = LMScorer(self.model, self.tok, batch_size=16)
@@ -128,7 +128,8 @@ class Evaluator:
         eos = self.model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
         self.pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else sorted(self.eos)[0]
-        self.greedy = [t[0] for t in self._generate(dict(do_sample=False), 1)]
+        # a resumed run keeps the greedy answers the earlier methods were measured against
+        self.greedy = greedy if greedy is not None else [t[0] for t in self._generate(dict(do_sample=False), 1)]
         self.greedy_emb = self.embed(self.greedy)
 
     # -- generation -------------------------------------------------------------------
@@ -212,7 +213,7 @@ class Evaluator:
             ntok.append(float(np.mean([len(x) for x in token_nll])))
         mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
         return {"novelty": mean(nov), "diversity": mean(div), "distinct2": mean(d2), "nll": mean(nll),
-                "tokens": mean(ntok), "nll_per_prompt": nll, "novelty_per_prompt": nov}
+                "tokens": mean(ntok), "nll_per_prompt": nll, "novelty_per_prompt": nov, "diversity_per_prompt": div}
 
 
 def table(results: dict[str, Any]) -> str:
@@ -296,10 +297,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(path, encoding="utf-8") as fh:
             old = json.load(fh)
         if old.get("prompts") == prompts and old.get("samples") == args.samples:
-            results["methods"] = old["methods"]
+            results["methods"], results["greedy"] = old["methods"], old.get("greedy")
     start = time.perf_counter()
     ev = Evaluator(prompts, args.samples, args.new_tokens, args.seed, args.batch_prompts, args.cache,
-                   args.wrapper_candidates)
+                   args.wrapper_candidates, results.get("greedy") if results["methods"] else None)
     print(f"loaded and greedy references in {time.perf_counter() - start:.0f} s", flush=True)
     results["greedy"] = ev.greedy
     for name in methods:

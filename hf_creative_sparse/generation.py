@@ -28,7 +28,7 @@ pruning (top-k), nucleus p_nuc(s) and min-p.
 
 `CreativeSparseWrapper` drafts several openings at s_A, keeps the best ``num_openings`` by
 the quality functional Q, continues them at s_B under constraint-aware decoding and reranks
-with incoherence calibrated against the model's own dense samples of the prompt.
+with incoherence calibrated against the model's own samples of the prompt (schedule alone).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ NEUTRAL_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 
 #: `CreativeSparseWrapper.generate_creative`'s default number of new tokens.
 DEFAULT_MAX_NEW_TOKENS = 200
 #: Candidates whose NLL lies more than this many standard deviations above the model's own
-#: dense samples of the prompt rank last (`CreativeSparseWrapper`).
+#: samples of the prompt (the schedule alone) rank last (`CreativeSparseWrapper`).
 DEFAULT_INCOHERENCE_BOUND = 2.0
 
 
@@ -491,8 +491,9 @@ class CreativeSparseWrapper:
         progress: show a progress bar (None: when more than 8 candidates).
         num_openings: m, how many of the best stage-A openings stage B continues (the
             candidates are dealt round-robin among them).
-        calibration_samples: dense samples (s = 0) of the prompt whose NLL calibrates the
-            incoherence term (`quality.NLLReference`); 0: uncalibrated (ln V scale).
+        calibration_samples: samples of the prompt drawn with the schedule alone (the
+            processor's own output) whose NLL calibrates the incoherence term
+            (`quality.NLLReference`, `reference_nll`); 0: uncalibrated (ln V scale).
         incoherence_bound: candidates whose NLL lies more than this many standard
             deviations above those samples rank after all others (inf: no bound).
         sparsity_schedule, sparsity_config: deprecated aliases of ``schedule`` and ``config``.
@@ -652,12 +653,15 @@ class CreativeSparseWrapper:
     def _sample(self, input_ids: torch.Tensor, n: int, *, schedule: TwoStageSchedule, total_steps: int,
                 step_offset: int, new_tokens: int, min_new_tokens: int, extra: list[LogitsProcessor],
                 seed: int | None, bar: Any) -> list[list[int]]:
-        """``n`` samples of ``new_tokens`` tokens continuing ``input_ids`` [1, L], batched."""
+        """``n`` samples of ``new_tokens`` tokens continuing ``input_ids``: [1, L] (n samples of
+        one prefix) or [n, L] (one sample per row), batched."""
+        if input_ids.shape[0] not in (1, n):
+            raise ValueError(f"input_ids must have 1 or n = {n} rows, got {input_ids.shape[0]}")
         out: list[list[int]] = []
         length = input_ids.shape[1]
         for index, start in enumerate(range(0, n, self.batch_size)):
             rows = min(self.batch_size, n - start)
-            ids = input_ids.expand(rows, -1)
+            ids = input_ids.expand(rows, -1) if input_ids.shape[0] == 1 else input_ids[start:start + rows]
             proc = CreativeSparseLogitsProcessor(length, total_steps, schedule=schedule, controller=self.controller,
                                                  model=self.model, step_offset=step_offset)
             kwargs = dict(NEUTRAL_SAMPLING, max_new_tokens=new_tokens, min_new_tokens=min_new_tokens,
@@ -688,12 +692,13 @@ class CreativeSparseWrapper:
         return hasattr(self.scorer, "evaluate") and (inner is None or isinstance(inner, LMScorer))
 
     def reference_nll(self, prompt_ids: torch.Tensor, new_tokens: int, seed: int | None) -> list[np.ndarray] | None:
-        """Per-token NLL of ``calibration_samples`` dense samples (s = 0) of the prompt: the
-        model's own yardstick for this prompt (None without calibration)."""
+        """Per-token NLL of ``calibration_samples`` samples of the prompt drawn with the
+        wrapper's schedule alone (what `CreativeSparseLogitsProcessor` gives without drafts,
+        selection or reranking): the model's own yardstick for this prompt, against which
+        the candidates' NLL is z-scored (None without calibration)."""
         if self.calibration_samples == 0 or not self._uses_own_nll():
             return None
-        dense = TwoStageSchedule(0.0, 0.0, switch=1.0)
-        refs = self._sample(prompt_ids, self.calibration_samples, schedule=dense, total_steps=new_tokens,
+        refs = self._sample(prompt_ids, self.calibration_samples, schedule=self.schedule, total_steps=new_tokens,
                             step_offset=0, new_tokens=new_tokens, min_new_tokens=0, extra=[],
                             seed=None if seed is None else seed + 200_003, bar=None)
         return self._nll(prompt_ids, refs)
@@ -752,7 +757,8 @@ class CreativeSparseWrapper:
         s_B, ``num_candidates`` continuations in all, dealt round-robin (banned words
         forbidden in both stages, missing required words encouraged); the full texts are
         reranked by Q - penalty * violations. Incoherence is calibrated against
-        ``calibration_samples`` dense samples of the same prompt (`NLLReference`), and
+        ``calibration_samples`` samples of the same prompt drawn with the schedule alone
+        (`reference_nll`, `NLLReference`), and
         candidates whose NLL lies more than ``incoherence_bound`` standard deviations above
         them rank after every candidate within the bound. With ``sparsity_level`` a single
         stage samples ``num_candidates`` texts at that s instead.
@@ -816,19 +822,19 @@ class CreativeSparseWrapper:
                                 opening_scores=opening_q, s=s_pair, unique=True)
         ranked = sorted(range(len(openings)), key=lambda i: (opening_z[i] > self.incoherence_bound, -opening_q[i]))
         kept = ranked[: min(self.num_openings, len(ranked))]
+        owner = [kept[j % len(kept)] for j in range(num_candidates)]  # dealt round-robin
+        owner.sort(key=kept.index)
         conts: list[list[int]] = []
-        owner: list[int] = []
-        for k, o in enumerate(kept):  # continuations per opening: num_candidates dealt round-robin
-            count = len(range(k, num_candidates, len(kept)))
-            if count == 0:
-                continue
-            base = torch.cat([ids, torch.tensor([openings[o]], dtype=ids.dtype, device=ids.device)], dim=1)
+        same_length = len({len(openings[o]) for o in kept}) == 1
+        groups = [owner] if same_length else [[o] * owner.count(o) for o in kept]  # one batch when rows align
+        for k, group in enumerate(groups):
+            base = torch.cat([ids.expand(len(group), -1),
+                              torch.tensor([openings[o] for o in group], dtype=ids.dtype, device=ids.device)], dim=1)
             extra = self._banned(constraints) + self._required(constraints, ids.shape[1], base.shape[1], n_a,
                                                                max_new_tokens)
-            conts.extend(self._sample(base, count, schedule=self.schedule, total_steps=max_new_tokens, step_offset=n_a,
-                                      new_tokens=n_b, min_new_tokens=0, extra=extra,
+            conts.extend(self._sample(base, len(group), schedule=self.schedule, total_steps=max_new_tokens,
+                                      step_offset=n_a, new_tokens=n_b, min_new_tokens=0, extra=extra,
                                       seed=None if seed is None else seed + 100_003 * (k + 1), bar=bar))
-            owner.extend([o] * count)
         bar.close()
         full = [openings[o] + c for o, c in zip(owner, conts)]
         return self._finish(full, prompt, ids, reference, constraints, return_best,

@@ -28,8 +28,8 @@ Scales (all dimensionless):
   Calibrated (`NLLReference`, what the wrapper uses): ln V is the wrong yardstick for one
   model and prompt (a 135M model's fluent text has NLL ~1.5 nats, its word salad ~5, i.e.
   0.14 vs 0.46 of ln V, which novelty outweighs). With a reference, the mean m and standard
-  deviation sd of the NLL of the model's own dense samples for the same prompt, nll_i
-  enters as z_i = (nll_i - m) / sd and ``min(1, max(0, z_i / z_scale))`` (default
+  deviation sd of the NLL of the model's own samples for the same prompt (the wrapper
+  draws them with its schedule alone), nll_i enters as z_i = (nll_i - m) / sd and ``min(1, max(0, z_i / z_scale))`` (default
   z_scale 3): as predictable as the model's own samples is 0, z_scale standard deviations
   less predictable is 1. The wrapper also rejects candidates with z_i above a bound.
 - Coherence C_i = 1 - I_i (the seed API's ``compute_coherence``); Q uses -gamma * I_i,
@@ -457,7 +457,7 @@ def load_smollm2_scorer(device: str = "cpu") -> LMScorer:
 @dataclass(frozen=True)
 class NLLReference:
     """The NLL yardstick of one prompt: mean and standard deviation (nats) of the NLL of the
-    model's own dense samples for it (module docstring, "Calibrated").
+    model's own samples for it (module docstring, "Calibrated").
 
     Attributes:
         mean: mean NLL of the reference samples (nats / token).
