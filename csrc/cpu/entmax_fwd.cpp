@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ops/mm.h>
 
 #include <algorithm>
 #include <cmath>
@@ -31,20 +32,6 @@ namespace {
 using hcs_cpu::kBlockM;
 using hcs_cpu::kBlockN;
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-float dot(const float* a, const float* b, int64_t n) {
-  // Four independent sums: no -ffast-math, so the compiler may not reassociate one chain.
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  int64_t i = 0;
-  for (; i + 4 <= n; i += 4) {
-    s0 += a[i] * b[i];
-    s1 += a[i + 1] * b[i + 1];
-    s2 += a[i + 2] * b[i + 2];
-    s3 += a[i + 3] * b[i + 3];
-  }
-  for (; i < n; ++i) s0 += a[i] * b[i];
-  return (s0 + s1) + (s2 + s3);
-}
 
 // z^beta for z > 0 with the common exponents exact and cheap.
 inline double powb(double z, double beta) {
@@ -66,20 +53,39 @@ struct Problem {
   int64_t* counts;
 };
 
-// f(t) - 1 and f'(t) of one row's scores x[0..n) (entries -inf are skipped).
+// f(t) - 1 and |f'(t)| of one row's scores x[0..n) (entries -inf contribute nothing).
 inline void row_f(const float* x, int64_t n, double t, double beta, double& f, double& fp) {
+  if (beta == 2.0) {  // alpha 1.5: branch-free, four partial sums (no -ffast-math to reorder one)
+    const float tf = (float)t;
+    float f4[4] = {0.f, 0.f, 0.f, 0.f}, g4[4] = {0.f, 0.f, 0.f, 0.f};
+    int64_t c = 0;
+    for (; c + 4 <= n; c += 4)
+      for (int i = 0; i < 4; ++i) {
+        const float z = std::max(x[c + i] - tf, 0.f);
+        f4[i] += z * z;
+        g4[i] += z;
+      }
+    for (; c < n; ++c) {
+      const float z = std::max(x[c] - tf, 0.f);
+      f4[0] += z * z;
+      g4[0] += z;
+    }
+    f = (double)((f4[0] + f4[1]) + (f4[2] + f4[3])) - 1.0;
+    fp = 2.0 * (double)((g4[0] + g4[1]) + (g4[2] + g4[3]));
+    return;
+  }
   f = 0.0;
   fp = 0.0;
   for (int64_t c = 0; c < n; ++c) {
     const double z = (double)x[c] - t;
     if (z > 0.0) {
-      const double zb1 = beta == 2.0 ? z : (beta == 1.0 ? 1.0 : std::pow(z, beta - 1.0));
+      const double zb1 = beta == 1.0 ? 1.0 : std::pow(z, beta - 1.0);
       f += zb1 * z;
       fp += zb1;
     }
   }
   f -= 1.0;
-  fp *= beta;  // |f'(t)|
+  fp *= beta;
 }
 
 void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vector<int32_t>& cand) {
@@ -101,14 +107,19 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vecto
     return c < p.Nk && (!p.causal || c <= r) && (valid == nullptr || valid[c]);
   };
 
-  // 1. Lower bounds on tau from the seed blocks.
+  // 1. Lower bounds on tau from the seed blocks (their scores by BLAS).
+  const at::Tensor q_blk = at::from_blob(const_cast<float*>(qh + r0 * p.D), {rows, p.D}, at::kFloat);
   std::vector<double> lo(rows, -kInf);
   for (int s = 0; s < 2; ++s) {
     const int32_t j = seed[s];
     if (j < 0) continue;
+    const int64_t c0 = (int64_t)j * kBlockN, n_keys = std::min<int64_t>(kBlockN, p.Nk - c0);
+    const at::Tensor k_blk = at::from_blob(const_cast<float*>(kh + c0 * p.D), {n_keys, p.D}, at::kFloat);
+    const at::Tensor sc = at::mm(q_blk, k_blk.t()).contiguous();
+    const float* sp = sc.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r)
-      for (int64_t c = j * kBlockN; c < std::min<int64_t>((j + 1) * kBlockN, p.Nk); ++c)
-        if (usable(r0 + r, c)) lo[r] = std::max(lo[r], (double)(xs * dot(qh + (r0 + r) * p.D, kh + c * p.D, p.D)) - 1.0);
+      for (int64_t c = 0; c < n_keys; ++c)
+        if (usable(r0 + r, c0 + c)) lo[r] = std::max(lo[r], (double)(xs * sp[r * n_keys + c]) - 1.0);
   }
   double lo_min = kInf;
   for (int64_t r = 0; r < rows; ++r) lo_min = std::min(lo_min, lo[r]);
@@ -124,24 +135,33 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vecto
   const int64_t nc = (int64_t)cand.size() * kBlockN;
   if ((int64_t)ws.size() < rows * nc) ws.resize(rows * nc);
 
-  // 3. Scores of the candidates, -inf where not attendable.
+  // 3. Scores of the candidates, -inf where not attendable: the candidate keys and values
+  // gathered into contiguous [nc, D] buffers, S = Q K^T by BLAS (single-threaded here:
+  // the work items already run in parallel).
+  at::Tensor kc = at::zeros({nc, p.D}, at::kFloat), vc = at::zeros({nc, p.D}, at::kFloat);
+  for (size_t t = 0; t < cand.size(); ++t) {
+    const int64_t c0 = (int64_t)cand[t] * kBlockN, n_keys = std::min<int64_t>(kBlockN, p.Nk - c0);
+    std::copy(kh + c0 * p.D, kh + (c0 + n_keys) * p.D, kc.data_ptr<float>() + t * kBlockN * p.D);
+    std::copy(vh + c0 * p.D, vh + (c0 + n_keys) * p.D, vc.data_ptr<float>() + t * kBlockN * p.D);
+  }
+  at::Tensor scores = at::from_blob(ws.data(), {rows, nc}, at::kFloat);
+  if (nc > 0) at::mm_out(scores, q_blk, kc.t());
   for (int64_t r = 0; r < rows; ++r) {
-    const float* qr = qh + (r0 + r) * p.D;
     float* x = ws.data() + r * nc;
     for (size_t t = 0; t < cand.size(); ++t)
       for (int64_t cc = 0; cc < kBlockN; ++cc) {
         const int64_t c = (int64_t)cand[t] * kBlockN + cc;
-        x[t * kBlockN + cc] = usable(r0 + r, c) ? xs * dot(qr, kh + c * p.D, p.D) : -kInf;
+        float& xv = x[t * kBlockN + cc];
+        xv = usable(r0 + r, c) ? xs * xv : -kInf;
       }
   }
 
-  // 4. tau per row, then p V.
+  // 4. tau per row; the weights overwrite the scores, then out = P V / sum p by BLAS.
   std::vector<uint8_t> alive(cand.size(), 0);
+  std::vector<float> inv_sum(rows, 0.f);
   int64_t max_iters_used = 0, nnz = 0;
-  std::vector<double> acc(p.D);
   for (int64_t r = 0; r < rows; ++r) {
-    const float* x = ws.data() + r * nc;
-    float* o = p.out + ((b * p.Hq + h) * p.Nq + r0 + r) * p.D;
+    float* x = ws.data() + r * nc;
     double xmax = -kInf;
     int64_t n = 0;
     for (int64_t c = 0; c < nc; ++c)
@@ -150,7 +170,7 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vecto
         ++n;
       }
     if (n == 0) {  // no attendable key: zeros, never NaN
-      std::fill(o, o + p.D, 0.f);
+      std::fill(x, x + nc, 0.f);
       tau_out[r0 + r] = -kInf;
       continue;
     }
@@ -162,7 +182,8 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vecto
       row_f(x, nc, t_lo, beta, f, fp);
       if (f <= p.tol || fp <= 0.0) break;
       const double t_newton = std::min(t_lo + f / fp, t_hi);
-      if (t_newton - t_lo < 0.25 * (t_hi - t_lo)) {  // slow (alpha near 1): also bisect
+      // Newton is slow far from tau when beta is large (alpha near 1): also bisect there.
+      if (beta > 2.0 && t_newton - t_lo < 0.25 * (t_hi - t_lo)) {
         const double mid = 0.5 * (t_newton + t_hi);
         double fm, fpm;
         row_f(x, nc, mid, beta, fm, fpm);
@@ -178,20 +199,26 @@ void run_item(const Problem& p, int64_t item, std::vector<float>& ws, std::vecto
     }
     max_iters_used = std::max(max_iters_used, it);
     tau_out[r0 + r] = (float)t_lo;
-    std::fill(acc.begin(), acc.end(), 0.0);
     double sum = 0.0;
     for (int64_t c = 0; c < nc; ++c) {
       const double z = (double)x[c] - t_lo;
-      if (z <= 0.0) continue;  // exact zero (also -inf: not attendable)
-      const double w = powb(z, beta);
-      sum += w;
+      if (z <= 0.0) {  // exact zero (also -inf: not attendable)
+        x[c] = 0.f;
+        continue;
+      }
+      x[c] = (float)powb(z, beta);
+      sum += x[c];
       ++nnz;
       alive[c / kBlockN] = 1;
-      const float* vc = vh + ((int64_t)cand[c / kBlockN] * kBlockN + c % kBlockN) * p.D;
-      for (int64_t d = 0; d < p.D; ++d) acc[d] += w * vc[d];
     }
-    const double inv = sum > 0.0 ? 1.0 / sum : 0.0;
-    for (int64_t d = 0; d < p.D; ++d) o[d] = (float)(acc[d] * inv);
+    inv_sum[r] = sum > 0.0 ? (float)(1.0 / sum) : 0.f;
+  }
+  at::Tensor out_blk = at::from_blob(p.out + ((b * p.Hq + h) * p.Nq + r0) * p.D, {rows, p.D}, at::kFloat);
+  if (nc > 0) {
+    at::mm_out(out_blk, scores, vc);
+    out_blk.mul_(at::from_blob(inv_sum.data(), {rows, 1}, at::kFloat));
+  } else {
+    out_blk.zero_();
   }
   int64_t n_alive = 0;
   for (uint8_t a : alive) n_alive += a;
