@@ -196,6 +196,9 @@ def test_lse_through_the_registered_op(ext):
     assert torch.equal(out, direct[0]) and torch.equal(pv_counts, direct[1])
     assert torch.equal(lse, direct[2])
     _assert_lse_close(lse, _lse_f64(inp, _used_keys_f64(inp, mask, math.inf)))
+    # schema, fake (meta) implementation and AOT dispatch agree with the three outputs
+    checks = torch.library.opcheck(block_sparse_fwd, (inp.q, inp.k, inp.v, counts, indices, None, True, inp.scale, pv))
+    assert set(checks.values()) == {"SUCCESS"}, checks
 
 
 def test_per_head_thresholds(ext):
