@@ -87,6 +87,9 @@ class SparseAttentionConfig:
             video-like inputs 0.95 kept almost every block.
         topk: expert override: keep this fraction of the valid key blocks (at least one).
             Range (0, 1]. Exclusive with ``cdfthreshd`` and ``target_l1``.
+        block_ranking: how key blocks are ranked: "mean" (pooled_q . pooled_k, SpargeAttn) or
+            "bound" (Quest's per-channel upper bound over the block's keys; finds heavy
+            keys a mean dilutes). None: "bound" with an error target, else "mean".
         compensate: coarse compensation: every skipped key block enters the softmax as one
             pooled token (mean key, mean value, logit + log of its key count;
             docs/DESIGN.md). Cuts the error of a mask several-fold for ~1/64 of the dense
@@ -116,6 +119,7 @@ class SparseAttentionConfig:
     topk: Any = None
     target_l1: Any = None
     compensate: bool | None = None
+    block_ranking: str | None = None
     pvthreshd: Any = 50.0
     attention_sink: bool | None = None
     dense_prefix: int = 0
@@ -138,6 +142,8 @@ class SparseAttentionConfig:
                 raise TypeError(f"target_l1 must be a float, got {type(self.target_l1).__name__}")
             if math.isnan(self.target_l1) or not (0.0 < self.target_l1 < 1.0):
                 raise ValueError(f"target_l1 must lie in (0, 1) (a relative L1 error such as 0.02), got {self.target_l1}")
+        if self.block_ranking not in (None, "mean", "bound"):
+            raise ValueError(f"block_ranking must be 'mean', 'bound' or None, got {self.block_ranking!r}")
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise TypeError(f"compensate must be a bool or None, got {type(self.compensate).__name__}")
         if self.cdfthreshd is not None:
@@ -189,6 +195,13 @@ class SparseAttentionConfig:
         if self.attention_sink is not None:
             return self.attention_sink
         return is_causal and self.selection == "target"
+
+    @property
+    def ranking(self) -> str:
+        """``block_ranking``; when unset "bound" with an error target, else "mean"."""
+        if self.block_ranking is not None:
+            return self.block_ranking
+        return "bound" if self.selection == "target" else "mean"
 
     @property
     def effective_target_l1(self) -> float:

@@ -106,6 +106,7 @@ FAMILIES = [
     ("video", False, dict(grid=(4, 16, 28), text_len=4096 - 4 * 16 * 28)),
     ("local", False, {}),
     ("random", False, {}),
+    ("causal_text", True, {}),
 ]
 
 
@@ -126,7 +127,7 @@ def test_target_is_honoured(family, causal, kw, target):
         assert stats.fallback_reason is not None or stats.kept_fraction > 0.9
     else:
         assert l1 >= 0.5 * target, (family, l1, "budgets wasted speed")
-        assert stats.kept_fraction < 0.8 and stats.compensated
+        assert stats.kept_fraction < 0.85 and stats.compensated
 
 
 def test_target_changes_budgets_and_compensation_changes_them():

@@ -169,9 +169,10 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     scores = estimate = None
     with torch.no_grad():
         if block_mask is None:
-            if cfg.selection == "target" or compensate:
+            if cfg.selection == "target" or compensate or cfg.ranking != "mean":
                 scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
-                                      dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
+                                      dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix,
+                                      ranking=cfg.ranking)
             if cfg.selection == "target":
                 estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1, compensate=compensate)
                 block_mask = select_blocks(scores, inp, topk=estimate.topk)
@@ -305,7 +306,8 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
     if entry is not None and entry[1] < TARGET_REMEASURE_CALLS and _same_inputs(entry[4], fingerprint):
         entry[1] += 1
         budgets, _, target, estimated, _ = entry
-        out, stats = sparse_attention_inputs(inp, cfg.replace(topk=budgets, compensate=cfg.effective_compensate))
+        out, stats = sparse_attention_inputs(inp, cfg.replace(topk=budgets, compensate=cfg.effective_compensate,
+                                                              block_ranking=cfg.ranking))
         stats.target_l1, stats.estimated_l1, stats.budgets = target, estimated, budgets
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)
