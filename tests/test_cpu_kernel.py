@@ -274,12 +274,23 @@ def test_random_masks_through_public_op(ext):
         assert (out - ref).abs().max().item() < 1e-5
 
 
-def test_auto_prefers_cpu_on_cpu_tensors(ext):
+def test_auto_prefers_cpu_on_cpu_tensors(ext, monkeypatch):
+    """auto dispatches CPU tensors to the compiled kernel, and runs it where this machine's
+    rates say the budget pays, dense SDPA where they say it cannot (ops/cpu_policy.py;
+    rates given here, so the decision is known)."""
+    from hf_creative_sparse.ops import attention, cpu_policy
+
     inp, _ = _random_case(1, 2, 2, 256, 256, 64)
     assert choose_backend("auto", inp).name == "cpu"
-    q = torch.randn(1, 2, 256, 64)
-    _, stats = hcs.sparse_attention(q, q, q, topk=0.5, min_seq_len=0, max_kept_fraction=1.0, return_stats=True)
-    assert stats.backend == "cpu"
+    q = torch.randn(1, 2, 2048, 64)
+    for sparse_flops, expected in ((200e9, "cpu"), (20e9, "sdpa")):
+        rates = cpu_policy.CpuRates(isa=ext.selected_isa(), dense_flops=50e9, sparse_flops=sparse_flops,
+                                    predict_s_per_element=1e-10, overhead_s=1e-5)
+        monkeypatch.setattr(cpu_policy, "cpu_rates", lambda refresh=False, r=rates: r)
+        monkeypatch.setattr(attention, "_EARLY_FALLBACK", {})  # the decision is memoized per shape
+        _, stats = hcs.sparse_attention(q, q, q, topk=0.5, min_seq_len=0, max_kept_fraction=1.0, return_stats=True)
+        assert stats.backend == expected, stats.fallback_reason
+        assert expected == "cpu" or "cannot pay on the CPU" in stats.fallback_reason
 
 
 def test_needs_grad_goes_to_reference(ext):
