@@ -12,16 +12,20 @@ p_nuc to [NUCLEUS_MIN, 1], K to the integers [1, E], k_attn to [ATTENTION_BUDGET
 
 The constants, and why they have these values (all overridable in `SparsityConfig`):
 
-- T0 = ``temperature_base`` = 1.0: at s = 0 sampling is untempered.
-  kT = ``temperature_gain`` = 0.5: T rises monotonically on [0, 1] (dT/ds = kT (1 - s) T >= 0)
-  to T(1) = e^0.25 = 1.28; stage A (s = 0.7) samples at 1.26, stage B (s = 0.3) at 1.14.
-- p0 = ``nucleus_base`` = 0.9 and kp = ``nucleus_gain`` = 0.12, sp = ``nucleus_scale`` = 0.5:
-  p(0.3) = 0.919, p(0.7) = 0.974, p reaches the clamp 1.0 near s = 0.93.
-  The formula forces p(0) = p0, and s * tanh(s/sp) >= 0, so p0 = 1 would clamp p to 1
-  at every s and the diverge stage could never have a wider nucleus than the refine
-  stage; p0 = 0.9 (the usual dense top-p) keeps that ordering. At s = 0 the processor is
-  therefore plain top-p = 0.9 sampling; ``nucleus_adaptation=False`` (p = 1 at every s)
-  or ``nucleus_base=1.0`` makes s = 0 the exact identity.
+The defaults were chosen by a sweep on SmolLM2-135M-Instruct (BENCHMARKS.md, "Creative
+decoding"; `SparsityConfig.from_stages` solves the constants from two stage targets).
+The seed's constants (T0 = 1, kT = 0.5, p0 = 0.9, kp = 0.12) made every s hotter than plain
+top-p 0.9 sampling, so "refine" was hotter than the usual sampler and the texts were word
+salad (NLL 5 nats against 2.2 for top-p 0.9). Now:
+
+- T0 = ``temperature_base`` = 0.187, kT = ``temperature_gain`` = 5.7: T(0.3) = 0.80 (the
+  refine stage samples cooler than T = 1), T(0.7) = 2.50 (the diverge stage is hot, for the
+  few opening tokens the switch gives it), T(0) = 0.19 (s = 0: near-greedy), T rises
+  monotonically (dT/ds = kT (1 - s) T >= 0) and clamps at TEMPERATURE_MAX = 3 from s = 0.84.
+- p0 = ``nucleus_base`` = 1.0, kp = ``nucleus_gain`` = 0.0 (sp = ``nucleus_scale`` = 0.5):
+  no nucleus at any s; ``min_p`` = 0.1 filters instead (min-p keeps a hot opening coherent
+  where a nucleus of the flattened distribution lets the tail in). Any p0 < 1, kp > 0
+  brings the nucleus back; ``nucleus_adaptation=False`` forces p = 1.
 - K0 = the model's own experts per token, E = its number of experts,
   kK = ``moe_expert_entropy`` = 0.5, tK = ``expert_scale`` = 0.5: K grows with s
   (Mixtral, E = 8, K0 = 2: K(0.3) = 3, K(0.7) = 4); K is rounded half up.
@@ -33,8 +37,10 @@ The constants, and why they have these values (all overridable in `SparsityConfi
   0 at s = 1, so k_attn(1) = 1 (dense again). Every s in the diverge range [0.6, 0.8]
   keeps fewer blocks (0.50..0.52) than every s in the refine range [0.2, 0.4] (0.63..0.80).
 
-So stage A (diverge, s in [0.6, 0.8]) is hotter, has a wider nucleus, more experts and
-fewer kept attention blocks than stage B (refine, s in [0.2, 0.4]).
+So stage A (diverge, s in [0.6, 0.8]) is hotter, has a nucleus at least as wide, more
+experts and fewer kept attention blocks than stage B (refine, s in [0.2, 0.4]). The default
+`TwoStageSchedule` spends 13% of the new tokens (8 of 60) in stage A: the opening, where a
+different start pays in novelty, then refines.
 
 The running logits processor publishes its current s (`set_current_sparsity`), and
 attention patches read it (`current_sparsity`) to choose k_attn(s) for the same step.
@@ -123,14 +129,14 @@ class SparsityConfig:
     kv_reuse_ratio: float = 0.0
     temperature_schedule: str = "two_stage"
     nucleus_adaptation: bool = True
-    min_p: float = 0.0
+    min_p: float = 0.1
     simthreshd1: float | None = None
     cdfthreshd: float | None = None
     pvthreshd: float | None = None
-    temperature_base: float = 1.0
-    temperature_gain: float = 0.5
-    nucleus_base: float = 0.9
-    nucleus_gain: float = 0.12
+    temperature_base: float = 0.187
+    temperature_gain: float = 5.7
+    nucleus_base: float = 1.0
+    nucleus_gain: float = 0.0
     nucleus_scale: float = 0.5
     expert_scale: float = 0.5
 
@@ -225,7 +231,7 @@ class ControlPoint:
     top_p: float
     num_experts: int | None
     attention_budget: float
-    min_p: float = 0.0
+    min_p: float = 0.1
     simthreshd1: float | None = None
     cdfthreshd: float | None = None
     pvthreshd: float | None = None
@@ -293,7 +299,7 @@ class SparsityController:
         >>> ctl = SparsityController(num_experts=8, experts_per_token=2)
         >>> cp = ctl.get_sparsity_params(0.0)
         >>> (cp.temperature, cp.num_experts, cp.attention_budget)
-        (1.0, 2, 1.0)
+        (0.187, 2, 1.0)
     """
 
     def __init__(self, config: SparsityConfig | None = None, *, num_experts: int | None = None,
@@ -387,8 +393,8 @@ class SparsityController:
 
         Example:
             >>> cp = SparsityController().get_sparsity_params(0.3)
-            >>> round(cp.temperature, 4), round(cp.top_p, 4), round(cp.attention_budget, 4)
-            (1.136, 0.9193, 0.7138)
+            >>> round(cp.temperature, 3), cp.top_p, cp.min_p, round(cp.attention_budget, 4)
+            (0.8, 1.0, 0.1, 0.7138)
         """
         s = _check_sparsity("s", s)
         c = self.config
@@ -415,7 +421,7 @@ class TwoStageSchedule:
 
     diverge: float = 0.7
     refine: float = 0.3
-    switch: float = 0.5
+    switch: float = 0.13
 
     def __post_init__(self) -> None:
         self.diverge = _check_sparsity("diverge", self.diverge)
