@@ -13,6 +13,7 @@ import torch
 from ..config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import cudnn_direct_op, dense_attention, dense_attention_with
 from .dispatch import BACKEND_NAMES, choose_backend
+from .cpu_policy import explicit_budget_reason_cpu, max_useful_kept_fraction_cpu, skip_prediction_reason_cpu
 from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .compensation import compensate_output
@@ -143,6 +144,12 @@ def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mas
         if cfg.selection == "target":  # measured once per call site (`sparse_attention`'s cache)
             return explicit_budget_reason(inp, 0.0, mask_uses)
         return skip_prediction_reason(inp, mask_uses)
+    if predicting and inp.device.type == "cpu":  # rates measured on this machine: ops/cpu_policy.py
+        if budget is not None:
+            return explicit_budget_reason_cpu(inp, budget, mask_uses)
+        if cfg.selection == "target":
+            return explicit_budget_reason_cpu(inp, 0.0, mask_uses)
+        return skip_prediction_reason_cpu(inp, mask_uses)
     return None
 
 
@@ -189,6 +196,9 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp)):
         out, stats = _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
                             "fraction for this size", predicted, total, block_mask)
+    elif policy and inp.device.type == "cpu" and predicted > (limit := max_useful_kept_fraction_cpu(inp)):
+        out, stats = _dense(inp, f"sparsity cannot pay on the CPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
+                            "fraction measured on this machine", predicted, total, block_mask)
     else:
         out, stats = _run_sparse(inp, block_mask, pv, chosen, predicted, total, compensate, scores)
         stats.compensation_note = comp_note
