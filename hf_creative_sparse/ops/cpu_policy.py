@@ -7,7 +7,7 @@ instance once ran at 0.67x of SDPA per block (issue 18) while on an AVX-512 Xeon
 at ~1.1x. A fixed constant cannot be right on both, so the first call measures:
 
 * dense SDPA, the compiled kernel over every block (per kept block) and the mask
-  prediction, on B1 H2 N1024 D64 float32, in interleaved rounds (about 100 ms), in one
+  prediction, on B1 H2 N1024 D64 float32, in interleaved rounds (~50 ms of CPU time), in one
   thread's CPU time (`time.thread_time`): other processes on the machine then slow
   nothing down, and the sparse/dense ratio is what the decisions use (both parallelise
   alike over (batch, head, query block));
@@ -175,7 +175,10 @@ def _median_times(fns: dict[str, callable], rounds: int) -> dict[str, float]:
 
 
 def measure_rates(shape: tuple[int, int, int, int] = BENCH_SHAPE, rounds: int = BENCH_ROUNDS) -> CpuRates:
-    """Measure this machine's rates now (about 100 ms; see the module doc).
+    """Measure this machine's rates now (about 50 ms of CPU time; see the module doc).
+
+    torch's intra-op thread count is set to 1 for the measurement and restored after it
+    (it is process-wide: ops other threads launch meanwhile run single-threaded).
 
     Raises:
         RuntimeError: the compiled cpu kernel is unavailable.
@@ -189,10 +192,10 @@ def measure_rates(shape: tuple[int, int, int, int] = BENCH_SHAPE, rounds: int = 
         raise RuntimeError(f"the cpu kernel is unavailable: {load_extension('cpu').error}")
     b, h, n, d = shape
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(b, h, n, d, generator=g) for _ in range(3))
+    q, k, v = (torch.randn(b, h, n, d, generator=g, device="cpu", dtype=torch.float32) for _ in range(3))
     inp = attention_inputs(q, k, v)
-    full = torch.ones(b, h, inp.num_q_blocks, inp.num_k_blocks, dtype=torch.bool)
-    pv = torch.full((h,), math.inf)
+    full = torch.ones(b, h, inp.num_q_blocks, inp.num_k_blocks, dtype=torch.bool, device="cpu")
+    pv = torch.full((h,), math.inf, device="cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: CPU time is then this thread's time alone
     try:
