@@ -3,7 +3,8 @@
 An autoregressive model moves the dial over new tokens (`CreativeSparseLogitsProcessor`);
 a block-diffusion model refines a whole canvas over denoising steps, so here the dial
 follows the denoising progress of each canvas: stage A (diverge, high s: hot temperature
-T(s), wide nucleus p_nuc(s)) in the early steps, stage B (refine, low s) late, restarting
+T(s), wide nucleus p_nuc(s), with the controller's pruning and min-p: the package's
+`control_warpers`) in the early steps, stage B (refine, low s) late, restarting
 with every canvas. The processor also publishes the s of the next step
 (`control.set_current_sparsity`), which context KV retention follows (``follow_dial``:
 the retained share at a selection is ``retention_ratio * k_attn(s)``).
@@ -19,24 +20,25 @@ temperature schedule (``t_min``/``t_max``, on by default) would stack on top: pa
 
 Example:
     >>> import torch
-    >>> proc = DiffusionDialProcessor(max_denoising_steps=4, schedule=TwoStageSchedule(0.7, 0.3, switch=0.5))
+    >>> from hf_creative_sparse.control import SparsityConfig
+    >>> proc = DiffusionDialProcessor(max_denoising_steps=4, schedule=TwoStageSchedule(0.7, 0.3, switch=0.5),
+    ...                               controller=SparsityController(SparsityConfig(temperature_base=1.0)))
     >>> [proc.s_at_step(i) for i in range(4)]
     [0.7, 0.7, 0.3, 0.3]
     >>> out = proc(torch.zeros(1, 3, dtype=torch.long), torch.randn(1, 2, 10), cur_step=4)  # first step
-    >>> round(proc.history[-1]["temperature"], 3)
-    1.255
+    >>> proc.history[-1]["temperature"] == proc.controller.temperature(0.7)
+    True
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from transformers.generation.logits_process import LogitsProcessor
 
 from .control import ControlPoint, SparsityController, TwoStageSchedule, current_sparsity, set_current_sparsity
-from .generation import nucleus_keep, temperature_scale
+from .generation import control_warpers
 
 __all__ = ["DiffusionDialProcessor"]
 
@@ -103,9 +105,10 @@ class DiffusionDialProcessor(LogitsProcessor):
                              "was the processor built with generate's max_denoising_steps?")
         step = self.max_denoising_steps - remaining
         cp = self.control_at_step(step)
-        scores = temperature_scale(scores, cp.temperature)
-        keep = nucleus_keep(scores.reshape(-1, scores.shape[-1]), cp.top_p).view(scores.shape)  # per canvas token
-        scores = scores.masked_fill(~keep, -math.inf)
+        vocab = scores.shape[-1]
+        # the package's warpers (T(s), pruning, p_nuc(s), min-p) over each canvas token's row
+        warpers = control_warpers(cp, vocab, self.controller.config.token_pruning_rate)
+        scores = warpers(input_ids, scores.reshape(-1, vocab)).view(scores.shape)
         self.history.append({"step": step, "s": cp.s, "temperature": cp.temperature, "top_p": cp.top_p})
         if self.publish:  # the next forward: the next step, or step 0 of the next canvas
             set_current_sparsity(self.s_at_step(step + 1 if step + 1 < self.max_denoising_steps else 0))

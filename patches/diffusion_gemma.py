@@ -8,7 +8,7 @@ step attending bidirectionally over the *whole* cached context plus the canvas
 
 * runs the first ``delay_step`` steps of a canvas unchanged (the original forward:
   bit-identical);
-* at step ``delay_step`` scores the cached keys with the mean canvas query
+* at step ``delay_step`` scores the cached keys by the canvas queries' attention
   (`hf_creative_sparse.retention.saliency_scores`), gathers the retained share into new,
   smaller K/V tensors (optionally moving the full ones to ``offload_to``), and attends to
   ``cat(retained, canvas)`` through the same attention function;
@@ -302,7 +302,7 @@ class RetentionRuntime:
         store = self.stores.setdefault(idx, {})
         selecting = [b for b in sparse_rows if phases[b] == "select" or b not in store]
         if selecting:
-            self._select(module, idx, cache, attention_mask, q, sparse_rows, selecting, configs, store, batch)
+            self._select(module, idx, cache, attention_mask, q, k_new, sparse_rows, selecting, configs, store, batch)
 
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
         from transformers.models.diffusion_gemma.modeling_diffusion_gemma import eager_attention_forward
@@ -343,7 +343,7 @@ class RetentionRuntime:
         return out, None
 
     def _select(self, module: torch.nn.Module, idx: int, cache: Any, attention_mask: Any, q: torch.Tensor,
-                sparse_rows: list[int], selecting: list[int], configs: list[RetentionConfig],
+                k_new: torch.Tensor, sparse_rows: list[int], selecting: list[int], configs: list[RetentionConfig],
                 store: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int) -> None:
         self.ensure_full(idx)
         layer = cache.layers[idx]
@@ -361,7 +361,8 @@ class RetentionRuntime:
             if count == 0:
                 raise ValueError(f"retention: batch row {b} has no attendable context token at layer {idx}")
             scores = saliency_scores(q[pos:pos + 1], full_k[b:b + 1], head_select=cfg.head_select,
-                                     pool_kernel=cfg.pool_kernel, attendable=ok)
+                                     pool_kernel=cfg.pool_kernel, attendable=ok, rule=cfg.saliency,
+                                     canvas_keys=k_new[pos:pos + 1], scaling=module.scaling)
             index = select_retained(scores, count)
             k_c, v_c = compact_kv(full_k[b:b + 1], full_v[b:b + 1], index)
             store[b] = (k_c[0], v_c[0])

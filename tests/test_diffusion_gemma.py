@@ -23,7 +23,7 @@ from transformers.models.diffusion_gemma.modeling_diffusion_gemma import apply_r
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.api import HANDLE_ATTR  # noqa: E402
-from hf_creative_sparse.control import SparsityController, set_current_sparsity  # noqa: E402
+from hf_creative_sparse.control import SparsityConfig, SparsityController, set_current_sparsity  # noqa: E402
 from hf_creative_sparse.control import current_sparsity as hcs_current_sparsity  # noqa: E402
 from hf_creative_sparse.retention import (RetentionConfig, compact_kv, saliency_scores,  # noqa: E402
                                           select_retained)
@@ -109,6 +109,19 @@ def test_saliency_hand_computed():
     masked = saliency_scores(q, k, head_select=False, pool_kernel=1,
                              attendable=torch.tensor([[True, False, True, True]]))
     assert select_retained(masked, 2).tolist() == [[[0, 2]]]
+    # attention mass: q = (1, 0), scale 1, keys with logits 0 and ln 3 -> probabilities 1/4, 3/4;
+    # a canvas key with logit 0 takes its share of the softmax: 1/5, 3/5
+    qm, km = torch.tensor([[[[1.0, 0.0]]]]), torch.tensor([[[[0.0, 0.0], [math.log(3.0), 0.0]]]])
+    mass = saliency_scores(qm, km, head_select=False, pool_kernel=1, rule="attention_mass", scaling=1.0)
+    torch.testing.assert_close(mass, torch.tensor([[[0.25, 0.75]]]))
+    mass = saliency_scores(qm, km, head_select=False, pool_kernel=1, rule="attention_mass", scaling=1.0,
+                           canvas_keys=torch.zeros(1, 1, 1, 2))
+    torch.testing.assert_close(mass, torch.tensor([[[0.2, 0.6]]]))
+    mass = saliency_scores(qm, km, head_select=False, pool_kernel=1, rule="attention_mass", scaling=1.0,
+                           attendable=torch.tensor([[False, True]]))
+    assert mass[0, 0, 0] == -math.inf and mass[0, 0, 1] == 1.0     # padding takes no probability
+    with pytest.raises(ValueError, match="rule"):
+        saliency_scores(qm, km, head_select=False, pool_kernel=1, rule="mass")
     kk = torch.arange(8.0).view(1, 1, 4, 2)
     kc, vc = compact_kv(kk, kk + 100, torch.tensor([[[1, 3]]]))
     assert kc.tolist() == [[[[2.0, 3.0], [6.0, 7.0]]]] and vc[0, 0, 0, 0].item() == 102.0
@@ -129,6 +142,8 @@ def test_config_validation_and_phases():
         RetentionConfig(head_select=1)
     with pytest.raises(ValueError, match="offload_to"):
         RetentionConfig(offload_to="not-a-device")
+    with pytest.raises(ValueError, match="saliency"):
+        RetentionConfig(saliency="mass")
     cfg = RetentionConfig(retention_ratio=0.5, delay_step=1, default_block_len=3)
     assert [cfg.phase(i) for i in range(6)] == ["dense", "select", "sparse"] * 2
     assert [RetentionConfig(delay_step=0).phase(i) for i in range(3)] == ["select", "sparse", "sparse"]
@@ -169,11 +184,24 @@ def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig) -> to
     shape = (b, nc, -1, module.head_dim)
     cos, sin = pos_emb
     q = apply_rotary_pos_emb(module.q_norm(module.q_proj(hidden).view(shape)), cos, sin, unsqueeze_dim=2)
+    own = apply_rotary_pos_emb(module.k_norm(module.k_proj(hidden).view(shape)), cos, sin, unsqueeze_dim=2)
     allow = torch.ones(b, hq, nc, n + nc, dtype=torch.bool)
     count = cfg.retained_count(n)
     for r in range(b):
-        q_mean = q[r].mean(dim=0)                                     # (Hq, D)
-        per = [[float(q_mean[h] @ keys[r, h // (hq // hkv), t]) for t in range(n)] for h in range(hq)]
+        if cfg.saliency == "mean_query":
+            q_mean = q[r].mean(dim=0)                                 # (Hq, D)
+            per = [[float(q_mean[h] @ keys[r, h // (hq // hkv), t]) for t in range(n)] for h in range(hq)]
+        else:  # the attention each context token gets, summed over the canvas queries
+            per = [[0.0] * n for _ in range(hq)]
+            for h in range(hq):
+                g = h // (hq // hkv)
+                for i in range(nc):
+                    logits = [float(q[r, i, h] @ keys[r, g, t]) * module.scaling for t in range(n)]
+                    logits += [float(q[r, i, h] @ own[r, j, g]) * module.scaling for j in range(nc)]
+                    top = max(logits)
+                    total = sum(math.exp(x - top) for x in logits)
+                    for t in range(n):
+                        per[h][t] += math.exp(logits[t] - top) / total
         if cfg.head_select:
             sets = [[max(per[h][t] for h in range(g * hq // hkv, (g + 1) * hq // hkv)) for t in range(n)]
                     for g in range(hkv)]
@@ -191,9 +219,11 @@ def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig) -> to
     return out
 
 
+@pytest.mark.parametrize("saliency", ["attention_mass", "mean_query"])
 @pytest.mark.parametrize("head_select", [False, True])
-def test_retained_steps_equal_masked_reference(model, head_select):
-    cfg = RetentionConfig(retention_ratio=0.4, delay_step=0, head_select=head_select, pool_kernel=3)
+def test_retained_steps_equal_masked_reference(model, head_select, saliency):
+    cfg = RetentionConfig(retention_ratio=0.4, delay_step=0, head_select=head_select, pool_kernel=3,
+                          saliency=saliency)
     _, canvas, cache = encode(model)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, args, kwargs, out, seen=seen: seen.__setitem__(mod.layer_idx,
@@ -398,8 +428,11 @@ def test_pipeline_component_is_found(model):
 
 def test_dial_drives_temperature_nucleus_and_retention(model):
     steps = 4
-    proc = hcs.DiffusionDialProcessor(steps, schedule=hcs.TwoStageSchedule(0.7, 0.3, switch=0.5))
-    ctl = SparsityController()
+    # explicit constants: the test must not follow the package defaults
+    ctl = SparsityController(SparsityConfig(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9,
+                                            nucleus_gain=0.12, min_p=0.0))
+    two = hcs.TwoStageSchedule(0.7, 0.3, switch=0.5)
+    proc = hcs.DiffusionDialProcessor(steps, schedule=two, controller=ctl)
     scores = torch.tensor([[[2.0, 1.0, 0.0, -1.0, -3.0]]])
     out = proc(torch.zeros(1, 1, dtype=torch.long), scores.clone(), cur_step=torch.tensor(4))
     t, p = ctl.temperature(0.7), ctl.top_p(0.7)
@@ -414,7 +447,7 @@ def test_dial_drives_temperature_nucleus_and_retention(model):
         proc(torch.zeros(1, 1, dtype=torch.long), scores, cur_step=9)
 
     ids, _, _ = encode(model, batch=1)
-    proc = hcs.DiffusionDialProcessor(5)
+    proc = hcs.DiffusionDialProcessor(5, schedule=two, controller=ctl)
     set_current_sparsity(None)
     with proc:  # restores the dial on exit (generate alone leaves the last published s)
         generate(model, ids, logits_processor=LogitsProcessorList([proc]),
@@ -431,7 +464,9 @@ def test_dial_drives_temperature_nucleus_and_retention(model):
     decode(model, canvas, cache)
     rows = hcs.sparsity_report(model).rows
     n = cache.layers[1].keys.shape[2]
-    assert rows[1]["retained_tokens"] == RetentionConfig().retained_count(n, 0.8 * ctl.attention_budget(0.7))
+    budget = SparsityController().attention_budget(0.7)   # retention reads the default controller's k_attn
+    assert budget < 1.0
+    assert rows[1]["retained_tokens"] == RetentionConfig().retained_count(n, 0.8 * budget)
     assert rows[1]["retained_tokens"] < RetentionConfig().retained_count(n, 0.8)
     hcs.disable_creative_sparse(model)
 
