@@ -23,7 +23,8 @@ from hf_creative_sparse.generation import (Candidate, CreativeSparseLogitsProces
 from hf_creative_sparse.quality import NLLReference, QualityFunctional  # noqa: E402
 
 #: The seed's manifold constants (the hand-computed values below use them).
-SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5)
+SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5,
+            min_p=0.0)
 from hf_creative_sparse.moe import ExpertRouting  # noqa: E402
 
 WORDS = ("the a cat dog moon sea sun star night day red blue green sang ran flew over under and of to in "
@@ -364,23 +365,61 @@ def wrapper():
 
 def test_wrapper_returns_scored_candidates_and_honours_banned_words(wrapper):
     banned = ["sea", "dragon", "moon"]
-    cands = wrapper.generate_creative("the cat sang", max_length=16, num_candidates=5, return_best=False,
+    cands = wrapper.generate_creative("the cat sang", max_new_tokens=16, num_candidates=5, return_best=False,
                                       constraints={"banned_words": banned})
     assert len(cands) == 5 and all(isinstance(c, Candidate) for c in cands)
     assert all(math.isfinite(c.score) for c in cands)
     assert [c.score for c in cands] == sorted((c.score for c in cands), reverse=True)
     assert all(c.score == pytest.approx(distinct_scorer([c.text])[0]) for c in cands)  # no violations
     assert all(not any(b in c.text for b in banned) for c in cands)
-    assert len({c.opening for c in cands}) == 1 and all(c.text.startswith(c.opening) for c in cands)
-    assert all(c.s == (0.7, 0.3) for c in cands)
-    assert len(cands[0].opening.split()) == 8  # switch 0.5 of 16 new tokens, EOS suppressed in stage A
-    best = wrapper.generate_creative("the cat sang", max_length=16, num_candidates=5,
+    assert all(c.text.startswith(c.opening) for c in cands)
+    assert all(c.s == (wrapper.schedule.diverge, wrapper.schedule.refine) for c in cands)
+    n_a = round(wrapper.schedule.switch * 16)
+    assert all(len(c.opening.split()) == n_a for c in cands)  # EOS suppressed in stage A
+    best = wrapper.generate_creative("the cat sang", max_new_tokens=16, num_candidates=5,
                                      constraints={"banned_words": banned})
     assert best == cands[0].text  # seeded
 
 
+def test_wrapper_continues_the_best_m_openings_and_returns_texts_that_differ(wrapper):
+    """Issue 14: stage B continues the best ``num_openings`` openings (not one), dealt
+    round-robin, and return_best=False gives texts that differ."""
+    cands = wrapper.generate_creative("the cat sang", max_new_tokens=16, num_candidates=5, return_best=False)
+    openings = sorted(wrapper.last_openings, key=lambda x: -x[1])
+    best_three = {text for text, _ in openings[:3]}
+    assert {c.opening for c in cands} == best_three
+    counts = sorted(sum(c.opening == o for c in cands) for o in best_three)
+    assert counts == [1, 2, 2]
+    assert len({c.text for c in cands}) == len(cands) == 5
+    one = CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, scorer=distinct_scorer, seed=3, batch_size=3,
+                                num_openings=1, sparse_attention=False)
+    assert len({c.opening for c in one.generate_creative("the cat sang", max_new_tokens=16, num_candidates=5,
+                                                         return_best=False)}) == 1
+
+
+def test_generate_creative_names_and_deprecated_aliases(wrapper):
+    """Issue 16: max_new_tokens (max_length a deprecated alias) and schedule= (sparsity_schedule
+    a deprecated alias) mean the same."""
+    new = wrapper.generate_creative("the cat", max_new_tokens=6, num_candidates=2, return_best=False)
+    with pytest.warns(DeprecationWarning, match="max_new_tokens"):
+        old = wrapper.generate_creative("the cat", max_length=6, num_candidates=2, return_best=False)
+    assert [c.text for c in new] == [c.text for c in old]
+    with pytest.raises(ValueError, match="not both"):
+        wrapper.generate_creative("the cat", 6, max_length=6)
+    w = CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, schedule=TwoStageSchedule(0.9, 0.1, switch=0.25),
+                              scorer=distinct_scorer, sparse_attention=False)
+    assert (w.schedule.diverge, w.schedule.refine, w.schedule.switch) == (0.9, 0.1, 0.25)
+    with pytest.warns(DeprecationWarning, match="schedule="):
+        old_w = CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, sparsity_schedule=(0.9, 0.1), switch=0.25,
+                                      scorer=distinct_scorer, sparse_attention=False)
+    assert old_w.schedule == w.schedule
+    with pytest.raises(ValueError, match="switch"):
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, schedule=TwoStageSchedule(), switch=0.3,
+                              scorer=distinct_scorer, sparse_attention=False)
+
+
 def test_wrapper_penalises_missing_required_words(wrapper):
-    cands = wrapper.generate_creative("the cat sang", max_length=6, num_candidates=4, return_best=False,
+    cands = wrapper.generate_creative("the cat sang", max_new_tokens=6, num_candidates=4, return_best=False,
                                       constraints=Constraints(required_words=["zebra"], penalty=2.0))
     assert all(c.violations == 1.0 for c in cands)  # "zebra" is not in the vocabulary
     assert all(c.score == pytest.approx(c.quality - 2.0) for c in cands)
@@ -390,7 +429,7 @@ def test_wrapper_single_stage_and_runs_the_schedule_through_attention(wrapper):
     seen = []
     removers = [st.add_hook(lambda call: seen.append(call.s)) for st in wrapper._patch.layer_states().values()]
     try:
-        cands = wrapper.generate_creative("the cat", max_length=8, num_candidates=4, return_best=False,
+        cands = wrapper.generate_creative("the cat", max_new_tokens=8, num_candidates=4, return_best=False,
                                           sparsity_level=0.5, progress=True)
     finally:
         for remove in removers:
@@ -409,7 +448,7 @@ def test_wrapper_with_a_quality_functional_reports_components():
     qf = QualityFunctional(embedder=lambda texts: rng.normal(size=(len(texts), 8)),
                            scorer=lambda texts: [2.0] * len(texts), nll_scale=4.0)
     w = CreativeSparseWrapper(tiny_gpt2(len(tok)), tok, scorer=qf, seed=0, sparse_attention=False)
-    cands = w.generate_creative("the cat sang", max_length=6, num_candidates=3, return_best=False)
+    cands = w.generate_creative("the cat sang", max_new_tokens=6, num_candidates=3, return_best=False)
     assert len(cands) == 3
     for c in cands:
         assert set(c.components) == {"novelty", "diversity", "incoherence"}
@@ -423,7 +462,50 @@ def test_wrapper_validation(wrapper):
         wrapper.generate_creative("the cat", num_candidates=0)
     with pytest.raises(ValueError, match="prompt"):
         wrapper.generate_creative("")
-    with pytest.raises(ValueError, match="sparsity_schedule"):
-        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, sparsity_schedule=(0.7,))
+    with pytest.raises(ValueError, match="schedule"):
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, schedule=(0.7,))
     with pytest.raises(ValueError, match="refine"):
-        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, sparsity_schedule=(0.3, 0.7))
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, schedule=(0.3, 0.7))
+    with pytest.raises(ValueError, match="num_openings"):
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, num_openings=0)
+    with pytest.raises(ValueError, match="calibration_samples"):
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, calibration_samples=1)
+    with pytest.raises(ValueError, match="incoherence_bound"):
+        CreativeSparseWrapper(wrapper.model, wrapper.tokenizer, incoherence_bound=float("nan"))
+
+
+class FakeLM:
+    """A stand-in NLL scorer: per-token NLL 1.0 for continuations with an even token sum,
+    6.0 for odd ones (the "salad")."""
+
+    def continuation_token_nll(self, prefix, continuations):
+        return [np.full(max(1, len(c)), 1.0 if sum(c) % 2 == 0 else 6.0) for c in continuations]
+
+
+def test_wrapper_rerank_calibrates_incoherence_and_rejects_above_the_bound():
+    """Issue 14: incoherence is z-scored against the model's own dense samples of the prompt,
+    and candidates above ``incoherence_bound`` rank after every candidate within it, whatever
+    their novelty."""
+    tok = word_tokenizer()
+    qf = QualityFunctional(embedder=lambda texts: np.random.default_rng(len(texts)).normal(size=(len(texts), 8)),
+                           weights=(1.0, 0.0, 0.3))
+    w = CreativeSparseWrapper(tiny_gpt2(len(tok)), tok, scorer=qf, seed=1, sparse_attention=False,
+                              calibration_samples=4, incoherence_bound=2.0)
+    w._lm = FakeLM()
+    w.reference_nll = lambda *a: [np.full(12, x) for x in (0.9, 1.0, 1.1, 1.0)]  # mean 1, sd 0.0816 -> 0.1
+    cands = w.generate_creative("the cat sang", max_new_tokens=12, num_candidates=6, return_best=False)
+    ref = NLLReference(1.0, 0.1)
+    flags = [c.within_bound for c in cands]
+    assert flags == sorted(flags, reverse=True) and any(flags)  # every candidate within comes first
+    for c in cands:
+        assert c.components["nll"] in (1.0, 6.0)
+        assert c.within_bound == (ref.z(c.components["nll"]) <= 2.0)
+        assert c.components["incoherence"] == pytest.approx(ref.incoherence(c.components["nll"]))
+    inside = [c.score for c in cands if c.within_bound]
+    assert inside == sorted(inside, reverse=True)
+    assert w.last_reference == NLLReference.from_samples([0.9, 1.0, 1.1, 1.0])
+    free = CreativeSparseWrapper(w.model, tok, scorer=qf, seed=1, sparse_attention=False, incoherence_bound=math.inf)
+    free._lm, free.reference_nll = w._lm, w.reference_nll
+    scores = [c.score for c in free.generate_creative("the cat sang", max_new_tokens=12, num_candidates=6,
+                                                      return_best=False)]
+    assert scores == sorted(scores, reverse=True)  # no bound: Q alone
