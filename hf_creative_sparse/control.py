@@ -18,10 +18,10 @@ The seed's constants (T0 = 1, kT = 0.5, p0 = 0.9, kp = 0.12) made every s hotter
 top-p 0.9 sampling, so "refine" was hotter than the usual sampler and the texts were word
 salad (NLL 5 nats against 2.2 for top-p 0.9). Now:
 
-- T0 = ``temperature_base`` = 0.187, kT = ``temperature_gain`` = 5.7: T(0.3) = 0.80 (the
-  refine stage samples cooler than T = 1), T(0.7) = 2.50 (the diverge stage is hot, for the
-  few opening tokens the switch gives it), T(0) = 0.19 (s = 0: near-greedy), T rises
-  monotonically (dT/ds = kT (1 - s) T >= 0) and clamps at TEMPERATURE_MAX = 3 from s = 0.84.
+- T0 = ``temperature_base`` = 0.138, kT = ``temperature_gain`` = 6.36: T(0.3) = 0.70 (the
+  refine stage samples cooler than T = 1), T(0.7) = 2.49 (the diverge stage is hot, for the
+  few opening tokens the switch gives it), T(0) = 0.14 (s = 0: near-greedy), T rises
+  monotonically (dT/ds = kT (1 - s) T >= 0) and clamps at TEMPERATURE_MAX = 3 from s = 0.82.
 - p0 = ``nucleus_base`` = 1.0, kp = ``nucleus_gain`` = 0.0 (sp = ``nucleus_scale`` = 0.5):
   no nucleus at any s; ``min_p`` = 0.1 filters instead (min-p keeps a hot opening coherent
   where a nucleus of the flattened distribution lets the tail in). Any p0 < 1, kp > 0
@@ -39,7 +39,7 @@ salad (NLL 5 nats against 2.2 for top-p 0.9). Now:
 
 So stage A (diverge, s in [0.6, 0.8]) is hotter, has a nucleus at least as wide, more
 experts and fewer kept attention blocks than stage B (refine, s in [0.2, 0.4]). The default
-`TwoStageSchedule` spends 13% of the new tokens (8 of 60) in stage A: the opening, where a
+`TwoStageSchedule` spends 10% of the new tokens (6 of 60) in stage A: the opening, where a
 different start pays in novelty, then refines.
 
 The running logits processor publishes its current s (`set_current_sparsity`), and
@@ -133,8 +133,8 @@ class SparsityConfig:
     simthreshd1: float | None = None
     cdfthreshd: float | None = None
     pvthreshd: float | None = None
-    temperature_base: float = 0.187
-    temperature_gain: float = 5.7
+    temperature_base: float = 0.138
+    temperature_gain: float = 6.36
     nucleus_base: float = 1.0
     nucleus_gain: float = 0.0
     nucleus_scale: float = 0.5
@@ -299,7 +299,7 @@ class SparsityController:
         >>> ctl = SparsityController(num_experts=8, experts_per_token=2)
         >>> cp = ctl.get_sparsity_params(0.0)
         >>> (cp.temperature, cp.num_experts, cp.attention_budget)
-        (0.187, 2, 1.0)
+        (0.138, 2, 1.0)
     """
 
     def __init__(self, config: SparsityConfig | None = None, *, num_experts: int | None = None,
@@ -394,7 +394,7 @@ class SparsityController:
         Example:
             >>> cp = SparsityController().get_sparsity_params(0.3)
             >>> round(cp.temperature, 3), cp.top_p, cp.min_p, round(cp.attention_budget, 4)
-            (0.8, 1.0, 0.1, 0.7138)
+            (0.699, 1.0, 0.1, 0.7138)
         """
         s = _check_sparsity("s", s)
         c = self.config
@@ -421,7 +421,7 @@ class TwoStageSchedule:
 
     diverge: float = 0.7
     refine: float = 0.3
-    switch: float = 0.13
+    switch: float = 0.1
 
     def __post_init__(self) -> None:
         self.diverge = _check_sparsity("diverge", self.diverge)
