@@ -8,10 +8,10 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 #define HCS_W 8
-#define HCS_QK_MR 6
-#define HCS_QK_NV 2
-#define HCS_PV_MR 6
-#define HCS_PV_NV 2
+#define HCS_QK_MR 3
+#define HCS_QK_NV 4
+#define HCS_PV_MR 3
+#define HCS_PV_NV 4
 #define HCS_KERNEL_FN kernel_avx2
 #define HCS_ISA_NAME "avx2"
 #include "kernel_impl.h"
