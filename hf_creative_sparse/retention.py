@@ -83,9 +83,11 @@ class RetentionConfig:
             receives from the canvas queries at the selection step; "mean_query":
             dLLM-Serve's rule, the mean canvas query dotted with the key (cheaper: no
             softmax over the context). Measured on real attention (SmolLM2-135M, a 960-token
-            context, 64 canvas queries, mean over 30 layers), attention mass cuts the
-            relative L1 of the attention output by about 40%: 0.023 vs 0.038 at ratio 0.5,
-            0.046 vs 0.073 at 0.3 (``benchmarks/retention_saliency_cpu.py``).
+            context, 64 canvas queries, mean over 30 layers; BENCHMARKS.md), attention mass
+            gives a lower relative L1 of the attention output: with pool_kernel 3 (the
+            default) 0.028 vs 0.038 at ratio 0.5 and 0.055 vs 0.073 at 0.3; without
+            pooling 0.023 vs 0.035 and 0.046 vs 0.067 (pooling lowers the worst layer's
+            error, 0.11 vs 0.15 at 0.5, and raises the mean).
     """
 
     retention_ratio: float = 0.5
