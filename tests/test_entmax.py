@@ -385,3 +385,23 @@ def test_transformers_entmax_rejects_dropout_and_odd_masks():
     window = torch.ones(1, 1, 5, 5, dtype=torch.bool).tril() & torch.ones(5, 5, dtype=torch.bool).triu(-1)
     with pytest.raises(ValueError, match="mask"):
         te.entmax_attention_forward(m, q, q, q, window)
+
+
+@pytest.mark.parametrize("causal, scale", [(False, None), (True, -0.3)])
+def test_block_bounds_cover_every_score(causal, scale):
+    """U[i, j] >= every attendable scaled score of block pair (i, j); -inf exactly where the
+    pair has no attendable key."""
+    from hf_creative_sparse.ops.inputs import attention_inputs
+
+    torch.manual_seed(11)
+    q, k, v = (torch.randn(2, 4, 300, 16) * 2 for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    kpm = torch.rand(2, 300) > 0.3
+    inp = attention_inputs(q, k, v, is_causal=causal, scale=scale, key_padding_mask=kpm)
+    bounds = em.block_score_bounds(inp)
+    s = dense_scores(q, k, inp.scale, causal, kpm)
+    s = torch.nn.functional.pad(s, (0, 5 * 64 - 300, 0, 3 * 128 - 300), value=float("-inf"))
+    block_max = s.view(2, 4, 3, 128, 5, 64).amax((3, 5)).float()
+    finite = torch.isfinite(block_max)
+    assert torch.equal(torch.isfinite(bounds), finite)
+    assert (bounds[finite] >= block_max[finite] - 1e-4).all()

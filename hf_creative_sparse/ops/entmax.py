@@ -314,27 +314,31 @@ def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
 
     mu_q, rad_q, hi_q, lo_q = heads(mu), heads(radius), heads(k_hi), heads(k_lo)
     # On GPU the products run in the inputs' 16-bit dtype (tensor cores; float32 would cost
-    # a quarter of a dense attention's time at 32k): q, hi and lo are exact there, mu and the
-    # 16-bit results round by <= 2^-8 relative, so each block's bound gets
+    # a quarter of a dense attention's time at 32k): q, hi and lo are exact there; mu, r, |q|
+    # and the 16-bit results round by <= 2^-8 relative, so each block's bound gets
     # 2^-6 |scale| max|q| (|mu| + r + |max(|hi|, |lo|)|), which covers every product's error.
     half = inp.device.type == "cuda" and inp.dtype in (torch.float16, torch.bfloat16)
     mm = inp.dtype if half else torch.float32
-    mu_m, hi_m, lo_m = mu_q.to(mm), hi_q.to(mm), lo_q.to(mm)
+    sign = 1.0 if scale >= 0 else -1.0
+    # One product per bound: ball = [q, |q|] . [sign mu, r], box = [q+, q-] . [hi, lo]
+    # (both in units of |scale|).
+    extra = torch.zeros(*rad_q.shape, 8, dtype=mu_q.dtype, device=inp.device)  # K = D + 8: tensor-core friendly
+    extra[..., 0] = rad_q
+    w_ball = torch.cat([sign * mu_q, extra], -1).to(mm).transpose(-1, -2)
+    w_box = torch.cat([hi_q, lo_q], -1).to(mm).transpose(-1, -2)
     bounds = torch.empty(b, hq, mq, mk, dtype=torch.float32, device=inp.device)
     q_norm_max = torch.empty(b, hq, mq, 1, dtype=torch.float32, device=inp.device)
     step = max(BLOCK_M, (_CHUNK_ELEMS // max(b * hq * mk, 1)) // BLOCK_M * BLOCK_M)
     for start in range(0, nq, step):
         q = inp.q[:, :, start:start + step].to(mm)
         q_norm = q.float().norm(dim=-1, keepdim=True)
-        ball = scale * torch.matmul(q, mu_m.transpose(-1, -2)).float() + abs(scale) * q_norm * rad_q.unsqueeze(2)
-        box = abs(scale) * (torch.matmul(q.clamp_min(0), hi_m.transpose(-1, -2)).float()
-                            + torch.matmul(q.clamp_max(0), lo_m.transpose(-1, -2)).float())
-        ub = torch.minimum(ball, box)
         rows = q.shape[2]
         pad = (-rows) % BLOCK_M
-        ub = torch.nn.functional.pad(ub, (0, 0, 0, pad), value=float("-inf"))
+        ball = torch.matmul(torch.cat([q, q_norm.to(mm), q.new_zeros(*q.shape[:-1], 7)], -1), w_ball)
+        box = torch.matmul(torch.cat([q.clamp_min(0), q.clamp_max(0)], -1), w_box)
+        ub = torch.nn.functional.pad(torch.minimum(ball, box), (0, 0, 0, pad), value=float("-inf"))
         blocks = slice(start // BLOCK_M, (start + rows + pad) // BLOCK_M)
-        bounds[:, :, blocks] = ub.view(b, hq, -1, BLOCK_M, mk).amax(3)
+        bounds[:, :, blocks] = ub.view(b, hq, -1, BLOCK_M, mk).amax(3).float() * abs(scale)
         q_norm_max[:, :, blocks] = torch.nn.functional.pad(q_norm, (0, 0, 0, pad)).view(b, hq, -1, BLOCK_M).amax(
             3, keepdim=True)
     if half:
