@@ -230,3 +230,18 @@ def test_call_site_remeasures_for_other_inputs():
         _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
         runs.append(st.head_budgets is not None)
     assert runs == [True, True, True]
+
+
+def test_call_site_that_runs_dense_measures_less_often():
+    from hf_creative_sparse.ops import attention as attention_module
+
+    q, k, v = (torch.randn(1, 2, 2048, 32, generator=torch.Generator().manual_seed(1)) for _ in range(3))
+    measured = []
+    for _ in range(3 * attention_module.TARGET_REMEASURE_CALLS + 2):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.01, min_seq_len=0, max_kept_fraction=0.5,
+                                     return_stats=True)
+        assert st.fallback_reason is not None  # white noise: no budget within 0.01 pays
+        measured.append(st.head_budgets is not None)
+    first_gap = measured.index(True, 1)
+    assert first_gap == attention_module.TARGET_REMEASURE_CALLS
+    assert measured.index(True, first_gap + 1) - first_gap == 2 * attention_module.TARGET_REMEASURE_CALLS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -291,9 +292,12 @@ def sparse_attention(
     return (out, stats) if return_stats else out
 
 
-#: A call site re-measures its budgets every this many calls (`_target_at_call_site`).
+#: A call site re-measures its budgets every this many calls (`_target_at_call_site`); a
+#: site whose measurement keeps saying dense doubles that, up to the max (its measuring
+#: cost then stays ~1% of dense).
 TARGET_REMEASURE_CALLS = 16
-_SITE_BUDGETS: collections.OrderedDict[tuple, list] = collections.OrderedDict()
+TARGET_REMEASURE_MAX_CALLS = 256
+_SITE_BUDGETS: collections.OrderedDict[tuple, "_SiteBudgets"] = collections.OrderedDict()
 
 
 def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
@@ -313,12 +317,14 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
     entry = _SITE_BUDGETS.get(key)
     with torch.no_grad():
         fingerprint = _key_fingerprint(inp)
-    if entry is not None and entry[1] < TARGET_REMEASURE_CALLS and _same_inputs(entry[4], fingerprint):
-        entry[1] += 1
-        budgets, _, target, estimated, _ = entry
-        out, stats = sparse_attention_inputs(inp, cfg.replace(topk=budgets, compensate=cfg.effective_compensate,
-                                                              block_ranking=cfg.ranking))
-        stats.target_l1, stats.estimated_l1, stats.budgets = target, estimated, budgets
+    if entry is not None and entry.calls < entry.interval and _same_inputs(entry.fingerprint, fingerprint):
+        entry.calls += 1
+        if entry.budgets is None:  # the last measurement said dense: no budget pays here
+            out, stats = _dense(inp, entry.reason, None, 0, None)
+        else:
+            out, stats = sparse_attention_inputs(inp, cfg.replace(topk=entry.budgets, compensate=cfg.effective_compensate,
+                                                                  block_ranking=cfg.ranking))
+        stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)
     if stats.budgets is not None:
@@ -327,8 +333,26 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
         # non-causal budgets are per head (the fused GPU prediction takes those); causal ones
         # per query block (early blocks measured from fewer rows run denser)
         budgets = stats.budgets if inp.is_causal else stats.head_budgets.float().amax(0)
-        _SITE_BUDGETS[key] = [budgets, 1, stats.target_l1, stats.estimated_l1, fingerprint]
+        dense = stats.fallback_reason is not None
+        interval = TARGET_REMEASURE_CALLS
+        if dense and entry is not None and entry.budgets is None and _same_inputs(entry.fingerprint, fingerprint):
+            interval = min(entry.interval * 2, TARGET_REMEASURE_MAX_CALLS)  # dense again: measure less often
+        _SITE_BUDGETS[key] = _SiteBudgets(None if dense else budgets, 1, interval, stats.target_l1,
+                                          stats.estimated_l1, fingerprint,
+                                          f"{stats.fallback_reason} (measured at this call site; re-measured within "
+                                          f"{interval} calls)" if dense else None)
     return out, stats
+
+
+@dataclass
+class _SiteBudgets:
+    budgets: torch.Tensor | None  # None: the measurement ran dense
+    calls: int
+    interval: int
+    target: float | None
+    estimated: float | None
+    fingerprint: torch.Tensor
+    reason: str | None
 
 
 #: Cosine similarity (per kv head) of the block-pooled keys above which a call site's
