@@ -405,3 +405,23 @@ def test_block_bounds_cover_every_score(causal, scale):
     finite = torch.isfinite(block_max)
     assert torch.equal(torch.isfinite(bounds), finite)
     assert (bounds[finite] >= block_max[finite] - 1e-4).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d, causal, padded", [(64, True, False), (128, False, True), (128, True, True)])
+def test_cuda_matches_reference(d, causal, padded):
+    torch.manual_seed(12)
+    q = torch.randn(2, 4, 700, d, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 700, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kpm = None
+    if padded:
+        kpm = torch.rand(2, 700, device="cuda") > 0.25
+        kpm[1, :200] = False  # causal rows < 200 of batch 1: no key
+    torch.full((q.numel() + 64,), float("nan"), dtype=torch.bfloat16, device="cuda")  # poison the allocator
+    out, stats = entmax_attention(q, k, v, torch.tensor([1.5, 1.3, 2.0, 1.5], device="cuda"), is_causal=causal,
+                                  key_padding_mask=kpm, backend="cuda", return_stats=True)
+    ref = entmax_attention(q.float(), k.float(), v.float(), torch.tensor([1.5, 1.3, 2.0, 1.5]).cuda(),
+                           is_causal=causal, key_padding_mask=kpm, backend="reference")
+    assert torch.isfinite(out).all() and stats.backend == "cuda"
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
