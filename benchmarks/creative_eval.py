@@ -79,13 +79,13 @@ def load_prompts(which: str, per_kind: int | None) -> list[str]:
     return [it["prompt"] for it in items]
 
 
-def parse_sweep_point(name: str) -> tuple[SparsityConfig, TwoStageSchedule, int]:
-    """``2stage:TA=1.6,pA=1.0,TB=0.8,pB=0.9,minp=0.1,nA=8`` -> (config, schedule, nA)."""
+def parse_sweep_point(name: str) -> tuple[SparsityConfig, int]:
+    """``2stage:TA=1.6,pA=1.0,TB=0.8,pB=0.9,minp=0.1,nA=8`` -> (config, nA)."""
     fields = dict(kv.split("=") for kv in name.split(":", 1)[1].split(","))
     values = {k: float(v) for k, v in fields.items()}
     cfg = SparsityConfig.from_stages((0.7, values["TA"], values["pA"]), (0.3, values["TB"], values["pB"]),
                                      min_p=values.get("minp", 0.0))
-    return cfg, TwoStageSchedule(0.7, 0.3, switch=1.0), int(values["nA"])
+    return cfg, int(values["nA"])
 
 
 def load_model(cache: str | None) -> tuple[Any, Any]:
@@ -172,7 +172,7 @@ class Evaluator:
         if name in BASELINES:
             texts = self._generate(dict(neutral, **BASELINES[name]), self.samples)
         elif name.startswith("2stage:"):
-            cfg, sched, n_a = parse_sweep_point(name)
+            cfg, n_a = parse_sweep_point(name)
             sched = TwoStageSchedule(0.7, 0.3, switch=n_a / self.new_tokens)
             texts = self._generate(neutral, self.samples, lambda width: CreativeSparseLogitsProcessor(
                 width, self.new_tokens, schedule=sched, config=cfg))
@@ -249,7 +249,7 @@ def plot(result_files: list[str], path: str) -> None:
         sweep = [r["metrics"] for n, r in res["methods"].items() if n.startswith("2stage:")]
         if sweep:
             ax.scatter([m["nll"] for m in sweep], [m["novelty"] for m in sweep], marker=marker, color="tab:orange",
-                       s=14, alpha=0.6, label=f"sweep points ({res['set']})")
+                       s=14, alpha=0.6, label=f"sweep points ({res['set']}, {len(res['prompts'])} prompts)")
         ax.scatter([], [], marker=marker, color="black", label=f"{res['set']} set ({len(res['prompts'])} prompts)")
     ax.set_xlabel("NLL under SmolLM2 given the prompt (nats/token, lower = more coherent)")
     ax.set_ylabel("novelty (1 - cos to the greedy answer)")
