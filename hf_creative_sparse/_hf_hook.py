@@ -33,6 +33,7 @@ def _register() -> None:
 
     _ensure_patches_package()
     importlib.import_module("hf_creative_sparse.patches.transformers_attention").register()
+    importlib.import_module("hf_creative_sparse.patches.transformers_entmax").register()  # creative_sparse_entmax
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):

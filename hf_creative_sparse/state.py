@@ -67,6 +67,9 @@ class PatchOptions:
             None (default): the controller's interval, else 1.
         remeasure_every: a layer with an error target re-measures its budgets every this
             many steps after the last measurement (inline, on a sparse step).
+        entmax_alpha: alpha-entmax attention instead of softmax (float, or one per head;
+            1 < alpha <= 2), whose zeros are exact (ops/entmax.py); the layer then runs
+            `entmax_attention` on every call, dense steps and the sparsity dial aside.
         num_inference_steps: number of denoising steps, needed by a schedule when a bare
             transformer (no pipeline, so no scheduler to read it from) is patched.
         controller: the `SparsityController` mapping s to kernel thresholds
@@ -84,6 +87,7 @@ class PatchOptions:
     num_inference_steps: int | None = None
     controller: Any = None
     remeasure_every: int = 10
+    entmax_alpha: Any = None
 
     def __post_init__(self) -> None:
         for name in ("dense_steps", "mask_refresh", "remeasure_every"):
@@ -409,6 +413,15 @@ class LayerState:
         timer = self._start_timer(inp.device)
         step = self.clock.step
         reused = False
+        if self.options.entmax_alpha is not None:
+            from .ops.entmax import entmax_attention_inputs
+
+            out, est = entmax_attention_inputs(inp, self.options.entmax_alpha, return_stats=True)
+            empty = est.empty_blocks / est.total_blocks if est.total_blocks else 0.0
+            self._stop_timer(timer)
+            self.last_stats, self.last_s = SparseStats(kept_fraction=1.0 - empty, backend=f"entmax-{est.backend}"), None
+            self._record(self.last_stats, False)
+            return inp.to_layout(out)
         s = self.current_s()
         cfg = self.config_for(s, dense_prefix, dense_suffix)
         measuring = cfg.selection == "target"

@@ -245,3 +245,14 @@ def test_call_site_that_runs_dense_measures_less_often():
     first_gap = measured.index(True, 1)
     assert first_gap == attention_module.TARGET_REMEASURE_CALLS
     assert measured.index(True, first_gap + 1) - first_gap == 2 * attention_module.TARGET_REMEASURE_CALLS
+
+
+def test_patch_option_entmax_runs_entmax_attention():
+    from hf_creative_sparse.ops.entmax import entmax_attention
+
+    q, k, v = (torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(4)) for _ in range(3))
+    state = LayerState("l", hcs.SparseAttentionConfig(), options=PatchOptions(entmax_alpha=1.5))
+    out = state.attend(q, k, v)
+    assert torch.allclose(out, entmax_attention(q, k, v, alpha=1.5), atol=1e-5)
+    assert state.last_stats.backend.startswith("entmax") and state.report_row()["calls"] == 1
+    assert not torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-3)

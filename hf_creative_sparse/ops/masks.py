@@ -73,6 +73,12 @@ def pool_blocks(x: torch.Tensor, block: int, token_valid: torch.Tensor | None) -
         fused = pool_blocks_cuda(x, block, token_valid)
         if fused is not None:
             return fused
+    if x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):  # one compiled pass
+        from .predict_cpu import pool_blocks_cpu
+
+        fused = pool_blocks_cpu(x, block, token_valid)
+        if fused is not None:
+            return fused
     b, h, n, d = x.shape
     nb = math.ceil(n / block)
     pad = nb * block - n
