@@ -112,7 +112,8 @@ def test_padded_row_equals_the_row_alone(model):
 
 def test_published_s_sets_the_kept_fraction():
     model = make_model("llama")
-    ids = torch.randint(1, VOCAB, (1, 512), generator=torch.Generator().manual_seed(2))
+    # 1024 tokens: 8 query blocks, so the forced diagonal and recent window leave room for the budget
+    ids = torch.randint(1, VOCAB, (1, 1024), generator=torch.Generator().manual_seed(2))
     # simthreshd1=-1: every block counts as self-similar, so the top-k budget alone decides
     # (random weights give dissimilar blocks, which the predictor would always keep).
     controller = SparsityController(SparsityConfig(simthreshd1=-1.0))
