@@ -283,6 +283,8 @@ def sparse_attention(
                              min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend,
                              target_l1=target_l1, compensate=compensate)
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
+    if cfg is not _DEFAULT_CONFIG:
+        _check_head_counts(cfg, inp)
     if cfg.selection == "target" and cfg.backend != "sdpa":
         frame = sys._getframe(1)
         out, stats = _target_at_call_site(inp, cfg, (frame.f_code.co_filename, frame.f_lineno))
@@ -290,6 +292,16 @@ def sparse_attention(
         out, stats = sparse_attention_inputs(inp, cfg)
     out = inp.to_layout(out)
     return (out, stats) if return_stats else out
+
+
+def _check_head_counts(cfg: SparseAttentionConfig, inp: AttentionInputs) -> None:
+    """Per-head thresholds must have one value per q head, whatever path the call takes
+    (a short sequence's dense fallback included): a wrong length is a wrong setup."""
+    for name in ("simthreshd1", "cdfthreshd", "topk", "pvthreshd"):
+        value = getattr(cfg, name)
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.numel() not in (1, inp.heads_q):
+            raise ValueError(f"{name} must be a scalar or have one value per q head ({inp.heads_q}), "
+                             f"got shape {tuple(value.shape)}")
 
 
 #: A call site re-measures its budgets every this many calls (`_target_at_call_site`); a
