@@ -195,5 +195,8 @@ def test_tiny_calibration_from_the_shell_runs_with_its_stored_policy(tmp_path, c
         report = sparsity_report(pipe)
     finally:
         handle.disable()
-    assert not any("short sequence" in reason for r in report.rows for reason in r["fallback_reasons"]), report
-    assert report.mean_kept_fraction < 1.0
+    reasons = {reason for r in report.rows for reason in r["fallback_reasons"]}
+    assert not any("short sequence" in reason for reason in reasons), report
+    # the stored min_seq_len 0 is honoured; what remains is the CPU policy of this machine's
+    # measured rates (ops/cpu_policy.py), which may still find a tiny call cannot pay
+    assert report.mean_kept_fraction < 1.0 or reasons == {"sparsity cannot pay on the CPU"}, report
