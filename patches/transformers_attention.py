@@ -78,12 +78,18 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    register_attention_function(ATTN_IMPLEMENTATION, creative_sparse_attention_forward)
+    _registered = True
+
+
+def register_attention_function(name: str, fn: Any) -> None:
+    """Register ``fn`` as ``attn_implementation=name`` together with SDPA's mask function
+    (without a mask function registered under the same name, padding masks arrive as None)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, creative_sparse_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    _registered = True
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
 
 
 def set_default_config(config: SparseAttentionConfig) -> None:

@@ -48,11 +48,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from .transformers_attention import register_attention_function
 
-    AttentionInterface.register(ATTN_IMPLEMENTATION, entmax_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    register_attention_function(ATTN_IMPLEMENTATION, entmax_attention_forward)
     _registered = True
 
 
