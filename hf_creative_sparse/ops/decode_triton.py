@@ -57,6 +57,7 @@ if triton is not None:
         stride_valid_b,
         scale_log2,
         HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -85,7 +86,10 @@ if triton is not None:
                 ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
             k = tl.load(k_base + t[:, None] * stride_kn + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
                         other=0.0)
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+            if IEEE:  # float32 inputs: full-precision products (tf32 measured ~1e-3 off on an H200)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee").to(tl.float32) * scale_log2
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -94,7 +98,11 @@ if triton is not None:
             l_i = l_i * corr + tl.sum(p, 1)
             v = tl.load(v_base + t[:, None] * stride_vn + dims[None, :], mask=ok[:, None] & dim_ok[None, :],
                         other=0.0)
-            acc = acc * corr[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            if IEEE:
+                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * corr[:, None] + pv.to(tl.float32)
             m_i = m_new
         base = (bh * SPLITS + split) * BLOCK_G
         tl.store(PART_O + (base + rows)[:, None] * BLOCK_D + dims[None, :], acc)
@@ -236,7 +244,7 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         valid.stride(0) if key_valid is not None else 0,
         scale * 1.4426950408889634,
         HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=block_d, BS=block_size,
-        num_warps=4, num_stages=3,
+        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3,
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
