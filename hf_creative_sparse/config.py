@@ -166,10 +166,10 @@ class SparseAttentionConfig:
             raise ValueError(f"max_kept_fraction must lie in [0, 1], got {self.max_kept_fraction}")
         if self.attention_sink is not None and not isinstance(self.attention_sink, bool):
             raise TypeError(f"attention_sink must be a bool or None, got {type(self.attention_sink).__name__}")
-        from .ops.dispatch import BACKEND_NAMES  # local: ops imports this module
+        from .ops.dispatch import BACKEND_NAMES, backend_names  # local: ops imports this module
 
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {self.backend!r}")
+        if self.backend not in BACKEND_NAMES and self.backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
 
     @property
     def selection(self) -> str:

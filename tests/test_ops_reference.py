@@ -139,6 +139,32 @@ def test_sparge_drop_ins():
         hcs.spas_sage2_attn_meansim_cuda(q, k, v, attn_mask=torch.ones(1))
     with pytest.raises(ValueError, match="mask_id"):
         hcs.block_sparse_sage2_attn_cuda(q, k, v)
+    # topk replaces the cdf rule, as in SpargeAttn (the default cdfthreshd is not an error)
+    _, sp_topk = hcs.spas_sage2_attn_meansim_cuda(q, k, v, topk=0.3, simthreshd1=-1.0, return_sparsity=True)
+    assert sp_topk > 0.5
+
+
+def test_block_sparse_sage2_honours_smooth_k(monkeypatch):
+    """smooth_k centres the keys (issue 16: accepted arguments are honoured): the attention
+    sees centred keys with it and the caller's keys without, and the outputs agree."""
+    from hf_creative_sparse.ops import sparge
+
+    q, k, v = structured_qkv(1, 2, 2, 300, 32)
+    seen = []
+    real = sparge.block_sparse_attention
+
+    def spy(q_, k_, *args, **kwargs):
+        seen.append(k_)
+        return real(q_, k_, *args, **kwargs)
+
+    monkeypatch.setattr(sparge, "block_sparse_attention", spy)
+    mask = torch.ones(1, 2, 3, 5, dtype=torch.bool)
+    smooth = hcs.block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask, smooth_k=True)
+    plain = hcs.block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask, smooth_k=False)
+    assert seen[0].mean(dim=2).abs().max() < 1e-5 and torch.equal(seen[1], k)
+    torch.testing.assert_close(smooth, plain, atol=1e-4, rtol=1e-4)
+    with pytest.raises(TypeError, match="smooth_k"):
+        hcs.block_sparse_sage2_attn_cuda(q, k, v, mask_id=mask, smooth_k="yes")
 
 
 # ---------------------------------------------------------------- bad input
@@ -252,3 +278,35 @@ def test_auto_skips_a_capable_backend_that_measured_slower_but_a_named_one_runs(
     assert stats.backend != "cuda" and SlowButCapable.calls == 0
     _, stats = hcs.sparse_attention(q, q, q, topk=0.5, backend="cuda", return_stats=True)
     assert stats.backend == "cuda" and SlowButCapable.calls == 1
+
+
+def test_register_backend_adds_a_new_name():
+    """register_backend can add a backend under a new name (issue 16): the name becomes a
+    valid backend= everywhere and the calls run on it."""
+    from hf_creative_sparse.ops import dispatch
+    from hf_creative_sparse.ops.backend_reference import ReferenceBackend
+
+    class Counting(ReferenceBackend):
+        name = "counting"
+        calls = 0
+
+        def run(self, inp, block_mask, pvthreshd):
+            Counting.calls += 1
+            return super().run(inp, block_mask, pvthreshd)
+
+    q, k, v = structured_qkv(1, 2, 2, 300, 32)
+    with pytest.raises(ValueError, match="backend"):
+        hcs.sparse_attention(q, k, v, topk=0.5, backend="counting")
+    dispatch.register_backend(Counting())
+    try:
+        assert "counting" in dispatch.backend_names() and hcs.SparseAttentionConfig(backend="counting")
+        out, stats = hcs.sparse_attention(q, k, v, topk=0.5, min_seq_len=0, backend="counting", return_stats=True)
+        assert stats.backend == "counting" and Counting.calls == 1
+        ref = hcs.sparse_attention(q, k, v, topk=0.5, min_seq_len=0, backend="reference")
+        torch.testing.assert_close(out, ref)
+    finally:
+        dispatch._REGISTRY.backends.pop("counting", None)
+    with pytest.raises(ValueError, match="reserved"):
+        dispatch.register_backend(type("Auto", (Counting,), {"name": "auto"})())
+    with pytest.raises(TypeError, match="lacks"):
+        dispatch.register_backend(type("Half", (), {"name": "half"})())

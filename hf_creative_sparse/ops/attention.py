@@ -13,7 +13,7 @@ import torch
 
 from ..config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import cudnn_direct_op, dense_attention, dense_attention_with
-from .dispatch import BACKEND_NAMES, choose_backend
+from .dispatch import backend_names, choose_backend
 from .cpu_policy import explicit_budget_reason_cpu, max_useful_kept_fraction_cpu, skip_prediction_reason_cpu
 from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
@@ -417,8 +417,8 @@ def block_sparse_attention(
         >>> hcs.block_sparse_attention(q, k, v, mask).shape
         torch.Size([1, 1, 256, 32])
     """
-    if backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+    if backend not in (names := backend_names()):
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     mask = check_block_mask(block_mask, inp)
     kept, total = kept_fraction(mask, inp)

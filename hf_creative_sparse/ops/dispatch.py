@@ -63,8 +63,29 @@ _REGISTRY = _Registry()
 
 
 def register_backend(backend: SparseBackend) -> None:
-    """Add or replace a backend under ``backend.name``."""
-    _REGISTRY.backends[backend.name] = backend
+    """Add or replace a backend under ``backend.name``; a new name becomes valid for
+    ``backend=`` everywhere (`backend_names`). ``auto`` keeps its own order (`AUTO_ORDER`):
+    a new backend runs when asked for by name.
+
+    Raises:
+        TypeError: the object lacks the `SparseBackend` methods or a str ``name``.
+        ValueError: the name is "auto" or "sdpa" (policy words, not backends).
+    """
+    name = getattr(backend, "name", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"backend.name must be a non-empty str, got {name!r}")
+    missing = [m for m in ("unavailable_reason", "unsupported_reason", "run") if not callable(getattr(backend, m, None))]
+    if missing:
+        raise TypeError(f"backend {name!r} lacks the SparseBackend method(s) {missing}")
+    if name in ("auto", "sdpa"):
+        raise ValueError(f"backend name {name!r} is reserved for the dispatch policy")
+    _REGISTRY.backends[name] = backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every valid ``backend=`` value: the built-in names and any registered since."""
+    _load()
+    return BACKEND_NAMES + tuple(n for n in _REGISTRY.backends if n not in BACKEND_NAMES)
 
 
 def _load() -> None:
@@ -116,8 +137,10 @@ def choose_backend(name: str, inp: AttentionInputs, pvthreshd: torch.Tensor | No
         ValueError: unknown name.
         RuntimeError: the named backend cannot run these inputs (with the reason).
     """
-    if name not in BACKEND_NAMES or name == "sdpa":
-        raise ValueError(f"backend must be one of {BACKEND_NAMES[:-1]} for sparse attention, got {name!r}")
+    names = backend_names()
+    if name not in names or name == "sdpa":
+        raise ValueError(f"backend must be one of {tuple(n for n in names if n != 'sdpa')} for sparse attention, "
+                         f"got {name!r}")
     if name != "auto":
         reason = why_not(name, inp, pvthreshd)
         if reason is not None:

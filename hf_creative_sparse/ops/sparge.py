@@ -34,7 +34,8 @@ def _refuse_unsupported(attn_mask: object, dropout_p: float, return_lse: bool) -
 def _meansim(q, k, v, *, is_causal, scale, smooth_k, simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink,
              tensor_layout, return_sparsity, mask_id):
     inp = attention_inputs(q, k, v, layout=tensor_layout, is_causal=is_causal, scale=scale)
-    cfg = SparseAttentionConfig(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=float(pvthreshd)
+    cfg = SparseAttentionConfig(simthreshd1=simthreshd1, cdfthreshd=None if topk is not None else cdfthreshd, topk=topk,
+                                pvthreshd=float(pvthreshd)
                                 if not isinstance(pvthreshd, torch.Tensor) else pvthreshd,
                                 attention_sink=attention_sink)
     if mask_id is not None:
@@ -90,9 +91,13 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
     """SpargeAttn's ``block_sparse_sage2_attn_cuda``: attention over the user block map
     ``mask_id`` (bool/int [B, H, ceil(Nq/128), ceil(Nk/64)], non-zero = keep).
 
-    ``attention_sink`` additionally keeps key block 0.
+    ``attention_sink`` additionally keeps key block 0. ``smooth_k`` subtracts the mean key
+    (over the sequence) before attention, as SpargeAttn does for its INT8 QK^T; softmax is
+    invariant to it, so the output changes only by rounding.
     """
     _refuse_unsupported(None, dropout_p, return_lse)
+    if not isinstance(smooth_k, bool):
+        raise TypeError(f"smooth_k must be a bool, got {type(smooth_k).__name__}")
     if mask_id is None:
         raise ValueError("mask_id is required: a bool/int block map [B, H, ceil(Nq/128), ceil(Nk/64)]")
     inp = attention_inputs(q, k, v, layout=tensor_layout, is_causal=is_causal, scale=scale)
@@ -100,6 +105,9 @@ def block_sparse_sage2_attn_cuda(q, k, v, mask_id=None, dropout_p=0.0, scale=Non
     if attention_sink:
         mask_id = mask_id.clone()
         mask_id[..., 0] = True
+    if smooth_k:
+        seq_dim = 2 if tensor_layout == "HND" else 1
+        k = k - k.float().mean(dim=seq_dim, keepdim=True).to(k.dtype)
     result = block_sparse_attention(q, k, v, mask_id, layout=tensor_layout, is_causal=is_causal, scale=scale,
                                     pvthreshd=float(pvthreshd) if not isinstance(pvthreshd, torch.Tensor) else pvthreshd,
                                     return_stats=return_sparsity)
