@@ -222,6 +222,12 @@ def test_config_validation():
         hcs.SparseAttentionConfig(target_l1=1.5)
     with pytest.raises(TypeError, match="compensate"):
         hcs.SparseAttentionConfig(compensate=1)
+    with pytest.raises(ValueError, match="block_ranking"):
+        hcs.SparseAttentionConfig(block_ranking="max")
+    assert hcs.SparseAttentionConfig(topk=0.2).ranking == "mean" and hcs.SparseAttentionConfig().ranking == "bound"
+    from hf_creative_sparse.state import PatchOptions
+    with pytest.raises(ValueError, match="remeasure_every"):
+        PatchOptions(remeasure_every=0)
     with pytest.raises(TypeError, match="dense_prefix"):
         hcs.SparseAttentionConfig(dense_prefix=1.5)
     with pytest.raises(ValueError, match="max_kept_fraction"):
