@@ -5,10 +5,11 @@
     python3 benchmarks/target_profile.py [--shape wan|cogvideox] [--topk 0.2]
 
 Stages: dense cuDNN SDPA; the fused top-k prediction (what an explicit top-k runs); the
-torch block scores + selection (what the target and compensated paths run); the budget
-estimate (64 sampled rows); the block-sparse kernel alone on the mask; compensation's
-pooled keys/values, bias and pooled attention (memory-efficient SDPA with a bias); the
-merge. Medians of 10 after 3 warm-ups, bf16, realistic video inputs.
+torch block scores + selection (what the target and compensated paths run), with the
+"sample" ranking and its Triton statistics kernel alone; the budget estimate (64 sampled
+rows); the block-sparse kernel alone on the mask; compensation's pooled keys/values, bias
+and pooled attention (memory-efficient SDPA with a bias), the merge, and the fused Triton
+compensation that replaces the last two; the whole target call at a warm call site. Medians of 10 after 3 warm-ups, bf16, realistic video inputs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,11 @@ from hf_creative_sparse.ops.compensation import (compensation_bias, pooled_atten
 from hf_creative_sparse.ops.dispatch import get_backend  # noqa: E402
 from hf_creative_sparse.ops.estimate import estimate_budgets  # noqa: E402
 from hf_creative_sparse.ops.inputs import attention_inputs, per_head  # noqa: E402
+from hf_creative_sparse.ops.attention import sparse_attention  # noqa: E402
+from hf_creative_sparse.ops.compensation_triton import compensate_triton  # noqa: E402
 from hf_creative_sparse.ops.masks import block_scores, predict_from_inputs, select_blocks  # noqa: E402
+from hf_creative_sparse.ops.sampled_scores import ranking_rows  # noqa: E402
+from hf_creative_sparse.ops.sampled_scores_triton import sampled_block_stats_triton  # noqa: E402
 
 SHAPES = {"wan": (12, 32760, 128, (21, 30, 52), 0), "cogvideox": (30, 17776, 64, (13, 30, 45), 226)}
 
@@ -62,6 +67,9 @@ def main() -> None:
                      timed(lambda: predict_from_inputs(inp, simthreshd1=-1.0, cdfthreshd=None, topk=args.topk))))
         scores = block_scores(inp, simthreshd1=-1.0)
         rows.append(("block scores (torch path)", timed(lambda: block_scores(inp, simthreshd1=-1.0))))
+        flat = ranking_rows(n, device=q.device).flatten()
+        rows.append(("sampled-row statistics (triton kernel)", timed(lambda: sampled_block_stats_triton(inp, flat))))
+        rows.append(("block scores, sample ranking", timed(lambda: block_scores(inp, simthreshd1=-1.0, ranking="sample"))))
         rows.append(("selection from scores", timed(lambda: select_blocks(scores, inp, topk=args.topk))))
         rows.append(("budget estimate (target 0.03)",
                      timed(lambda: estimate_budgets(inp, scores, target_l1=0.03), reps=5)))
@@ -75,10 +83,15 @@ def main() -> None:
         bias = compensation_bias(mask, inp, count)
         rows.append(("compensation bias", timed(lambda: compensation_bias(mask, inp, count))))
         rows.append(("pooled attention (mem-efficient SDPA + bias)", timed(lambda: pooled_attention(inp, pk, pvv, bias))))
+        rows.append(("fused compensation + merge (triton)",
+                     timed(lambda: compensate_triton(inp, result.out, result.lse, bias, pk, pvv))))
         comp_out, comp_lse = pooled_attention(inp, pk, pvv, bias)
         w = torch.sigmoid(comp_lse - result.lse).nan_to_num_(0.0)
         rows.append(("merge (lerp)", timed(lambda: torch.lerp(result.out, comp_out.to(q.dtype),
                                                               w.unsqueeze(-1).to(q.dtype)))))
+        for target in (0.01, 0.03):
+            rows.append((f"sparse_attention(target_l1={target}), call site warm",
+                         timed(lambda: sparse_attention(q, k, v, target_l1=target), reps=16)))
     dense = rows[0][1]
     print(f"\n{torch.cuda.get_device_name()} {args.shape} (B1 H{h} N{n} D{d}), bf16, video inputs\n")
     print("| stage | ms | % of dense |\n|---|---:|---:|")

@@ -437,7 +437,7 @@ class LayerState:
             budgets = self._budgets.get(self.clock.call_in_step) if measuring else None
             if budgets is not None and step - budgets.step < self.options.remeasure_every:
                 cfg = cfg.replace(topk=budgets.topk, compensate=cfg.effective_compensate,  # the measured budgets,
-                                  block_ranking=cfg.ranking)  # with the ranking they were measured for
+                                  block_ranking=cfg.ranking_for(inp.is_causal))  # with the ranking they were measured for
             refresh = self.options.refresh
             cached = self._cached_mask(inp, cfg, step) if refresh > 1 else None
             reused = cached is not None
@@ -466,7 +466,7 @@ class LayerState:
             return  # no budget can pay at this size on the GPU: its calls run dense
         with torch.no_grad():
             scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
-                                  dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix, ranking=cfg.ranking)
+                                  dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix, ranking=cfg.ranking_for(inp.is_causal))
             estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1,
                                         compensate=cfg.effective_compensate)
         self._store_budgets(estimate.head_budget, float(estimate.estimated_l1.float().mean()),

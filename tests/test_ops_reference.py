@@ -224,7 +224,7 @@ def test_config_validation():
         hcs.SparseAttentionConfig(compensate=1)
     with pytest.raises(ValueError, match="block_ranking"):
         hcs.SparseAttentionConfig(block_ranking="max")
-    assert hcs.SparseAttentionConfig(topk=0.2).ranking == "mean" and hcs.SparseAttentionConfig().ranking == "bound"
+    assert hcs.SparseAttentionConfig(topk=0.2).ranking_for(False) == "mean" and hcs.SparseAttentionConfig().ranking_for(False) == "sample"
     from hf_creative_sparse.state import PatchOptions
     with pytest.raises(ValueError, match="remeasure_every"):
         PatchOptions(remeasure_every=0)

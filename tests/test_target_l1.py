@@ -256,3 +256,35 @@ def test_patch_option_entmax_runs_entmax_attention():
     assert torch.allclose(out, entmax_attention(q, k, v, alpha=1.5), atol=1e-5)
     assert state.last_stats.backend.startswith("entmax") and state.report_row()["calls"] == 1
     assert not torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, k, v), atol=1e-3)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_fused_compensation_matches_torch(dtype, is_causal):
+    """The Triton compensation kernel against the PyTorch pooled attention + merge, at odd
+    sizes, GQA, several head dims, key padding; every output element is written."""
+    from hf_creative_sparse.ops.compensation import compensation_bias, merge_partials, pooled_attention, pooled_kv
+    from hf_creative_sparse.ops.compensation_triton import compensate_triton
+    from hf_creative_sparse.ops.masks import block_scores, select_blocks
+    from hf_creative_sparse.ops.reference import reference_attention
+
+    torch.manual_seed(5)
+    for hq, hkv, n, d in ((4, 2, 1000, 64), (2, 2, 333, 128), (3, 1, 700, 40)):
+        q, k, v = (torch.randn(2, h, n, d, device="cuda").to(dtype) for h in (hq, hkv, hkv))
+        pad = torch.ones(2, n, dtype=torch.bool, device="cuda")
+        pad[1, n // 2:] = False
+        inp = attention_inputs(q, k, v, is_causal=is_causal, key_padding_mask=None if is_causal else pad)
+        mask = select_blocks(block_scores(inp, simthreshd1=-1.0), inp, topk=0.3)
+        out, _, _, lse = reference_attention(inp, mask, torch.full((hq,), float("inf"), device="cuda"), return_lse=True)
+        pk, pv, count = pooled_kv(inp)
+        bias = compensation_bias(mask, inp, count)
+        comp_out, comp_lse = pooled_attention(inp, pk, pv, bias) if dtype == torch.float32 else \
+            pooled_attention(attention_inputs(q.float(), k.float(), v.float(), is_causal=is_causal,
+                                              key_padding_mask=inp.key_padding_mask), pk, pv, bias)
+        want, _ = merge_partials(out, lse, comp_out, comp_lse)
+        poison = torch.full_like(out, float("nan"))
+        got = compensate_triton(inp, out, lse, bias, pk, pv, result=poison)
+        assert got is poison and torch.isfinite(got).all()  # every element written
+        tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(got.float(), want.float(), **tol)

@@ -177,10 +177,10 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     scores = estimate = None
     with torch.no_grad():
         if block_mask is None:
-            if cfg.selection == "target" or compensate or cfg.ranking != "mean":
+            if cfg.selection == "target" or compensate or cfg.ranking_for(inp.is_causal) != "mean":
                 scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
                                       dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix,
-                                      ranking=cfg.ranking)
+                                      ranking=cfg.ranking_for(inp.is_causal))
             if cfg.selection == "target":
                 estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1, compensate=compensate)
                 block_mask = select_blocks(scores, inp, topk=estimate.topk)
@@ -335,7 +335,7 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
             out, stats = _dense(inp, entry.reason, None, 0, None)
         else:
             out, stats = sparse_attention_inputs(inp, cfg.replace(topk=entry.budgets, compensate=cfg.effective_compensate,
-                                                                  block_ranking=cfg.ranking))
+                                                                  block_ranking=cfg.ranking_for(inp.is_causal)))
         stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)

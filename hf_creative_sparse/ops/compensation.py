@@ -137,7 +137,13 @@ def compensate_output(inp: AttentionInputs, out: torch.Tensor, lse: torch.Tensor
     """The sparse output ``out`` [B, Hq, Nq, D] with log-sum-exp ``lse`` [B, Hq, Nq] plus
     the pooled tokens of the blocks ``block_mask`` skipped; returned in ``out``'s dtype."""
     pk, pv, count = pooled_kv(inp, pooled_k, count_k)
-    comp_out, comp_lse = pooled_attention(inp, pk, pv, compensation_bias(block_mask, inp, count))
+    bias = compensation_bias(block_mask, inp, count)
+    if out.is_cuda:  # one fused pass (ops/compensation_triton.py) where triton can take it
+        from .compensation_triton import compensate_triton, unavailable_reason
+
+        if unavailable_reason(inp, out) is None:
+            return compensate_triton(inp, out, lse, bias, pk, pv)
+    comp_out, comp_lse = pooled_attention(inp, pk, pv, bias)
     if torch.is_grad_enabled() and out.requires_grad:
         merged, _ = merge_partials(out, lse, comp_out, comp_lse)
         return merged.to(out.dtype)

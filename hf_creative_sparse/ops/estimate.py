@@ -40,6 +40,7 @@ from ..config import BLOCK_M, BLOCK_N
 from .compensation import pooled_kv
 from .inputs import AttentionInputs
 from .masks import BlockScores, topk_block_counts
+from .sampled_scores import ranking_rows
 
 #: Candidate kept fractions (ascending; 1.0 keeps every block, so some candidate always
 #: fits). Neighbours are ~1.2-1.3x apart: a head's chosen error lands within about that
@@ -85,12 +86,21 @@ def sample_rows(inp: AttentionInputs, rows: int) -> torch.Tensor:
     """Row indices (int64 [S], ascending, distinct): stratified over the query rows (one row
     drawn in each of S equal strata, so every part of the sequence is measured), from a
     fixed-seed generator (the same rows for the same shape: repeated estimates do not
-    jitter)."""
+    jitter), and apart from the rows the "sample" ranking reads where the block allows."""
     n = max(1, min(rows, inp.len_q))
     g = torch.Generator().manual_seed(1234)
     jitter = torch.rand(n, generator=g, dtype=torch.float64)
     picked = ((torch.arange(n, dtype=torch.float64) + jitter) * (inp.len_q / n)).floor().long()
-    return picked.clamp(max=inp.len_q - 1)
+    picked = picked.clamp(max=inp.len_q - 1)
+    # A row the "sample" ranking saw would judge its own block's mask too kindly: move it
+    # to a neighbour the ranking did not see (ranking rows are never adjacent in a full block).
+    seen = ranking_rows(inp.len_q).flatten()
+    for step in (1, -1):
+        hit = torch.isin(picked, seen)
+        moved = picked + step
+        ok = hit & (moved >= 0) & (moved < inp.len_q) & ~torch.isin(moved, seen) & ~torch.isin(moved, picked)
+        picked = torch.where(ok, moved, picked)
+    return picked.unique()  # sorted; two rows moved onto one count once
 
 
 def _block_partials(inp: AttentionInputs, rows: torch.Tensor, h0: int, h1: int, pooled_k: torch.Tensor,

@@ -1,0 +1,120 @@
+"""The sampled rows' block statistics on CUDA, in Triton (ops/sampled_scores.py).
+
+Why a kernel: the PyTorch path materialises each sampled row's scores against every key
+(R x Nk float32 per head, 3.2 GB at the Wan-480p shape) and reads them four times; here one
+program takes a tile of sampled rows, streams K once, and writes only two numbers per
+(row, key block): the max of the block's scaled scores and the sum of exp(score - max).
+Semantics: `hf_creative_sparse.ops.sampled_scores._stats_torch` (the test compares them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import BLOCK_N
+from .inputs import AttentionInputs
+
+try:  # optional: CPU-only installs have no triton
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Sampled rows per program: K is read once per tile of this many rows.
+_BLOCK_R = 64
+
+
+def unavailable_reason(inp: AttentionInputs) -> str | None:
+    """None when the kernel can take ``inp``, else why not (the caller then uses PyTorch)."""
+    if triton is None:
+        return "triton is not installed"
+    if not inp.q.is_cuda:
+        return f"the sampled-statistics kernel needs CUDA tensors, got {inp.q.device}"
+    if inp.q.dtype not in _DTYPES:
+        return f"the sampled-statistics kernel takes float16/bfloat16/float32, got {inp.q.dtype}"
+    if inp.head_dim > 256:
+        return f"the sampled-statistics kernel takes head_dim <= 256, got {inp.head_dim}"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sampled_stats_kernel(
+        Q, K, ROWS, KPM, BMAX, BSUM,
+        R, NK, MK, HQ, G, D,
+        stride_qb, stride_qh, stride_qn,
+        stride_kb, stride_kh, stride_kn,
+        stride_kpm_b,
+        scale,
+        HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BN: tl.constexpr,
+    ):
+        pid_r = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // HQ
+        h = pid_bh % HQ
+        hk = h // G
+        r_offs = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_ok = r_offs < R
+        rows = tl.load(ROWS + r_offs, mask=r_ok, other=0)
+        d = tl.arange(0, BLOCK_D)
+        q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qn + d[None, :],
+                    mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
+        n_in = tl.arange(0, BN)
+        out_base = pid_bh * R * MK + r_offs * MK
+        for j in range(0, MK):
+            keys = j * BN + n_in
+            k_in = keys < NK
+            kt = tl.load(K + b * stride_kb + hk * stride_kh + keys[None, :] * stride_kn + d[:, None],
+                         mask=k_in[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BN]
+            if IEEE:
+                s = tl.dot(q, kt, input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, kt) * scale
+            ok = k_in[None, :]
+            if HAS_KPM:
+                kpm = tl.load(KPM + b * stride_kpm_b + keys, mask=k_in, other=0)
+                ok = ok & (kpm != 0)[None, :]
+            if CAUSAL:
+                ok = ok & (keys[None, :] <= rows[:, None])
+            s = tl.where(ok, s, float("-inf"))
+            m = tl.max(s, 1)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            l = tl.sum(tl.where(ok, tl.exp(s - m_safe[:, None]), 0.0), 1)
+            tl.store(BMAX + out_base + j, m, mask=r_ok)
+            tl.store(BSUM + out_base + j, l, mask=r_ok)
+
+
+def sampled_block_stats_triton(inp: AttentionInputs, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampled_scores._stats_torch` on CUDA: (max, sum) float32 [B, Hq, R, Mk] for the
+    query rows ``rows`` (int64 [R])."""
+    reason = unavailable_reason(inp)
+    if reason is not None:
+        raise RuntimeError(reason)
+    q, k = inp.q, inp.k
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    b, hq, mk = inp.batch, inp.heads_q, inp.num_k_blocks
+    r = rows.numel()
+    bmax = torch.empty(b, hq, r, mk, dtype=torch.float32, device=q.device)
+    bsum = torch.empty_like(bmax)
+    kpm = inp.key_padding_mask
+    kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else bmax  # dummy pointer when absent
+    rows_i = rows.to(device=q.device, dtype=torch.int32).contiguous()
+    _sampled_stats_kernel[(triton.cdiv(r, _BLOCK_R), b * hq)](
+        q, k, rows_i, kpm_t, bmax, bsum,
+        r, inp.len_k, mk, hq, hq // inp.heads_kv, inp.head_dim,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        kpm_t.stride(0) if kpm is not None else 0,
+        float(inp.scale),
+        HAS_KPM=kpm is not None, CAUSAL=inp.is_causal, IEEE=q.dtype == torch.float32,
+        BLOCK_R=_BLOCK_R, BLOCK_D=max(16, triton.next_power_of_2(inp.head_dim)), BN=BLOCK_N,
+        num_warps=4,
+    )
+    return bmax, bsum
