@@ -150,3 +150,18 @@ def test_triton_stats_match_torch(dtype, is_causal):
         fin = torch.isfinite(m_r)
         torch.testing.assert_close(m_t[fin], m_r[fin], **tol)
         torch.testing.assert_close(l_t, l_r, **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_triton_mass_matches_float64_softmax(is_causal):
+    torch.manual_seed(6)
+    b, hq, hkv, n, d = 2, 4, 2, 1000, 64
+    q, k = torch.randn(b, hq, n, d) * 2, torch.randn(b, hkv, n, d)
+    pad = torch.ones(b, n, dtype=torch.bool)
+    pad[1, 700:] = False
+    kpm = None if is_causal else pad
+    inp = attention_inputs(q.cuda(), k.cuda(), k.cuda(), is_causal=is_causal,
+                           key_padding_mask=None if kpm is None else kpm.cuda())
+    got = sampled_block_mass(inp).cpu()
+    torch.testing.assert_close(got.double(), brute_force_mass(q, k, kpm, is_causal), atol=1e-5, rtol=1e-4)

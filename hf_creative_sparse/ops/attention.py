@@ -305,9 +305,10 @@ def _check_head_counts(cfg: SparseAttentionConfig, inp: AttentionInputs) -> None
 
 
 #: A call site re-measures its budgets every this many calls (`_target_at_call_site`); a
-#: site whose measurement keeps saying dense doubles that, up to the max (its measuring
-#: cost then stays ~1% of dense).
-TARGET_REMEASURE_CALLS = 16
+#: site whose measurement keeps saying dense doubles that, up to the max. A measurement
+#: costs 0.7-2.9 dense calls on an H200 (Wan / CogVideoX shapes), so 64 keeps it at 1-5% of
+#: the time; inputs that change (the key fingerprint) re-measure at once anyway.
+TARGET_REMEASURE_CALLS = 64
 TARGET_REMEASURE_MAX_CALLS = 256
 _SITE_BUDGETS: collections.OrderedDict[tuple, "_SiteBudgets"] = collections.OrderedDict()
 

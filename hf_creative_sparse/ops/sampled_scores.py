@@ -96,20 +96,20 @@ def sampled_block_mass(inp: AttentionInputs, rows_per_block: int = SAMPLED_ROWS_
     adds nothing). Causal: block i gets block i - 1's value (block 0: zeros), see the
     module doc."""
     rows = ranking_rows(inp.len_q, rows_per_block, inp.device)  # [Mq, S]
-    flat = rows.flatten()
-    stats = None
+    mass = None
     if inp.q.is_cuda:
-        from .sampled_scores_triton import sampled_block_stats_triton, unavailable_reason
+        from .sampled_scores_triton import sampled_block_mass_triton, unavailable_reason
 
         if unavailable_reason(inp) is None:
-            stats = sampled_block_stats_triton(inp, flat)
-    bmax, bsum = stats if stats is not None else _stats_torch(inp, flat)
-    row_max = bmax.amax(-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    mass = bsum * torch.exp(bmax - row_max)  # exp(-inf) = 0 for empty blocks
-    mass = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
-    b, hq, mk = inp.batch, inp.heads_q, inp.num_k_blocks
-    mass = mass.view(b, hq, rows.shape[0], rows.shape[1], mk).mean(3)
+            mass = sampled_block_mass_triton(inp, rows)
+    if mass is None:
+        bmax, bsum = _stats_torch(inp, rows.flatten())
+        row_max = bmax.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        mass = bsum * torch.exp(bmax - row_max)  # exp(-inf) = 0 for empty blocks
+        mass = mass / mass.sum(-1, keepdim=True).clamp(min=1e-30)
+        b, hq, mk = inp.batch, inp.heads_q, inp.num_k_blocks
+        mass = mass.view(b, hq, rows.shape[0], rows.shape[1], mk).mean(3)
     if inp.is_causal:
         mass = torch.cat([torch.zeros_like(mass[:, :, :1]), mass[:, :, :-1]], dim=2)
     return mass

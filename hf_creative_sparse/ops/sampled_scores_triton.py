@@ -22,8 +22,9 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-#: Sampled rows per program: K is read once per tile of this many rows.
-_BLOCK_R = 64
+#: The mass kernel holds S x Mk values per program; beyond this many key blocks (131k
+#: tokens) the reduction runs in torch.
+_MASS_MAX_KEY_BLOCKS = 2048
 
 
 def unavailable_reason(inp: AttentionInputs) -> str | None:
@@ -41,6 +42,11 @@ def unavailable_reason(inp: AttentionInputs) -> str | None:
 
 if triton is not None:
 
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_R": br}, num_warps=w, num_stages=st)
+                 for br, w in ((64, 4), (128, 8)) for st in (2, 3)],
+        key=["D", "MK", "CAUSAL"],
+    )
     @triton.jit
     def _sampled_stats_kernel(
         Q, K, ROWS, KPM, BMAX, BSUM,
@@ -87,6 +93,25 @@ if triton is not None:
             tl.store(BMAX + out_base + j, m, mask=r_ok)
             tl.store(BSUM + out_base + j, l, mask=r_ok)
 
+    @triton.jit
+    def _sampled_mass_kernel(BMAX, BSUM, MASS, MK, MQ, S: tl.constexpr, MK_PAD: tl.constexpr):
+        """Per (batch*head, query block): normalise each sampled row's block masses by the
+        row's total and average the block's S rows (what `sampled_block_mass` does in torch)."""
+        pid_q = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        r = tl.arange(0, S)
+        c = tl.arange(0, MK_PAD)
+        ok = c < MK
+        base = (pid_bh * MQ * S + pid_q * S + r)[:, None] * MK + c[None, :]
+        m = tl.load(BMAX + base, mask=ok[None, :], other=float("-inf"))
+        l = tl.load(BSUM + base, mask=ok[None, :], other=0.0)
+        row_max = tl.max(m, 1)
+        row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+        mass = l * tl.exp(m - row_max[:, None])
+        total = tl.sum(mass, 1)
+        mass = mass / tl.maximum(total, 1e-30)[:, None]
+        tl.store(MASS + (pid_bh * MQ + pid_q) * MK + c, tl.sum(mass, 0) / S, mask=ok)
+
 
 def sampled_block_stats_triton(inp: AttentionInputs, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`sampled_scores._stats_torch` on CUDA: (max, sum) float32 [B, Hq, R, Mk] for the
@@ -106,7 +131,7 @@ def sampled_block_stats_triton(inp: AttentionInputs, rows: torch.Tensor) -> tupl
     kpm = inp.key_padding_mask
     kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else bmax  # dummy pointer when absent
     rows_i = rows.to(device=q.device, dtype=torch.int32).contiguous()
-    _sampled_stats_kernel[(triton.cdiv(r, _BLOCK_R), b * hq)](
+    _sampled_stats_kernel[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), b * hq)](
         q, k, rows_i, kpm_t, bmax, bsum,
         r, inp.len_k, mk, hq, hq // inp.heads_kv, inp.head_dim,
         q.stride(0), q.stride(1), q.stride(2),
@@ -114,7 +139,22 @@ def sampled_block_stats_triton(inp: AttentionInputs, rows: torch.Tensor) -> tupl
         kpm_t.stride(0) if kpm is not None else 0,
         float(inp.scale),
         HAS_KPM=kpm is not None, CAUSAL=inp.is_causal, IEEE=q.dtype == torch.float32,
-        BLOCK_R=_BLOCK_R, BLOCK_D=max(16, triton.next_power_of_2(inp.head_dim)), BN=BLOCK_N,
-        num_warps=4,
+        BLOCK_D=max(16, triton.next_power_of_2(inp.head_dim)), BN=BLOCK_N,
     )
     return bmax, bsum
+
+
+def sampled_block_mass_triton(inp: AttentionInputs, rows: torch.Tensor) -> torch.Tensor | None:
+    """`sampled_scores.sampled_block_mass` before its causal shift, on CUDA: float32
+    [B, Hq, Mq, Mk] from ``rows`` (int64 [Mq, S], `ranking_rows`). None when the mass kernel
+    cannot take the shape (S not a power of two, or more than `_MASS_MAX_KEY_BLOCKS` key
+    blocks), for the caller's PyTorch reduction."""
+    mq, s_rows = rows.shape
+    mk = inp.num_k_blocks
+    if s_rows & (s_rows - 1) or mk > _MASS_MAX_KEY_BLOCKS:
+        return None
+    bmax, bsum = sampled_block_stats_triton(inp, rows.flatten())
+    mass = torch.empty(inp.batch, inp.heads_q, mq, mk, dtype=torch.float32, device=bmax.device)
+    _sampled_mass_kernel[(mq, inp.batch * inp.heads_q)](
+        bmax, bsum, mass, mk, mq, S=s_rows, MK_PAD=max(16, triton.next_power_of_2(mk)), num_warps=4)
+    return mass
