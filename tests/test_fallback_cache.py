@@ -77,7 +77,8 @@ def test_gpu_decisions_follow_the_cost_model():
     gpt2 = _gpu_inp(8, 12, 1024, 64, causal=True)
     cfg = SparseAttentionConfig()
     # an error target (the default) measures per call site: refused only where no budget pays
-    assert early_fallback_reason(gpt2, cfg) == gpu_policy.explicit_budget_reason(gpt2, 0.0)
+    assert early_fallback_reason(gpt2, cfg) == gpu_policy.explicit_budget_reason(
+        gpt2, 0.0, 1, gpu_policy.path_seconds(gpt2, False, True))  # causal: bound ranking, compensated
     assert "cannot pay" in early_fallback_reason(gpt2, cfg)
     assert early_fallback_reason(gpt2, cfg, predicting=False) is None  # a given mask skips the cost model
     assert early_fallback_reason(_gpu_inp(1, 24, 32768, 128), cfg) is None

@@ -55,3 +55,19 @@ def test_a_reused_mask_shares_its_prediction_cost():
     uses = int(ratio / gpu_policy.PREDICTION_BUDGET) + 1
     assert gpu_policy.skip_prediction_reason(flux, mask_uses=uses - 1) is not None
     assert gpu_policy.skip_prediction_reason(flux, mask_uses=uses) is None  # mask_refresh=uses: it does
+
+
+def test_target_path_stages_are_charged_to_the_sparse_side():
+    """The error-target path's ranking and compensation cost time the policy must count
+    (H200 profile: CogVideoX 2.1 ms of a 5.6 ms dense call): a budget that pays for the
+    plain kernel stops paying with them, and each stage's cost follows its own argument."""
+    cog, wan = _inp(1, 30, 17776, 64), _inp(1, 12, 32760, 128)
+    both = gpu_policy.path_seconds(cog, True, True)
+    assert 1.2e-3 < both < 3.0e-3  # measured 2.1 ms
+    assert gpu_policy.path_seconds(cog, True, False) < both and gpu_policy.path_seconds(cog, False, True) < both
+    assert gpu_policy.path_seconds(cog, False, False) == 0.0
+    assert 2.0e-3 < gpu_policy.path_seconds(wan, True, True) < 4.0e-3  # measured 3.1 ms
+    assert gpu_policy.max_useful_kept_fraction(cog, both) < gpu_policy.max_useful_kept_fraction(cog)
+    assert gpu_policy.explicit_budget_reason(cog, 0.47) is None  # the plain kernel would pay
+    assert gpu_policy.explicit_budget_reason(cog, 0.47, 1, both) is not None  # measured 0.69x with the stages
+    assert gpu_policy.explicit_budget_reason(wan, 0.2, 1, gpu_policy.path_seconds(wan, True, True)) is None

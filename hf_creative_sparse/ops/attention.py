@@ -15,7 +15,7 @@ from ..config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import cudnn_direct_op, dense_attention, dense_attention_with
 from .dispatch import backend_names, choose_backend
 from .cpu_policy import explicit_budget_reason_cpu, max_useful_kept_fraction_cpu, skip_prediction_reason_cpu
-from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, skip_prediction_reason
+from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, path_seconds, skip_prediction_reason
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .compensation import compensate_output
 from .estimate import estimate_budgets
@@ -113,7 +113,7 @@ def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: 
     selection = cfg.selection
     budget = _mean_topk(cfg) if selection == "topk" else None
     key = (cfg.backend, cfg.min_seq_len, q.shape, inp.k.shape, q.dtype, q.device, inp.is_causal, mask_uses,
-           predicting, selection, budget)
+           predicting, selection, budget, cfg.ranking_for(inp.is_causal), cfg.effective_compensate)
     hit = _EARLY_FALLBACK.get(key, _MISSING)
     if hit is _MISSING:
         reason = _early_fallback_reason(inp, cfg, mask_uses, predicting, budget)
@@ -122,6 +122,11 @@ def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: 
             _EARLY_FALLBACK.clear()
         _EARLY_FALLBACK[key] = hit
     return hit  # type: ignore[return-value]
+
+
+def _path_seconds(inp: AttentionInputs, cfg: SparseAttentionConfig) -> float:
+    """`gpu_policy.path_seconds` for this call's ranking and compensation."""
+    return path_seconds(inp, cfg.ranking_for(inp.is_causal) == "sample", cfg.effective_compensate)
 
 
 def _mean_topk(cfg: SparseAttentionConfig) -> float:
@@ -140,10 +145,11 @@ def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mas
     if inp.len_k < cfg.min_seq_len:
         return f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}"
     if predicting and inp.q.is_cuda:  # cost model: ops/gpu_policy.py
+        extra = _path_seconds(inp, cfg)
         if budget is not None:
-            return explicit_budget_reason(inp, budget, mask_uses)
+            return explicit_budget_reason(inp, budget, mask_uses, extra)
         if cfg.selection == "target":  # measured once per call site (`sparse_attention`'s cache)
-            return explicit_budget_reason(inp, 0.0, mask_uses)
+            return explicit_budget_reason(inp, 0.0, mask_uses, extra)
         return skip_prediction_reason(inp, mask_uses)
     if predicting and inp.device.type == "cpu":  # rates measured on this machine: ops/cpu_policy.py
         if budget is not None:
@@ -194,7 +200,7 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     if policy and predicted > cfg.max_kept_fraction:
         out, stats = _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction="
                             f"{cfg.max_kept_fraction}", predicted, total, block_mask)
-    elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp)):
+    elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp, _path_seconds(inp, cfg))):
         out, stats = _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
                             "fraction for this size", predicted, total, block_mask)
     elif policy and inp.device.type == "cpu" and predicted > (limit := max_useful_kept_fraction_cpu(inp)):

@@ -49,6 +49,13 @@ PREDICTION_BUDGET = 0.04
 #: (0.93x cuDNN, H200) with a prediction of 0.14 ms. At 0.18 ms CogVideoX (0.27 ms
 #: estimated) skips prediction and stays within 1.05x of cuDNN.
 PREDICT_FIXED_S = 0.18e-3
+#: Rate of the Triton kernels of the error-target path (sampled statistics, fused
+#: compensation) by head-dim bound, FLOP/s (H200, `path_seconds`).
+TRITON_RATE = ((64, 105e12), (256, 160e12))
+#: Fixed cost of the "sample" ranking besides its statistics kernel (pooling, the mass
+#: reduction, selection) and of compensation besides its kernel (the bias), seconds (H200).
+SAMPLE_RANKING_FIXED_S = 1.0e-3
+COMPENSATION_FIXED_S = 0.15e-3
 PREDICT_READ_RATE = 2.6e12
 PREDICT_ROW_S_AT_512 = 10e-9
 PREDICT_ROW_S_AT_512_SORTED = 38e-9
@@ -89,19 +96,39 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
     return None
 
 
-def max_useful_kept_fraction(inp: AttentionInputs) -> float:
-    """The kept fraction above which the sparse path is slower than dense SDPA."""
-    return max(0.0, SPARSE_EFFICIENCY * (1.0 - OVERHEAD_S / dense_seconds(inp)))
+def path_seconds(inp: AttentionInputs, sample_ranking: bool, compensate: bool) -> float:
+    """Estimated cost of the error-target path's extra stages on an H200: the "sample"
+    ranking (its statistics kernel reads 1/16 of the dense QK^T, plus pooling, the mass
+    reduction and the selection) and the fused compensation (Nq x Mk x D twice). Measured
+    (benchmarks/target_profile.py, BENCHMARKS.md): Wan 480p 2.0 + 0.3 + 0.77 ms, CogVideoX
+    1.13 + 0.43 + 0.54 ms; these simple Triton kernels run at ~105 TFLOP/s at head dim 64
+    and ~160 at 128."""
+    rate = next((r for bound, r in TRITON_RATE if inp.head_dim <= bound), TRITON_RATE[-1][1])
+    bh = inp.batch * inp.heads_q
+    seconds = 0.0
+    if sample_ranking:
+        seconds += 2.0 * bh * inp.len_q / 16 * inp.len_k * inp.head_dim / rate + SAMPLE_RANKING_FIXED_S
+    if compensate:
+        seconds += 4.0 * bh * inp.len_q * inp.num_k_blocks * inp.head_dim / rate + COMPENSATION_FIXED_S
+    return seconds
 
 
-def explicit_budget_reason(inp: AttentionInputs, budget: float, mask_uses: int = 1) -> str | None:
+def max_useful_kept_fraction(inp: AttentionInputs, extra_s: float = 0.0) -> float:
+    """The kept fraction above which the sparse path is slower than dense SDPA; ``extra_s``:
+    the seconds of the path's extra stages (`path_seconds`)."""
+    return max(0.0, SPARSE_EFFICIENCY * (1.0 - (OVERHEAD_S + extra_s) / dense_seconds(inp)))
+
+
+def explicit_budget_reason(inp: AttentionInputs, budget: float, mask_uses: int = 1,
+                           extra_s: float = 0.0) -> str | None:
     """Why an explicit top-k ``budget`` (mean kept fraction) cannot pay on the GPU, or None.
 
-    An explicit budget is judged by what it will cost, prediction included, against dense:
-    it is never refused for the prediction's cost alone when its kept fraction pays.
+    An explicit budget is judged by what it will cost, prediction and the path's extra
+    stages (``extra_s``, `path_seconds`) included, against dense: it is never refused for
+    the prediction's cost alone when its kept fraction pays.
     """
     t = dense_seconds(inp)
-    sparse = prediction_seconds(inp) / max(1, mask_uses) + OVERHEAD_S + budget * t / SPARSE_EFFICIENCY
+    sparse = prediction_seconds(inp) / max(1, mask_uses) + OVERHEAD_S + extra_s + budget * t / SPARSE_EFFICIENCY
     if sparse >= t:
         return (f"sparsity cannot pay on the GPU: top-k {budget:.3f} would take ~{sparse * 1e3:.2f} ms with its "
                 f"prediction against ~{t * 1e3:.2f} ms dense")
