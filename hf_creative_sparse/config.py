@@ -225,6 +225,17 @@ class SparseAttentionConfig:
             return self.compensate
         return self.selection == "target"
 
+    def with_budgets(self, budgets: Any, is_causal: bool) -> "SparseAttentionConfig":
+        """This error target's config for a call that reuses measured ``budgets`` (per-head or
+        per-block top-k fractions): the same ranking, compensation, similarity threshold and
+        sink the measurement assumed, pinned, since a top-k config would otherwise take the
+        threshold rules' defaults (simthreshd1=0.6 forced non-self-similar blocks: on local
+        inputs a budget of 0.36 then kept 0.52 of the blocks and fell back to dense after
+        paying for the ranking)."""
+        return self.replace(topk=budgets, compensate=self.effective_compensate,
+                            block_ranking=self.ranking_for(is_causal), simthreshd1=self.effective_simthreshd1,
+                            attention_sink=self.sink_for(is_causal))
+
     def replace(self, **changes: Any) -> "SparseAttentionConfig":
         """A validated copy with ``changes`` applied. Setting one selection rule (``topk``,
         ``cdfthreshd`` or ``target_l1``) clears the others."""

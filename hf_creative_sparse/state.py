@@ -436,8 +436,7 @@ class LayerState:
         else:
             budgets = self._budgets.get(self.clock.call_in_step) if measuring else None
             if budgets is not None and step - budgets.step < self.options.remeasure_every:
-                cfg = cfg.replace(topk=budgets.topk, compensate=cfg.effective_compensate,  # the measured budgets,
-                                  block_ranking=cfg.ranking_for(inp.is_causal))  # with the ranking they were measured for
+                cfg = cfg.with_budgets(budgets.topk, inp.is_causal)  # as they were measured
             refresh = self.options.refresh
             cached = self._cached_mask(inp, cfg, step) if refresh > 1 else None
             reused = cached is not None

@@ -288,3 +288,19 @@ def test_fused_compensation_matches_torch(dtype, is_causal):
         assert got is poison and torch.isfinite(got).all()  # every element written
         tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("family,causal", [("local", False), ("causal_text", True)])
+def test_reused_budgets_keep_what_was_measured(family, causal):
+    """A call site's later calls reuse the measured budgets with the measurement's own
+    similarity threshold, sink and ranking: the kept fraction and the output stay those of
+    the measuring call (a top-k config's defaults forced non-self-similar blocks dense)."""
+    q, k, v = make_inputs(family, 1, 4, 4096, 64, seed=4)
+    kept, outs = [], []
+    for _ in range(2):
+        out, stats = hcs.sparse_attention(q, k, v, is_causal=causal, target_l1=0.03, min_seq_len=0,
+                                          backend=BACKENDS[-1], return_stats=True)
+        kept.append(stats.kept_fraction)
+        outs.append(out)
+    assert kept[0] < 0.9 and kept[1] == pytest.approx(kept[0], abs=1e-6), kept
+    torch.testing.assert_close(outs[1], outs[0])

@@ -341,8 +341,7 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
         if entry.budgets is None:  # the last measurement said dense: no budget pays here
             out, stats = _dense(inp, entry.reason, None, 0, None)
         else:
-            out, stats = sparse_attention_inputs(inp, cfg.replace(topk=entry.budgets, compensate=cfg.effective_compensate,
-                                                                  block_ranking=cfg.ranking_for(inp.is_causal)))
+            out, stats = sparse_attention_inputs(inp, cfg.with_budgets(entry.budgets, inp.is_causal))
         stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)
