@@ -304,3 +304,29 @@ def test_reused_budgets_keep_what_was_measured(family, causal):
         outs.append(out)
     assert kept[0] < 0.9 and kept[1] == pytest.approx(kept[0], abs=1e-6), kept
     torch.testing.assert_close(outs[1], outs[0])
+
+
+def test_call_site_whose_budgets_cannot_pay_reuses_dense(monkeypatch):
+    """When the measured budgets, judged as the reuse calls will be (ranking and compensation
+    included), cannot pay, the site stores "dense" and its next calls run dense at once,
+    with the policy's reason, instead of ranking and then falling back."""
+    from hf_creative_sparse.ops import attention as attention_module
+
+    real = attention_module._early_fallback_reason
+
+    def refuse_topk(inp, cfg, mask_uses, predicting, budget):
+        if cfg.selection == "topk":
+            return "sparsity cannot pay: test policy"
+        return real(inp, cfg, mask_uses, predicting, budget)
+
+    monkeypatch.setattr(attention_module, "_early_fallback_reason", refuse_topk)
+    q, k, v = make_inputs("local", 1, 2, 2048, 32, seed=7)
+    scores_calls, stats = [], []
+    for i in range(2):  # one call site: the same line
+        if i == 1:
+            monkeypatch.setattr(attention_module, "block_scores", lambda *a, **kw: scores_calls.append(1))
+        stats.append(hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, return_stats=True)[1])
+    first, second = stats
+    assert first.fallback_reason is None and first.head_budgets is not None  # measured, ran sparse
+    assert second.kept_fraction == 1.0 and "test policy" in second.fallback_reason
+    assert "measured at this call site" in second.fallback_reason and not scores_calls

@@ -352,12 +352,19 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
         # per query block (early blocks measured from fewer rows run denser)
         budgets = stats.budgets if inp.is_causal else stats.head_budgets.float().amax(0)
         dense = stats.fallback_reason is not None
+        reason = stats.fallback_reason
+        if not dense and cfg.backend == "auto":
+            # the reuse calls are judged as explicit budgets (ranking and compensation included):
+            # when that says dense, say so now, so they run dense at once instead of revalidating
+            reuse = cfg.with_budgets(budgets, inp.is_causal)
+            reason = _early_fallback_reason(inp, reuse, 1, True, _mean_topk(reuse))
+            dense = reason is not None
         interval = TARGET_REMEASURE_CALLS
         if dense and entry is not None and entry.budgets is None and _same_inputs(entry.fingerprint, fingerprint):
             interval = min(entry.interval * 2, TARGET_REMEASURE_MAX_CALLS)  # dense again: measure less often
         _SITE_BUDGETS[key] = _SiteBudgets(None if dense else budgets, 1, interval, stats.target_l1,
                                           stats.estimated_l1, fingerprint,
-                                          f"{stats.fallback_reason} (measured at this call site; re-measured within "
+                                          f"{reason} (measured at this call site; re-measured within "
                                           f"{interval} calls)" if dense else None)
     return out, stats
 
