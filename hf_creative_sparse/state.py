@@ -42,9 +42,9 @@ from typing import Any, Callable
 import torch
 
 from .config import SparseAttentionConfig, SparseStats
-from .ops.attention import sparse_attention_inputs
+from .ops.attention import path_seconds_for, sparse_attention_inputs
 from .ops.estimate import estimate_budgets
-from .ops.gpu_policy import explicit_budget_reason, path_seconds
+from .ops.gpu_policy import explicit_budget_reason
 from .ops.masks import block_scores
 from .ops.dense import dense_attention
 from .ops.inputs import AttentionInputs, attention_inputs
@@ -461,9 +461,7 @@ class LayerState:
         if inp.len_k < cfg.min_seq_len or cfg.backend == "sdpa":
             return  # this layer's calls run dense anyway: nothing to budget
         if inp.q.is_cuda and cfg.backend == "auto" and \
-                explicit_budget_reason(inp, 0.0, self.options.refresh,
-                                       path_seconds(inp, cfg.ranking_for(inp.is_causal) == "sample",
-                                                    cfg.effective_compensate)) is not None:
+                explicit_budget_reason(inp, 0.0, self.options.refresh, path_seconds_for(inp, cfg)) is not None:
             return  # no budget can pay at this size on the GPU: its calls run dense
         with torch.no_grad():
             scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),

@@ -78,7 +78,7 @@ def test_gpu_decisions_follow_the_cost_model():
     cfg = SparseAttentionConfig()
     # an error target (the default) measures per call site: refused only where no budget pays
     assert early_fallback_reason(gpt2, cfg) == gpu_policy.explicit_budget_reason(
-        gpt2, 0.0, 1, gpu_policy.path_seconds(gpt2, False, True))  # causal: bound ranking, compensated
+        gpt2, 0.0, 1, gpu_policy.path_seconds(gpt2, False, True, torch_ranking=True))  # causal: torch bound ranking, compensated
     assert "cannot pay" in early_fallback_reason(gpt2, cfg)
     assert early_fallback_reason(gpt2, cfg, predicting=False) is None  # a given mask skips the cost model
     assert early_fallback_reason(_gpu_inp(1, 24, 32768, 128), cfg) is None
@@ -144,7 +144,7 @@ def test_gpt2_dense_fallback_on_cuda():
         out, stats = sparse_attention_inputs(inp, SparseAttentionConfig())
         # the default is an error target, judged as a budget with its path's stages (causal:
         # bound ranking, compensated): no budget pays at this size
-        want = gpu_policy.explicit_budget_reason(inp, 0.0, 1, gpu_policy.path_seconds(inp, False, True))
+        want = gpu_policy.explicit_budget_reason(inp, 0.0, 1, gpu_policy.path_seconds(inp, False, True, True))
         assert stats.backend == "sdpa" and want is not None and stats.fallback_reason == want
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=2e-2, rtol=2e-2)
 

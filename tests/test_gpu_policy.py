@@ -71,3 +71,14 @@ def test_target_path_stages_are_charged_to_the_sparse_side():
     assert gpu_policy.explicit_budget_reason(cog, 0.47) is None  # the plain kernel would pay
     assert gpu_policy.explicit_budget_reason(cog, 0.47, 1, both) is not None  # measured 0.69x with the stages
     assert gpu_policy.explicit_budget_reason(wan, 0.2, 1, gpu_policy.path_seconds(wan, True, True)) is None
+
+
+def test_causal_torch_ranking_is_charged():
+    """The strictly causal path ranks in PyTorch; at the 32k causal text shape an error
+    target at 0.47 kept ran 0.64-0.82x of cuDNN (H200), so that budget must not pay."""
+    text = _inp(1, 24, 32768, 128, causal=True)
+    plain = gpu_policy.path_seconds(text, False, True)
+    charged = gpu_policy.path_seconds(text, False, True, torch_ranking=True)
+    assert charged == pytest.approx(plain + gpu_policy.TORCH_RANKING_SHARE * gpu_policy.dense_seconds(text))
+    assert gpu_policy.explicit_budget_reason(text, 0.47, 1, plain) is None
+    assert gpu_policy.explicit_budget_reason(text, 0.47, 1, charged) is not None

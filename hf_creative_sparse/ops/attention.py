@@ -124,9 +124,13 @@ def early_fallback(inp: AttentionInputs, cfg: SparseAttentionConfig, mask_uses: 
     return hit  # type: ignore[return-value]
 
 
-def _path_seconds(inp: AttentionInputs, cfg: SparseAttentionConfig) -> float:
-    """`gpu_policy.path_seconds` for this call's ranking and compensation."""
-    return path_seconds(inp, cfg.ranking_for(inp.is_causal) == "sample", cfg.effective_compensate)
+def path_seconds_for(inp: AttentionInputs, cfg: SparseAttentionConfig) -> float:
+    """`gpu_policy.path_seconds` for this call's ranking and compensation (the one place
+    that maps a config to the path's stages; patched layers use it too)."""
+    ranking = cfg.ranking_for(inp.is_causal)
+    # the fused GPU prediction takes non-causal "mean" rankings; "sample" has its own kernels
+    return path_seconds(inp, ranking == "sample", cfg.effective_compensate,
+                        torch_ranking=inp.is_causal or ranking == "bound")
 
 
 def _mean_topk(cfg: SparseAttentionConfig) -> float:
@@ -145,7 +149,7 @@ def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mas
     if inp.len_k < cfg.min_seq_len:
         return f"short sequence: len_k={inp.len_k} < min_seq_len={cfg.min_seq_len}"
     if predicting and inp.q.is_cuda:  # cost model: ops/gpu_policy.py
-        extra = _path_seconds(inp, cfg)
+        extra = path_seconds_for(inp, cfg)
         if budget is not None:
             return explicit_budget_reason(inp, budget, mask_uses, extra)
         if cfg.selection == "target":  # measured once per call site (`sparse_attention`'s cache)
@@ -200,7 +204,7 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
     if policy and predicted > cfg.max_kept_fraction:
         out, stats = _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction="
                             f"{cfg.max_kept_fraction}", predicted, total, block_mask)
-    elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp, _path_seconds(inp, cfg))):
+    elif gpu_policy and predicted > (limit := max_useful_kept_fraction(inp, path_seconds_for(inp, cfg))):
         out, stats = _dense(inp, f"sparsity cannot pay on the GPU: kept {predicted:.3f} > {limit:.3f}, the break-even "
                             "fraction for this size", predicted, total, block_mask)
     elif policy and inp.device.type == "cpu" and predicted > (limit := max_useful_kept_fraction_cpu(inp)):

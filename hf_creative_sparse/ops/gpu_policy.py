@@ -56,6 +56,11 @@ TRITON_RATE = ((64, 105e12), (256, 160e12))
 #: reduction, selection) and of compensation besides its kernel (the bias), seconds (H200).
 SAMPLE_RANKING_FIXED_S = 1.0e-3
 COMPENSATION_FIXED_S = 0.15e-3
+#: The PyTorch ranking path (strictly causal scores, per-query-block budgets, the "bound"
+#: ranking) as a share of dense: at the 32k causal text shape an error-target call at 0.47
+#: kept took 11.8 ms against 9.7 ms dense, 3.4 ms over what the other terms model (H200,
+#: BENCHMARKS.md session 5); session 4 measured causal top-k calls at 0.86-0.87x.
+TORCH_RANKING_SHARE = 0.35
 PREDICT_READ_RATE = 2.6e12
 PREDICT_ROW_S_AT_512 = 10e-9
 PREDICT_ROW_S_AT_512_SORTED = 38e-9
@@ -96,13 +101,14 @@ def skip_prediction_reason(inp: AttentionInputs, mask_uses: int = 1) -> str | No
     return None
 
 
-def path_seconds(inp: AttentionInputs, sample_ranking: bool, compensate: bool) -> float:
+def path_seconds(inp: AttentionInputs, sample_ranking: bool, compensate: bool, torch_ranking: bool = False) -> float:
     """Estimated cost of the error-target path's extra stages on an H200: the "sample"
     ranking (its statistics kernel reads 1/16 of the dense QK^T, plus pooling, the mass
     reduction and the selection) and the fused compensation (Nq x Mk x D twice). Measured
     (benchmarks/target_profile.py, BENCHMARKS.md): Wan 480p 2.0 + 0.3 + 0.77 ms, CogVideoX
     1.13 + 0.43 + 0.54 ms; these simple Triton kernels run at ~105 TFLOP/s at head dim 64
-    and ~160 at 128."""
+    and ~160 at 128. ``torch_ranking``: the block scores and selection run in PyTorch (causal
+    calls, the "bound" ranking), charged `TORCH_RANKING_SHARE` of dense."""
     rate = next((r for bound, r in TRITON_RATE if inp.head_dim <= bound), TRITON_RATE[-1][1])
     bh = inp.batch * inp.heads_q
     seconds = 0.0
@@ -110,6 +116,8 @@ def path_seconds(inp: AttentionInputs, sample_ranking: bool, compensate: bool) -
         seconds += 2.0 * bh * inp.len_q / 16 * inp.len_k * inp.head_dim / rate + SAMPLE_RANKING_FIXED_S
     if compensate:
         seconds += 4.0 * bh * inp.len_q * inp.num_k_blocks * inp.head_dim / rate + COMPENSATION_FIXED_S
+    if torch_ranking:
+        seconds += TORCH_RANKING_SHARE * dense_seconds(inp)
     return seconds
 
 
