@@ -358,6 +358,7 @@ def test_failed_build_falls_back_and_names_the_cause(tmp_path):
 
 def test_isa_can_be_pinned_by_environment(ext):
     code = ("import torch, hf_creative_sparse as hcs\n"
+            "torch.manual_seed(0)\n"
             "q = torch.randn(1, 2, 200, 24)\n"
             "mask = torch.rand(1, 2, 2, 4) < 0.5\n"
             "a = hcs.block_sparse_attention(q, q, q, mask, backend='cpu')\n"
@@ -370,7 +371,9 @@ def test_isa_can_be_pinned_by_environment(ext):
     proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="generic"), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.split("DIFF")[1].split()[0]) < 1e-5
+    # float32 sums in another order: unseeded draws reached 3.4e-5 (q = k = v puts ~24-logit
+    # peaks on the diagonal), which made a 1e-5 bound flaky
+    assert float(proc.stdout.split("DIFF")[1].split()[0]) < 1e-4
     assert "SELECTED generic END" in proc.stdout  # the instance the policy measures
     proc = subprocess.run([sys.executable, "-c", code], env=dict(base, HCS_CPU_ISA="sse9"), capture_output=True,
                           text=True, timeout=120)
