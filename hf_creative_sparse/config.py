@@ -66,6 +66,10 @@ def _check_threshold(name: str, value: Any, low: float, high: float, *, allow_in
             raise ValueError(f"{name} must lie in [{low}, {high}], got {x}")
 
 
+#: Block rankings (`ops.masks.block_scores`): pooled means, Quest's bound, sampled rows.
+BLOCK_RANKINGS = ("mean", "bound", "sample")
+
+
 @dataclass
 class SparseAttentionConfig:
     """Thresholds of the SpargeAttn-style predictor and the dense-fallback policy.
@@ -145,8 +149,8 @@ class SparseAttentionConfig:
                 raise TypeError(f"target_l1 must be a float, got {type(self.target_l1).__name__}")
             if math.isnan(self.target_l1) or not (0.0 < self.target_l1 < 1.0):
                 raise ValueError(f"target_l1 must lie in (0, 1) (a relative L1 error such as 0.02), got {self.target_l1}")
-        if self.block_ranking not in (None, "mean", "bound", "sample"):
-            raise ValueError(f"block_ranking must be 'mean', 'bound', 'sample' or None, got {self.block_ranking!r}")
+        if self.block_ranking is not None and self.block_ranking not in BLOCK_RANKINGS:
+            raise ValueError(f"block_ranking must be one of {BLOCK_RANKINGS} or None, got {self.block_ranking!r}")
         if self.compensate is not None and not isinstance(self.compensate, bool):
             raise TypeError(f"compensate must be a bool or None, got {type(self.compensate).__name__}")
         if self.cdfthreshd is not None:

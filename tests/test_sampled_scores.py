@@ -165,3 +165,30 @@ def test_triton_mass_matches_float64_softmax(is_causal):
                            key_padding_mask=None if kpm is None else kpm.cuda())
     got = sampled_block_mass(inp).cpu()
     torch.testing.assert_close(got.double(), brute_force_mass(q, k, kpm, is_causal), atol=1e-5, rtol=1e-4)
+
+
+def test_triton_kernels_say_why_they_cannot_run():
+    """On a CPU tensor (or without triton) the kernels decline with a reason, and the callers
+    run PyTorch instead (the sampled mass above came from that path)."""
+    from hf_creative_sparse.ops._triton import kernel_unavailable_reason, triton
+    from hf_creative_sparse.ops.compensation_triton import unavailable_reason as comp_reason
+
+    q = torch.zeros(1, 1, 8, 16)
+    reason = kernel_unavailable_reason("sampled-statistics", q)
+    assert reason is not None and ("triton" in reason if triton is None else "CUDA" in reason)
+    assert comp_reason(attention_inputs(q, q, q), q) is not None
+
+
+@pytest.mark.cuda
+def test_fused_compensation_refuses_a_mismatched_result():
+    from hf_creative_sparse.ops.compensation import compensation_bias, pooled_kv
+    from hf_creative_sparse.ops.compensation_triton import compensate_triton
+
+    q = torch.randn(1, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    inp = attention_inputs(q, q, q)
+    mask = torch.zeros(1, 2, 3, 5, dtype=torch.bool, device="cuda")
+    mask[..., 0] = True
+    pk, pv, count = pooled_kv(inp)
+    lse = torch.zeros(1, 2, 300, device="cuda")
+    with pytest.raises(ValueError, match="result"):
+        compensate_triton(inp, q, lse, compensation_bias(mask, inp, count), pk, pv, result=q.float())

@@ -14,16 +14,9 @@ from __future__ import annotations
 import torch
 
 from ..config import BLOCK_M
+from ._triton import kernel_unavailable_reason, tl, triton
 from .inputs import AttentionInputs
 
-try:  # optional: CPU-only installs have no triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Query rows per program (divides BLOCK_M, so a tile lies in one query block).
 _BLOCK_Q = 64
 #: Pooled tokens per step of the online softmax.
@@ -32,14 +25,11 @@ _BLOCK_K = 64
 
 def unavailable_reason(inp: AttentionInputs, out: torch.Tensor) -> str | None:
     """None when the fused kernel can compensate ``out`` for ``inp``, else why not."""
-    if triton is None:
-        return "triton is not installed"
-    if not inp.q.is_cuda:
-        return f"the fused compensation kernel needs CUDA tensors, got {inp.q.device}"
-    if inp.q.dtype not in _DTYPES or out.dtype != inp.q.dtype:
-        return f"the fused compensation kernel takes float16/bfloat16/float32 q and output, got {inp.q.dtype}/{out.dtype}"
-    if inp.head_dim > 256:
-        return f"the fused compensation kernel takes head_dim <= 256, got {inp.head_dim}"
+    reason = kernel_unavailable_reason("fused compensation", inp.q)
+    if reason is not None:
+        return reason
+    if out.dtype != inp.q.dtype:
+        return f"the fused compensation kernel takes an output in q's dtype {inp.q.dtype}, got {out.dtype}"
     if torch.is_grad_enabled() and any(t.requires_grad for t in (inp.q, inp.k, inp.v, out)):
         return "the fused compensation kernel has no backward"
     return None

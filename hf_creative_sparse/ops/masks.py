@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N, SparseAttentionConfig
+from ..config import BLOCK_M, BLOCK_N, BLOCK_RANKINGS, SparseAttentionConfig
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .sampled_scores import sampled_block_mass
 
@@ -21,8 +21,6 @@ from .sampled_scores import sampled_block_mass
 #: `predict_block_mask`'s rule when no threshold is given (a mass share; see
 #: `SparseAttentionConfig.cdfthreshd` for why `sparse_attention` uses an error target instead).
 DEFAULT_PREDICT_CDFTHRESHD = 0.995
-#: Block rankings `block_scores` knows (see there).
-RANKINGS = ("mean", "bound", "sample")
 
 
 def causal_block_mask(len_q: int, len_k: int, device: torch.device) -> torch.Tensor:
@@ -217,8 +215,8 @@ def block_scores(
     block (ops/sampled_scores.py), which is what error targets use: on video-like inputs it
     cut the error of the same budget 2.4x against the mean, to within 1.15x of the oracle.
     """
-    if ranking not in RANKINGS:
-        raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    if ranking not in BLOCK_RANKINGS:
+        raise ValueError(f"ranking must be one of {BLOCK_RANKINGS}, got {ranking!r}")
     heads, group = inp.heads_q, inp.heads_q // inp.heads_kv
     sim_thr = per_head("simthreshd1", simthreshd1, heads, inp.device).view(1, heads, 1)
     k = inp.k

@@ -12,16 +12,9 @@ from __future__ import annotations
 import torch
 
 from ..config import BLOCK_N
+from ._triton import kernel_unavailable_reason, tl, triton
 from .inputs import AttentionInputs
 
-try:  # optional: CPU-only installs have no triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: The mass kernel holds S x Mk values per program; beyond this many key blocks (131k
 #: tokens) the reduction runs in torch.
 _MASS_MAX_KEY_BLOCKS = 2048
@@ -29,15 +22,7 @@ _MASS_MAX_KEY_BLOCKS = 2048
 
 def unavailable_reason(inp: AttentionInputs) -> str | None:
     """None when the kernel can take ``inp``, else why not (the caller then uses PyTorch)."""
-    if triton is None:
-        return "triton is not installed"
-    if not inp.q.is_cuda:
-        return f"the sampled-statistics kernel needs CUDA tensors, got {inp.q.device}"
-    if inp.q.dtype not in _DTYPES:
-        return f"the sampled-statistics kernel takes float16/bfloat16/float32, got {inp.q.dtype}"
-    if inp.head_dim > 256:
-        return f"the sampled-statistics kernel takes head_dim <= 256, got {inp.head_dim}"
-    return None
+    return kernel_unavailable_reason("sampled-statistics", inp.q)
 
 
 if triton is not None:
