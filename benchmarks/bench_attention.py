@@ -6,7 +6,7 @@
 
 Prints one row per (shape, method, kept fraction): median ms, dense-equivalent TFLOP/s,
 kept fraction, speedup over SDPA measured in the same run, relative L1 against dense.
-The same as `hf-creative-sparse bench` (hf_creative_sparse/commands/bench.py).
+The same as `hf-creative-sparse bench` (hf_creative_sparse/cli/bench.py).
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_creative_sparse.config import BLOCK_M, BLOCK_N  # noqa: E402
+from hf_creative_sparse.ops.config import BLOCK_M, BLOCK_N  # noqa: E402
 from hf_creative_sparse.ops._ext import load_extension  # noqa: E402
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.attention import block_sparse_attention  # noqa: E402

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from hf_creative_sparse.calibration import RecordedCall, calibrate_calls  # noqa: E402
-from hf_creative_sparse.calibration_search import PV_GRID, SearchGrid  # noqa: E402
-from hf_creative_sparse.config import SparseAttentionConfig  # noqa: E402
+from hf_creative_sparse.calibration.search import PV_GRID, SearchGrid  # noqa: E402
+from hf_creative_sparse.ops.config import SparseAttentionConfig  # noqa: E402
 from hf_creative_sparse.ops import sparse_attention  # noqa: E402
 
 #: Wan 2.1 480p x 81 frames: latent grid (frames, rows, cols) after the 1x2x2 patchify.

@@ -66,7 +66,7 @@ def elapsed() -> float:
 
 def time_fn(fn, reps: int = 10, warmup: int = 2) -> float:
     """Median milliseconds of ``fn()`` over ``reps`` runs (CUDA events), after warm-up."""
-    from hf_creative_sparse.bench import device_timer
+    from hf_creative_sparse.evaluation.attention_benchmark import device_timer
 
     return device_timer(torch.device("cuda"))(fn, warmup, reps)
 
@@ -209,8 +209,9 @@ def rel_l1(out, ref):
 
 
 def bench_shape(name, results, budget):
-    from hf_creative_sparse.config import SparseAttentionConfig
-    from hf_creative_sparse.ops import backend_flex, predict_cuda
+    from hf_creative_sparse.ops.config import SparseAttentionConfig
+    from hf_creative_sparse.ops import predict_cuda
+    from hf_creative_sparse.ops.backends import flex as backend_flex
     from hf_creative_sparse.ops._ext import load_extension
     from hf_creative_sparse.ops.attention import sparse_attention_inputs
     from hf_creative_sparse.ops.dense import dense_attention

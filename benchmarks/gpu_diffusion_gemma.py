@@ -52,8 +52,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse.api import HANDLE_ATTR  # noqa: E402
-from hf_creative_sparse.retention import RetentionConfig  # noqa: E402
+from hf_creative_sparse.integrations.enable import HANDLE_ATTR  # noqa: E402
+from hf_creative_sparse.integrations.retention import RetentionConfig  # noqa: E402
 
 TINY_VISION = {"model_type": "gemma4_vision", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
                "num_attention_heads": 2, "num_key_value_heads": 2, "head_dim": 8, "position_embedding_size": 64}

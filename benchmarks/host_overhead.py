@@ -6,7 +6,7 @@ dense, so whatever Python runs before the launch shows up in its per-call time. 
 prints host microseconds per call (``time.perf_counter`` over batches of calls, median of
 the batches) for SDPA, the direct ATen cuDNN op, `dense_attention`, `sparse_attention_inputs`
 with the default config and the public `sparse_attention`; on CUDA also the per-call
-CUDA-event time (as `hf_creative_sparse.bench.device_timer`) and the speed ratio to cuDNN
+CUDA-event time (as `hf_creative_sparse.evaluation.attention_benchmark.device_timer`) and the speed ratio to cuDNN
 SDPA. On CUDA each batch is synchronized and kept short (200 calls) so the launch queue
 never fills and what is measured is host time.
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.bench import device_timer
-from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
+from hf_creative_sparse.evaluation.attention_benchmark import device_timer
+from hf_creative_sparse.ops.config import SparseAttentionConfig, SparseStats
 from hf_creative_sparse.ops.attention import early_fallback, sparse_attention_inputs
 from hf_creative_sparse.ops.dense import dense_attention
 from hf_creative_sparse.ops.inputs import attention_inputs

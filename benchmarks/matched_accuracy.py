@@ -154,7 +154,7 @@ def accepted_arguments() -> set[str]:
 
 
 def time_ms(fn: Callable[[], object], reps: int, warmup: int = 1) -> float:
-    from hf_creative_sparse.bench import device_timer
+    from hf_creative_sparse.evaluation.attention_benchmark import device_timer
 
     return device_timer(torch.device("cuda"))(fn, warmup, reps)
 
@@ -312,8 +312,8 @@ def measure_loop(shape: Shape, steps: int, deadline: float) -> list[dict]:
     loop warms up (compiles); the second is measured."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from hf_creative_sparse.config import SparseAttentionConfig
-    from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
+    from hf_creative_sparse.ops.config import SparseAttentionConfig
+    from hf_creative_sparse.integrations.state import LayerState, PatchOptions, StepClock
 
     seq = loop_inputs(shape, steps)
     refs = [reference_f32(q, k, v, False) for q, k, v in seq]

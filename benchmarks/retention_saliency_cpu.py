@@ -5,7 +5,7 @@ No diffusion LM has offline weights here, so this uses the real attention of Smo
 real text (this repository's README): the keys/values of the first N tokens are the
 "context", the queries of the last C tokens the "canvas", which attends bidirectionally to
 context + canvas as a diffusion decoder does. For each rule, pooling and ratio it keeps
-the selected context tokens (`hf_creative_sparse.retention`) and reports the relative L1
+the selected context tokens (`hf_creative_sparse.integrations.retention`) and reports the relative L1
 of the canvas's attention output against attending to the whole context, mean and max
 over the layers.
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from hf_creative_sparse.retention import compact_kv, saliency_scores, select_retained  # noqa: E402
+from hf_creative_sparse.integrations.retention import compact_kv, saliency_scores, select_retained  # noqa: E402
 
 
 def capture_qkv(tokens: int) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from hf_creative_sparse.bench import device_timer
+from hf_creative_sparse.evaluation.attention_benchmark import device_timer
 from hf_creative_sparse.ops._ext import load_extension
 from hf_creative_sparse.ops.custom_ops import block_sparse_fwd
 from hf_creative_sparse.ops.inputs import attention_inputs

@@ -83,7 +83,7 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 
 def _attention_run(pipe: Any, call: Callable[[], Any], device: torch.device, config: hcs.SparseAttentionConfig,
-                   schedule: Any, options: hcs.PatchOptions, repeats: int) -> tuple[Any, float, hcs.api.SparsityReport]:
+                   schedule: Any, options: hcs.PatchOptions, repeats: int) -> tuple[Any, float, hcs.integrations.enable.SparsityReport]:
     """Run ``call`` ``repeats`` times with the plugin (after one untimed warm-up call on
     tiny models): the output, the median whole-call seconds and the report of one call
     (its ``time_ms`` is the patched attention layers' own time)."""

@@ -14,13 +14,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import _import_paths
+
+# The old module paths (deprecated) and `patches/` from a source checkout.
+_import_paths.install()
+
 __version__ = "0.1.0"
 
 # Public name -> module that defines it. Imported lazily so `import hf_creative_sparse`
 # stays fast and optional dependencies (diffusers, transformers, matplotlib) load on use.
 _EXPORTS: dict[str, str] = {
-    "SparseAttentionConfig": "config",
-    "SparseStats": "config",
+    "SparseAttentionConfig": "ops.config",
+    "SparseStats": "ops.config",
     "sparse_attention": "ops",
     "block_sparse_attention": "ops",
     "predict_block_mask": "ops",
@@ -30,34 +35,36 @@ _EXPORTS: dict[str, str] = {
     "spas_sage_attn_meansim_cuda": "ops",
     "block_sparse_sage2_attn_cuda": "ops",
     "entmax_attention": "ops",
-    "enable_creative_sparse": "api",
-    "disable_creative_sparse": "api",
-    "sparsity_report": "api",
-    "register_patch": "registry",
-    "ModelPatch": "registry",
-    "PatchOptions": "state",
-    "SparsityConfig": "control",
-    "SparsityController": "control",
-    "TwoStageSchedule": "control",
-    "CreativeSparseLogitsProcessor": "generation",
-    "CreativeSparseWrapper": "generation",
-    "Constraints": "constraints",
-    "QualityWeights": "quality",
-    "QualityFunctional": "quality",
-    "compute_quality_score": "quality",
-    "find_optimal_sparsity": "autotune",
+    "enable_creative_sparse": "integrations.enable",
+    "disable_creative_sparse": "integrations.enable",
+    "sparsity_report": "integrations.enable",
+    "register_patch": "integrations.registry",
+    "ModelPatch": "integrations.registry",
+    "PatchOptions": "integrations.state",
+    "SparsityConfig": "creative.control",
+    "SparsityController": "creative.control",
+    "TwoStageSchedule": "creative.control",
+    "CreativeSparseLogitsProcessor": "creative.generation",
+    "CreativeSparseWrapper": "creative.generation",
+    "Constraints": "creative.constraints",
+    "QualityWeights": "evaluation.quality",
+    "QualityFunctional": "evaluation.quality",
+    "compute_quality_score": "evaluation.quality",
+    "find_optimal_sparsity": "evaluation.sweep",
     "calibrate": "calibration",
     "load_calibration": "calibration",
     "Calibration": "calibration",
-    "register_diffusers_backend": "diffusers_backend", "enable_diffusers_backend": "diffusers_backend",
-    "RetentionConfig": "retention",
-    "DiffusionDialProcessor": "diffusion_dial",
+    "register_diffusers_backend": "integrations.diffusers_backend", "enable_diffusers_backend": "integrations.diffusers_backend",
+    "RetentionConfig": "integrations.retention",
+    "DiffusionDialProcessor": "creative.diffusion_dial",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _import_paths.MOVED_MODULES:  # a release-0.1 submodule: warns, then the module at its new path
+        return importlib.import_module(f"{__name__}.{name}")
     module_name = _EXPORTS.get(name)
     if module_name is None:
         raise AttributeError(f"module 'hf_creative_sparse' has no attribute {name!r}")
@@ -70,8 +77,9 @@ def __dir__() -> list[str]:
     return __all__
 
 
+
 # `attn_implementation="creative_sparse"` works in transformers once this package is
 # imported; the hook registers it when transformers loads (nothing is imported now).
-from . import _hf_hook as _hf_hook  # noqa: E402
+from .integrations import transformers_hook as _transformers_hook  # noqa: E402
 
-_hf_hook.install()
+_transformers_hook.install()

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
+from hf_creative_sparse.integrations.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
 
 _PROCESSORS = ("CogVideoXAttnProcessor2_0", "FusedCogVideoXAttnProcessor2_0")
 

@@ -9,7 +9,7 @@ step attending bidirectionally over the *whole* cached context plus the canvas
 * runs the first ``delay_step`` steps of a canvas unchanged (the original forward:
   bit-identical);
 * at step ``delay_step`` scores the cached keys by the canvas queries' attention
-  (`hf_creative_sparse.retention.saliency_scores`), gathers the retained share into new,
+  (`hf_creative_sparse.integrations.retention.saliency_scores`), gathers the retained share into new,
   smaller K/V tensors (optionally moving the full ones to ``offload_to``), and attends to
   ``cat(retained, canvas)`` through the same attention function;
 * reuses that compact K/V for every later step of the canvas. The encoder pre-hook marks
@@ -38,12 +38,12 @@ from typing import Any, Callable
 
 import torch
 
-from hf_creative_sparse.api import HANDLE_ATTR, CreativeSparseHandle, _set_handle, get_handle
-from hf_creative_sparse.config import SparseAttentionConfig
-from hf_creative_sparse.control import SparsityController, current_sparsity, set_current_sparsity
-from hf_creative_sparse.retention import (RetentionConfig, as_retention_configs, compact_kv, saliency_scores,
+from hf_creative_sparse.integrations.enable import HANDLE_ATTR, CreativeSparseHandle, _set_handle, get_handle
+from hf_creative_sparse.ops.config import SparseAttentionConfig
+from hf_creative_sparse.creative.control import SparsityController, current_sparsity, set_current_sparsity
+from hf_creative_sparse.integrations.retention import (RetentionConfig, as_retention_configs, compact_kv, saliency_scores,
                                           select_retained)
-from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
+from hf_creative_sparse.integrations.state import LayerState, PatchOptions, StepClock
 
 #: Model classes (or bases) retention installs on.
 MODEL_CLASSES: tuple[str, ...] = ("DiffusionGemmaForBlockDiffusion", "DiffusionGemmaModel")

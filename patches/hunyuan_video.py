@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
+from hf_creative_sparse.integrations.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
 
 _MODULE = "diffusers.models.transformers.transformer_hunyuan_video"  # where the replaced processor class is defined
 

@@ -10,7 +10,7 @@ Llama family, Mistral, Qwen, Mixtral, OLMoE, ...) can run its attention through
   restores the previous implementation exactly.
 - ``from_pretrained(..., attn_implementation="creative_sparse")`` after
   ``import hf_creative_sparse``: the package registers the name the moment transformers'
-  ``modeling_utils`` is imported (`hf_creative_sparse._hf_hook`). Layers then get a
+  ``modeling_utils`` is imported (`hf_creative_sparse.integrations.transformers_hook`). Layers then get a
   `LayerState` with `DEFAULT_CONFIG` on their first call; `layer_states(model)` lists them.
 
 What runs where (the attention function `creative_sparse_attention_forward`):
@@ -45,10 +45,10 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
+from hf_creative_sparse.ops.config import SparseAttentionConfig, SparseStats
 from hf_creative_sparse.ops.decode import DecodeSparsityConfig, DecodeState
-from hf_creative_sparse.registry import ModelPatch, register_patch
-from hf_creative_sparse.state import LayerState
+from hf_creative_sparse.integrations.registry import ModelPatch, register_patch
+from hf_creative_sparse.integrations.state import LayerState
 
 #: The name under which the attention function is registered.
 ATTN_IMPLEMENTATION = "creative_sparse"
@@ -155,7 +155,7 @@ def _decode_budget(state: LayerState) -> float | None:
     controller = state.options.controller
     if controller is None:
         if _default_controller is None:
-            from hf_creative_sparse.control import SparsityController
+            from hf_creative_sparse.creative.control import SparsityController
 
             _default_controller = SparsityController()
         controller = _default_controller

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
+from hf_creative_sparse.integrations.registry import AttentionProcessorPatch, SparseProcessor, processor_kind, register_patch
 
 
 def _apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:

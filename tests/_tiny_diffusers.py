@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from hf_creative_sparse.config import SparseAttentionConfig
+from hf_creative_sparse.ops.config import SparseAttentionConfig
 
 # DENSE and SPARSE name the reference backend so the tests do not depend on (or wait for
 # the JIT build of) the compiled kernels; the kernels have their own tests against it.
@@ -35,7 +35,7 @@ def tiny_transformer(family: str) -> torch.nn.Module:
             text_embed_dim=8, num_layers=1, sample_width=32, sample_height=32, sample_frames=9, patch_size=2,
             temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
     elif family in ("flux", "wan"):  # the CLI's tiny examples, before localising
-        from hf_creative_sparse.commands.calibrate import tiny_random_transformer
+        from hf_creative_sparse.cli.calibrate import tiny_random_transformer
 
         return tiny_random_transformer(family)
     elif family == "hunyuan_video":

@@ -167,7 +167,7 @@ def install() -> None:
     import diffusers
     import transformers
 
-    from hf_creative_sparse import quality
+    from hf_creative_sparse.evaluation import quality
 
     if getattr(install, "done", False):
         return
@@ -207,7 +207,7 @@ def install() -> None:
 
     quality.load_smollm2 = load_smollm2
 
-    from hf_creative_sparse import autotune
+    from hf_creative_sparse.evaluation import sweep as autotune
 
     original_sweep = autotune.find_optimal_sparsity
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from hf_creative_sparse.autotune import (HFGenerator, LevelResult, PowerLawFit, _analyse, corollary1_bounds,
+from hf_creative_sparse.evaluation.sweep import (HFGenerator, LevelResult, PowerLawFit, _analyse, corollary1_bounds,
                                          find_optimal_sparsity, fit_power_law, fitted_quality, load_sweep,
                                          load_task)
-from hf_creative_sparse.quality import LMScorer, QualityFunctional, QualityWeights, words
+from hf_creative_sparse.evaluation.quality import LMScorer, QualityFunctional, QualityWeights, words
 
 
 def hashed_bow(texts):
@@ -189,7 +189,7 @@ def test_compute_budget_filters_on_the_compute_a_level_spends(tmp_path):
     """Issue 16: k_attn(s) is not monotonic, so a budget of 0.6 excludes s = 0.9 (k_attn
     0.608) and s = 0.95 (0.703), which the old rule s >= 1 - budget kept; every level
     reports the compute it spends."""
-    from hf_creative_sparse.control import SparsityController
+    from hf_creative_sparse.creative.control import SparsityController
 
     qf = QualityFunctional(embedder=hashed_bow, scorer=lambda t: [0.2 + 0.3 * x.count("zz") for x in t], nll_scale=4.0)
     res = find_optimal_sparsity(None, "ad_copy", compute_budget=0.6, levels=[0.3, 0.5, 0.7, 0.9, 0.95],
@@ -245,7 +245,7 @@ def test_sweep_on_tiny_gpt2(tiny, tmp_path, use_wrapper):
     assert [len(lv.outputs) for lv in res.levels] == [4, 4, 4]
     assert len(res.reference) == 2
     # the control point recorded per level is M(s)
-    from hf_creative_sparse.control import SparsityController
+    from hf_creative_sparse.creative.control import SparsityController
 
     cp = SparsityController().get_sparsity_params(0.5)
     assert res.levels[1].control["temperature"] == pytest.approx(cp.temperature)

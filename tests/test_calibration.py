@@ -15,9 +15,9 @@ import torch
 from hf_creative_sparse import SparseAttentionConfig, disable_creative_sparse, enable_creative_sparse, sparsity_report
 from hf_creative_sparse.calibration import (CONFIG_NAME, TENSORS_NAME, Calibration, RecordedCall, calibrate,
                                             calibrate_calls, load_calibration)
-from hf_creative_sparse.calibration_search import (CallOptions, LayerStats, SearchGrid, candidate_segments,
+from hf_creative_sparse.calibration.search import (CallOptions, LayerStats, SearchGrid, candidate_segments,
                                                    choose_masks, choose_pv, observe_masks, observe_pv)
-from hf_creative_sparse.commands.calibrate import smooth_noise, tiny_transformer
+from hf_creative_sparse.cli.calibrate import smooth_noise, tiny_transformer
 from hf_creative_sparse.ops.dense import dense_attention
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.masks import predict_from_inputs
@@ -383,7 +383,7 @@ class TwoTransformerPipe:
 
 
 def test_two_component_pipeline_gets_each_component_its_own_thresholds():
-    from hf_creative_sparse.commands.calibrate import localise_attention
+    from hf_creative_sparse.cli.calibrate import localise_attention
 
     first = tiny_transformer("wan")
     second = localise_attention(tiny_transformer("wan"), sharpness=1.5)  # sharper still: other thresholds
@@ -427,7 +427,7 @@ def test_gpu_calibration_of_a_long_call_is_verified():
 
 def _patched_layers(model) -> dict:
     """Layer name -> q heads of ``model``'s patched layers (enabled once, then undone)."""
-    from hf_creative_sparse.calibration import handle_layer_heads
+    from hf_creative_sparse.calibration.result import handle_layer_heads
 
     handle = enable_creative_sparse(model, BASE)
     try:

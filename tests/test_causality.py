@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.config import SparseAttentionConfig
+from hf_creative_sparse.ops.config import SparseAttentionConfig
 from hf_creative_sparse.ops.dispatch import available_backends
 
 N = 1400  # several 128-row query blocks, not a multiple of 128

@@ -31,7 +31,7 @@ import torch.distributed as dist  # noqa: E402
 from diffusers import ContextParallelConfig, WanTransformer3DModel  # noqa: E402
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse import diffusers_backend as db  # noqa: E402
+from hf_creative_sparse.integrations import diffusers_backend as db  # noqa: E402
 
 db.register_diffusers_backend()
 

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from hf_creative_sparse.config import SparseAttentionConfig
-from hf_creative_sparse.control import (ATTENTION_BUDGET_MIN, TEMPERATURE_MAX, TEMPERATURE_MIN, ControlPoint,
+from hf_creative_sparse.ops.config import SparseAttentionConfig
+from hf_creative_sparse.creative.control import (ATTENTION_BUDGET_MIN, TEMPERATURE_MAX, TEMPERATURE_MIN, ControlPoint,
                                         SparsityConfig, SparsityController, TwoStageSchedule, current_sparsity,
                                         set_current_sparsity, use_sparsity)
 

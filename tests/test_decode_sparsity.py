@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from hf_creative_sparse.control import SparsityController, set_current_sparsity
+from hf_creative_sparse.creative.control import SparsityController, set_current_sparsity
 from hf_creative_sparse.ops import decode as dm
 
 CPU_READY = dm.decode_backend_reason("cpu", torch.zeros(1)) is None
@@ -294,7 +294,7 @@ def llama():
     yield model, ta
     import hf_creative_sparse as hcs
 
-    if hcs.api.get_handle(model) is not None:
+    if hcs.integrations.enable.get_handle(model) is not None:
         hcs.disable_creative_sparse(model)
     set_current_sparsity(None)
 
@@ -307,7 +307,7 @@ def _generate(model, ids, mask, steps=6):
 
 def test_generate_decode_steps_run_sparse_and_budget_one_matches_sdpa(llama):
     import hf_creative_sparse as hcs
-    from hf_creative_sparse.config import SparseAttentionConfig
+    from hf_creative_sparse.ops.config import SparseAttentionConfig
 
     model, ta = llama
     g = torch.Generator().manual_seed(1)

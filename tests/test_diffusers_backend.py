@@ -17,8 +17,8 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse import diffusers_backend as db  # noqa: E402
-from hf_creative_sparse.state import LayerState, PatchOptions  # noqa: E402
+from hf_creative_sparse.integrations import diffusers_backend as db  # noqa: E402
+from hf_creative_sparse.integrations.state import LayerState, PatchOptions  # noqa: E402
 
 from _tiny_diffusers import DENSE, DENSE_SDPA, SPARSE, tiny_transformer, transformer_inputs  # noqa: E402
 

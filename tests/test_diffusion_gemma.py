@@ -22,10 +22,10 @@ from transformers import (DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,
 from transformers.models.diffusion_gemma.modeling_diffusion_gemma import apply_rotary_pos_emb  # noqa: E402
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse.api import HANDLE_ATTR  # noqa: E402
-from hf_creative_sparse.control import SparsityConfig, SparsityController, set_current_sparsity  # noqa: E402
-from hf_creative_sparse.control import current_sparsity as hcs_current_sparsity  # noqa: E402
-from hf_creative_sparse.retention import (RetentionConfig, compact_kv, saliency_scores,  # noqa: E402
+from hf_creative_sparse.integrations.enable import HANDLE_ATTR  # noqa: E402
+from hf_creative_sparse.creative.control import SparsityConfig, SparsityController, set_current_sparsity  # noqa: E402
+from hf_creative_sparse.creative.control import current_sparsity as hcs_current_sparsity  # noqa: E402
+from hf_creative_sparse.integrations.retention import (RetentionConfig, compact_kv, saliency_scores,  # noqa: E402
                                           select_retained)
 
 PROMPT = 37  # not a multiple of anything

@@ -323,9 +323,6 @@ def test_transformers_entmax_matches_package_attention():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    from hf_creative_sparse.registry import _ensure_patches_package
-
-    _ensure_patches_package()
     from hf_creative_sparse.patches import transformers_entmax as te
 
     te.register()
@@ -355,9 +352,6 @@ def test_transformers_entmax_matches_package_attention():
 
 
 def test_transformers_entmax_decode_with_cache_matches_full_forward():
-    from hf_creative_sparse.registry import _ensure_patches_package
-
-    _ensure_patches_package()
     from hf_creative_sparse.patches import transformers_entmax as te
 
     te.register()
@@ -373,9 +367,6 @@ def test_transformers_entmax_decode_with_cache_matches_full_forward():
 
 def test_transformers_entmax_rejects_dropout_and_odd_masks():
     pytest.importorskip("transformers")
-    from hf_creative_sparse.registry import _ensure_patches_package
-
-    _ensure_patches_package()
     from hf_creative_sparse.patches import transformers_entmax as te
 
     m = torch.nn.Module()

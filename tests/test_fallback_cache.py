@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.config import SparseAttentionConfig, SparseStats
+from hf_creative_sparse.ops.config import SparseAttentionConfig, SparseStats
 from hf_creative_sparse.ops import attention, dense, gpu_policy
 from hf_creative_sparse.ops.attention import early_fallback, sparse_attention_inputs
 from hf_creative_sparse.ops.dense import dense_attention

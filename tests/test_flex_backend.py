@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.ops import backend_flex
-from hf_creative_sparse.ops.backend_flex import BACKEND, PV_EXACT_THRESHOLD, flex_block_sparse, kernel_options
+from hf_creative_sparse.ops.backends import flex as backend_flex
+from hf_creative_sparse.ops.backends.flex import BACKEND, PV_EXACT_THRESHOLD, flex_block_sparse, kernel_options
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.masks import check_block_mask
 from reference_impl import element_mask, masked_attention_f64

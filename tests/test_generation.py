@@ -14,18 +14,18 @@ from transformers import (GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralFor
                           Qwen2MoeForCausalLM)
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse.config import SparseAttentionConfig  # noqa: E402
-from hf_creative_sparse.constraints import BannedWordsLogitsProcessor, Constraints  # noqa: E402
-from hf_creative_sparse.control import (SparsityConfig, SparsityController, TwoStageSchedule,  # noqa: E402
+from hf_creative_sparse.ops.config import SparseAttentionConfig  # noqa: E402
+from hf_creative_sparse.creative.constraints import BannedWordsLogitsProcessor, Constraints  # noqa: E402
+from hf_creative_sparse.creative.control import (SparsityConfig, SparsityController, TwoStageSchedule,  # noqa: E402
                                         current_sparsity, set_current_sparsity)
-from hf_creative_sparse.generation import (Candidate, CreativeSparseLogitsProcessor,  # noqa: E402
+from hf_creative_sparse.creative.generation import (Candidate, CreativeSparseLogitsProcessor,  # noqa: E402
                                            CreativeSparseWrapper, nucleus_keep)
-from hf_creative_sparse.quality import NLLReference, QualityFunctional  # noqa: E402
+from hf_creative_sparse.evaluation.quality import NLLReference, QualityFunctional  # noqa: E402
 
 #: The seed's manifold constants (the hand-computed values below use them).
 SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5,
             min_p=0.0)
-from hf_creative_sparse.moe import ExpertRouting  # noqa: E402
+from hf_creative_sparse.creative.moe import ExpertRouting  # noqa: E402
 
 WORDS = ("the a cat dog moon sea sun star night day red blue green sang ran flew over under and of to in "
          "bright dark cold warm wind rain tree river stone light shadow dream song bird fish ship sky "
@@ -98,7 +98,7 @@ def test_token_pruning_rate_intersects_the_nucleus():
 def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
     """Issue 16: the processor runs transformers' own warpers (a spy counts their calls);
     min_p = 0.15 at T = 1 keeps the tokens with p >= 0.15 * 0.5 = 0.075: 3 of 6."""
-    from hf_creative_sparse import generation
+    from hf_creative_sparse.creative import generation
 
     calls = []
 
@@ -155,7 +155,7 @@ def test_prefill_and_every_step_see_the_dial_without_with_block(monkeypatch):
     schedule restores the dial all the same."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from hf_creative_sparse.state import LayerState
+    from hf_creative_sparse.integrations.state import LayerState
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -441,7 +441,7 @@ def test_wrapper_single_stage_and_runs_the_schedule_through_attention(wrapper):
 
 
 def test_wrapper_with_a_quality_functional_reports_components():
-    from hf_creative_sparse.quality import QualityFunctional
+    from hf_creative_sparse.evaluation.quality import QualityFunctional
 
     tok = word_tokenizer()
     rng = np.random.default_rng(0)

@@ -225,7 +225,7 @@ def test_config_validation():
     with pytest.raises(ValueError, match="block_ranking"):
         hcs.SparseAttentionConfig(block_ranking="max")
     assert hcs.SparseAttentionConfig(topk=0.2).ranking_for(False) == "mean" and hcs.SparseAttentionConfig().ranking_for(False) == "sample"
-    from hf_creative_sparse.state import PatchOptions
+    from hf_creative_sparse.integrations.state import PatchOptions
     with pytest.raises(ValueError, match="remeasure_every"):
         PatchOptions(remeasure_every=0)
     with pytest.raises(TypeError, match="dense_prefix"):
@@ -264,7 +264,7 @@ def test_property_sparse_equals_masked_dense(b, hkv, group, n, d, causal, layout
 
 def test_auto_skips_a_capable_backend_that_measured_slower_but_a_named_one_runs(monkeypatch):
     from hf_creative_sparse.ops import dispatch
-    from hf_creative_sparse.ops.backend_reference import ReferenceBackend
+    from hf_creative_sparse.ops.backends.reference import ReferenceBackend
 
     class SlowButCapable(ReferenceBackend):
         name = "cuda"
@@ -290,7 +290,7 @@ def test_register_backend_adds_a_new_name():
     """register_backend can add a backend under a new name (issue 16): the name becomes a
     valid backend= everywhere and the calls run on it."""
     from hf_creative_sparse.ops import dispatch
-    from hf_creative_sparse.ops.backend_reference import ReferenceBackend
+    from hf_creative_sparse.ops.backends.reference import ReferenceBackend
 
     class Counting(ReferenceBackend):
         name = "counting"

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse.config import BLOCK_M, BLOCK_N  # noqa: E402
+from hf_creative_sparse.ops.config import BLOCK_M, BLOCK_N  # noqa: E402
 from hf_creative_sparse.ops.masks import attendable_blocks  # noqa: E402
 from _tiny_diffusers import (SPARSE, assert_dense_config_reproduces, assert_text_dense,  # noqa: E402
                              assert_true_cfg_pipeline, capture_calls, family_fixtures, run)

@@ -6,7 +6,7 @@ import torch
 pytest.importorskip("diffusers")
 
 import hf_creative_sparse as hcs  # noqa: E402
-from hf_creative_sparse.state import PatchOptions  # noqa: E402
+from hf_creative_sparse.integrations.state import PatchOptions  # noqa: E402
 from _tiny_diffusers import (DENSE, DENSE_SDPA, SPARSE, assert_dense_config_reproduces, capture_calls,  # noqa: E402
                              family_fixtures, pipeline_kwargs, run, run_pipeline, tiny_pipeline, tiny_transformer,
                              transformer_inputs)
@@ -75,7 +75,7 @@ def test_bare_transformer_steps_from_timesteps_dense_steps_and_mask_refresh(mode
 
 
 def test_pipeline_cfg_two_calls_per_step_with_schedule():
-    from hf_creative_sparse.control import SparsityConfig, SparsityController, TwoStageSchedule
+    from hf_creative_sparse.creative.control import SparsityConfig, SparsityController, TwoStageSchedule
 
     pipe = tiny_pipeline("wan")
     pipe.set_progress_bar_config(disable=True)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_creative_sparse.quality import (LMScorer, MeanPoolEmbedder, NLLReference, QualityFunctional, QualityWeights,
+from hf_creative_sparse.evaluation.quality import (LMScorer, MeanPoolEmbedder, NLLReference, QualityFunctional, QualityWeights,
                                         compute_quality_score, constraints_from_spec, distinct_n,
                                         lexical_diversity, load_minilm_embedder, load_smollm2_scorer,
                                         sentence_bleu, self_bleu, words)

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse import registry
-from hf_creative_sparse.config import SparseAttentionConfig
-from hf_creative_sparse.control import SparsityConfig, SparsityController, TwoStageSchedule, set_current_sparsity
-from hf_creative_sparse.registry import ModelPatch, find_patch, layer_config, register_patch
-from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
+from hf_creative_sparse.integrations import registry
+from hf_creative_sparse.ops.config import SparseAttentionConfig
+from hf_creative_sparse.creative.control import SparsityConfig, SparsityController, TwoStageSchedule, set_current_sparsity
+from hf_creative_sparse.integrations.registry import ModelPatch, find_patch, layer_config, register_patch
+from hf_creative_sparse.integrations.state import LayerState, PatchOptions, StepClock
 
 SPARSE = SparseAttentionConfig(min_seq_len=0, topk=0.3, simthreshd1=-1.0, backend="reference")
 FAMILIES = {"cogvideox": "CogVideoXTransformer3DModel", "flux": "FluxTransformer2DModel",
@@ -339,8 +339,8 @@ def test_scheduler_methods_restored_after_disable():
 
 
 def test_kv_reuse_ratio_sets_mask_refresh():
-    from hf_creative_sparse.control import SparsityConfig, SparsityController
-    from hf_creative_sparse.state import PatchOptions
+    from hf_creative_sparse.creative.control import SparsityConfig, SparsityController
+    from hf_creative_sparse.integrations.state import PatchOptions
 
     ctl = SparsityController(SparsityConfig(kv_reuse_ratio=0.75))
     assert PatchOptions(controller=ctl).refresh == 4  # 1 / (1 - 0.75) calls per mask
@@ -352,9 +352,9 @@ def test_kv_reuse_ratio_sets_mask_refresh():
 def test_schedule_never_makes_a_calibrated_layer_sparser():
     import torch
 
-    from hf_creative_sparse.config import SparseAttentionConfig
-    from hf_creative_sparse.control import SparsityController
-    from hf_creative_sparse.state import _calibrated_under_schedule
+    from hf_creative_sparse.ops.config import SparseAttentionConfig
+    from hf_creative_sparse.creative.control import SparsityController
+    from hf_creative_sparse.integrations.state import _calibrated_under_schedule
 
     ctl = SparsityController()
     calibrated = SparseAttentionConfig(topk=torch.tensor([0.2, 0.9]), simthreshd1=0.3, pvthreshd=30.0)

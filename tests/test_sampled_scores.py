@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.config import BLOCK_M, BLOCK_N
+from hf_creative_sparse.ops.config import BLOCK_M, BLOCK_N
 from hf_creative_sparse.ops.estimate import sample_rows
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.masks import block_scores, select_blocks

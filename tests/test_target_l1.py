@@ -18,7 +18,7 @@ from hf_creative_sparse.ops.compensation import merge_partials
 from hf_creative_sparse.ops.dispatch import why_not
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.masks import block_scores, select_blocks
-from hf_creative_sparse.state import LayerState, PatchOptions, StepClock
+from hf_creative_sparse.integrations.state import LayerState, PatchOptions, StepClock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.realistic_inputs import make_inputs  # noqa: E402

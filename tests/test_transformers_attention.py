@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import hf_creative_sparse as hcs
-from hf_creative_sparse.config import SparseAttentionConfig
-from hf_creative_sparse.control import SparsityConfig, SparsityController, set_current_sparsity
-from hf_creative_sparse.registry import find_patch
-from hf_creative_sparse.state import PatchOptions
+from hf_creative_sparse.ops.config import SparseAttentionConfig
+from hf_creative_sparse.creative.control import SparsityConfig, SparsityController, set_current_sparsity
+from hf_creative_sparse.integrations.registry import find_patch
+from hf_creative_sparse.integrations.state import PatchOptions
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -43,7 +43,7 @@ def make_model(kind: str) -> torch.nn.Module:
 def model(request):
     m = make_model(request.param)
     yield m
-    if hcs.api.get_handle(m) is not None:
+    if hcs.integrations.enable.get_handle(m) is not None:
         hcs.disable_creative_sparse(m)
     set_current_sparsity(None)
 

@@ -11,7 +11,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from ..config import SparseAttentionConfig, SparseStats, _check_threshold
+from .config import SparseAttentionConfig, SparseStats, _check_threshold
 from .dense import cudnn_direct_op, dense_attention, dense_attention_with
 from .dispatch import backend_names, choose_backend
 from .cpu_policy import explicit_budget_reason_cpu, max_useful_kept_fraction_cpu, skip_prediction_reason_cpu
@@ -19,7 +19,7 @@ from .gpu_policy import explicit_budget_reason, max_useful_kept_fraction, path_s
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .compensation import compensate_output
 from .estimate import estimate_budgets
-from ..config import BLOCK_N
+from .config import BLOCK_N
 from .masks import (BlockScores, block_scores, check_block_mask, kept_fraction, pool_blocks, predict_from_inputs,
                     select_blocks)
 

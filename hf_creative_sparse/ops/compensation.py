@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from .inputs import AttentionInputs
 from .masks import attendable_blocks, pool_blocks
 

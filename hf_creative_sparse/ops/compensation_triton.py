@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import BLOCK_M
+from .config import BLOCK_M
 from ._triton import kernel_unavailable_reason, tl, triton
 from .inputs import AttentionInputs
 

@@ -183,7 +183,7 @@ def measure_rates(shape: tuple[int, int, int, int] = BENCH_SHAPE, rounds: int = 
     Raises:
         RuntimeError: the compiled cpu kernel is unavailable.
     """
-    from .backend_cpu import BACKEND
+    from .backends.cpu import BACKEND
     from .inputs import attention_inputs
     from .masks import predict_from_inputs
 

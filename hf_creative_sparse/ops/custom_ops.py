@@ -96,7 +96,7 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_p
     """`ops.sparse_attention` (HND) with thresholds as per-head tensors; see the module doc.
     ``target_l1`` 0 and no cdfthreshd/topk means the default target; ``compensate`` -1 is
     unset, 0/1 off/on."""
-    from ..config import SparseAttentionConfig
+    from .config import SparseAttentionConfig
     from .attention import sparse_attention_inputs
     from .inputs import attention_inputs
 
@@ -142,7 +142,7 @@ def compiled_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         >>> out.shape, stats.shape
         (torch.Size([1, 2, 256, 32]), torch.Size([4]))
     """
-    from ..config import SparseAttentionConfig
+    from .config import SparseAttentionConfig
 
     cfg = config if config is not None else SparseAttentionConfig()
     heads, device = q.shape[1], q.device

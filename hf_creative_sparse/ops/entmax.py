@@ -58,7 +58,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from ._ext import load_extension
 from .inputs import AttentionInputs, attention_inputs
 

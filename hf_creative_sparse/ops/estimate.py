@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from .compensation import pooled_kv
 from .inputs import AttentionInputs
 from .masks import BlockScores, topk_block_counts

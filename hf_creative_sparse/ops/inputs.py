@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LAYOUTS = ("HND", "NHD")

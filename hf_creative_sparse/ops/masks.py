@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N, BLOCK_RANKINGS, SparseAttentionConfig
+from .config import BLOCK_M, BLOCK_N, BLOCK_RANKINGS, SparseAttentionConfig
 from .inputs import AttentionInputs, attention_inputs, per_head
 from .sampled_scores import sampled_block_mass
 

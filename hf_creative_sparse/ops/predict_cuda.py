@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from ._ext import load_extension
 from .inputs import AttentionInputs, per_head
 from .masks import block_mask_to_lut

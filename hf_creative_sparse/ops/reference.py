@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from .inputs import AttentionInputs
 
 #: Key blocks per chunk of the online softmax (64 blocks = 4096 keys): bounds the score

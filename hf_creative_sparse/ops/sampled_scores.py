@@ -34,7 +34,7 @@ import math
 
 import torch
 
-from ..config import BLOCK_M, BLOCK_N
+from .config import BLOCK_M, BLOCK_N
 from .inputs import AttentionInputs
 
 #: Exact query rows per 128-row query block. Measured (module doc; L1 at top-k 25%,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import BLOCK_N
+from .config import BLOCK_N
 from ._triton import kernel_unavailable_reason, tl, triton
 from .inputs import AttentionInputs
 

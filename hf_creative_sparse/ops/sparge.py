@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SparseAttentionConfig
+from .config import SparseAttentionConfig
 from .attention import block_sparse_attention, sparse_attention_inputs
 from .inputs import attention_inputs
 from .masks import check_block_mask, predict_from_inputs

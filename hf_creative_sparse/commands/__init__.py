@@ -1,1 +1,0 @@
-"""CLI subcommands; see hf_creative_sparse/cli.py."""

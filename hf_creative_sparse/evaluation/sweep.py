@@ -1,0 +1,692 @@
+"""The Goldilocks sweep: measure Q(s) over sparsity levels, fit the paper's power laws, find s*.
+
+The paper models the components of Q = alpha N + beta D - gamma I as power laws of s:
+
+    N(s) = a1 s^mu,    I(s) = a2 s^nu,    D(s) = a3 s^kappa.
+
+`fit_power_law` fits each by least squares on (ln s, ln y). With
+A = alpha a1 mu, B = beta a3 kappa, C = gamma a2 nu the fitted Q has
+
+    Q'(s) = s^(nu - 1) g(s),   g(s) = A s^(mu - nu) + B s^(kappa - nu) - C.
+
+Corollary 1 (as implemented in `corollary1_bounds`): if C > 0, A >= 0, B >= 0, A + B > 0
+and nu exceeds the exponent of every positive gain term (nu > mu where A > 0, nu > kappa
+where B > 0), g falls strictly from +inf to -C, so Q has exactly one stationary point s*,
+its global maximum on s > 0, and
+
+    s_NI = (A / C)^(1 / (nu - mu))          (the optimum of alpha N - gamma I alone)
+    s_DI = (B / C)^(1 / (nu - kappa))       (the optimum of beta D - gamma I alone)
+    s_lo = max(s_NI, s_DI)                                 (terms with A or B = 0 omitted)
+    s_hi = max(m^(1/(nu - mu)) s_NI, m^(1/(nu - kappa)) s_DI),  m = number of positive terms
+    s_lo <= s* <= s_hi.
+
+Why: at s_NI the N term alone equals C, so g(s_NI) = B s_NI^(kappa - nu) >= 0 and s* >= s_NI
+(likewise s_DI): each two-term optimum is a LOWER bound, because the other gain term only
+pushes the balance point further out. At s_hi each positive term is at most C / m, so
+g(s_hi) <= 0 and s* <= s_hi. With one gain term (m = 1) the bracket closes: s* = s_NI.
+s* itself is found by bisection of g on [s_lo, s_hi]. The bounds may exceed 1 (the dial's
+range); the sweep then keeps s* inside its feasible range.
+
+`find_optimal_sparsity` generates at each level, scores with `quality.QualityFunctional`,
+fits, and returns a `SweepResult` (curve, fits, bounds, s*, JSON and a PNG plot).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .quality import QualityFunctional, QualityWeights, constraints_from_spec
+
+#: ``generate_fn(prompts, s, num_samples, seed) -> outputs``, prompt-major:
+#: outputs[i * num_samples + j] is sample j of prompts[i].
+GenerateFn = Callable[[list[str], float, int, int], list[str]]
+#: ``reference_fn(prompts) -> one reference text per prompt`` (novelty's reference set).
+ReferenceFn = Callable[[list[str]], list[str]]
+
+DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+TASK_TYPES = ("creative_writing", "poetry", "ad_copy", "code")
+
+
+# ----------------------------------------------------------------------------- the fits
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """y = coefficient * s^exponent, fitted on ``n_points`` levels; ``r2`` in log space."""
+
+    coefficient: float
+    exponent: float
+    r2: float
+    n_points: int
+
+    def __call__(self, s: Any) -> Any:
+        return self.coefficient * np.power(s, self.exponent)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"coefficient": self.coefficient, "exponent": self.exponent, "r2": self.r2, "n_points": self.n_points}
+
+
+def fit_power_law(s: Sequence[float], y: Sequence[float]) -> PowerLawFit:
+    """Least-squares fit of ln y = ln a + b ln s over the points with s > 0 and y > 0.
+
+    Raises ValueError with fewer than two such points at distinct s.
+
+    Example:
+        >>> fit = fit_power_law([0.2, 0.4, 0.8], [0.3 * x ** 1.5 for x in (0.2, 0.4, 0.8)])
+        >>> round(fit.coefficient, 6), round(fit.exponent, 6)
+        (0.3, 1.5)
+    """
+    s_arr, y_arr = np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if s_arr.shape != y_arr.shape or s_arr.ndim != 1:
+        raise ValueError(f"s and y must be 1-D of equal length, got shapes {s_arr.shape} and {y_arr.shape}")
+    keep = np.isfinite(s_arr) & np.isfinite(y_arr) & (s_arr > 0) & (y_arr > 0)
+    x, z = np.log(s_arr[keep]), np.log(y_arr[keep])
+    if len(np.unique(x)) < 2:
+        raise ValueError("fit_power_law needs at least two points with s > 0 and y > 0 at distinct s")
+    slope, intercept = np.polyfit(x, z, 1)
+    residual = z - (intercept + slope * x)
+    total = float(((z - z.mean()) ** 2).sum())
+    r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else 1.0
+    return PowerLawFit(float(math.exp(intercept)), float(slope), r2, int(keep.sum()))
+
+
+@dataclass(frozen=True)
+class OptimumBounds:
+    """Corollary 1: s_lo <= s* <= s_hi for the fitted Q (module docstring for the formulas).
+
+    ``s_ni`` / ``s_di`` are the two-term optima (None when that gain term is absent).
+    """
+
+    s_lo: float
+    s_hi: float
+    s_star: float
+    s_ni: float | None
+    s_di: float | None
+
+    def to_dict(self) -> dict[str, float | None]:
+        return {"s_lo": self.s_lo, "s_hi": self.s_hi, "s_star": self.s_star, "s_ni": self.s_ni, "s_di": self.s_di}
+
+
+def corollary1_bounds(novelty: PowerLawFit, diversity: PowerLawFit, incoherence: PowerLawFit,
+                      weights: Any = None) -> tuple[OptimumBounds | None, str]:
+    """Bracket and locate the interior optimum of the fitted Q (module docstring).
+
+    Returns ``(bounds, "")`` when Corollary 1 applies, else ``(None, reason)``.
+
+    Example:
+        >>> n, d, i = PowerLawFit(1, 0.5, 1, 3), PowerLawFit(1, 1.0, 1, 3), PowerLawFit(1, 2.0, 1, 3)
+        >>> b, _ = corollary1_bounds(n, d, i, (1, 0, 1))     # N vs I only: s* = (0.5/2)^(1/1.5)
+        >>> round(b.s_star, 6) == round(0.25 ** (1 / 1.5), 6) == round(b.s_lo, 6) == round(b.s_hi, 6)
+        True
+    """
+    w = QualityWeights.coerce(weights)
+    a = w.novelty * novelty.coefficient * novelty.exponent
+    b = w.diversity * diversity.coefficient * diversity.exponent
+    c = w.coherence * incoherence.coefficient * incoherence.exponent
+    nu = incoherence.exponent
+    if not c > 0:
+        return None, "no interior optimum: gamma * a2 * nu <= 0 (incoherence does not grow with s)"
+    if a < 0 or b < 0:
+        return None, "Corollary 1 needs non-negative gains: alpha*a1*mu and beta*a3*kappa >= 0"
+    terms = [(x, nu - e) for x, e in ((a, novelty.exponent), (b, diversity.exponent)) if x > 0]
+    if not terms:
+        return None, "no interior optimum: neither novelty nor diversity grows with s"
+    if any(p <= 0 for _, p in terms):
+        return None, "no interior optimum: nu must exceed the exponents of the growing gain terms"
+    m = len(terms)
+    roots = [(x / c) ** (1.0 / p) for x, p in terms]
+    s_lo = max(roots)
+    s_hi = max(m ** (1.0 / p) * r for (_, p), r in zip(terms, roots))
+
+    def g(s: float) -> float:
+        return sum(x * s ** (-p) for x, p in terms) - c
+
+    lo, hi = s_lo, s_hi
+    for _ in range(200):  # bisection in log space: g is strictly decreasing
+        mid = math.sqrt(lo * hi)
+        if g(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-14 * hi:
+            break
+    s_ni = (a / c) ** (1.0 / (nu - novelty.exponent)) if a > 0 else None
+    s_di = (b / c) ** (1.0 / (nu - diversity.exponent)) if b > 0 else None
+    return OptimumBounds(s_lo, s_hi, math.sqrt(lo * hi) if m > 1 else s_lo, s_ni, s_di), ""
+
+
+def fitted_quality(s: Any, fits: dict[str, PowerLawFit], weights: Any = None) -> Any:
+    """alpha a1 s^mu + beta a3 s^kappa - gamma a2 s^nu from the three fits."""
+    w = QualityWeights.coerce(weights)
+    return (w.novelty * fits["novelty"](s) + w.diversity * fits["diversity"](s)
+            - w.coherence * fits["incoherence"](s))
+
+
+def _argmax_on(f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float) -> float:
+    """Maximiser of a smooth f on [lo, hi]: a 2001-point grid, then golden-section search
+    between the grid neighbours of the best point."""
+    if hi <= lo:
+        return lo
+    grid = np.linspace(lo, hi, 2001)
+    k = int(np.nanargmax(f(grid)))
+    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    inv_phi = (math.sqrt(5) - 1) / 2
+    for _ in range(80):
+        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
+        if f(np.array([c]))[0] >= f(np.array([d]))[0]:
+            b = d
+        else:
+            a = c
+    return float((a + b) / 2)
+
+
+# ------------------------------------------------------------------------------- results
+
+
+@dataclass
+class LevelResult:
+    """What one sparsity level measured (means over its outputs)."""
+
+    s: float
+    novelty: float
+    diversity: float
+    incoherence: float
+    quality: float
+    quality_std: float
+    distinct: dict[int, float]
+    self_bleu: float
+    control: dict[str, Any]
+    seconds: float
+    outputs: list[str] = field(default_factory=list)
+    #: k_attn(s): the fraction of dense attention compute this level spends.
+    attention_compute: float = 1.0
+
+    @property
+    def quality_sem(self) -> float:
+        """Standard error of the mean Q: sd over outputs / sqrt(number of outputs) (outputs
+        of one prompt are not independent, so read it as a rough scale of the noise)."""
+        return self.quality_std / math.sqrt(len(self.outputs)) if self.outputs else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"s": self.s, "novelty": self.novelty, "diversity": self.diversity, "incoherence": self.incoherence,
+                "quality": self.quality, "quality_std": self.quality_std,
+                "quality_sem": _nan_to_none(self.quality_sem),
+                "distinct": {str(k): v for k, v in self.distinct.items()}, "self_bleu": _nan_to_none(self.self_bleu),
+                "control": self.control, "seconds": self.seconds, "outputs": self.outputs,
+                "attention_compute": self.attention_compute}
+
+
+def _nan_to_none(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+@dataclass
+class SweepResult:
+    """The Q(s) curve, the fits, Corollary-1 bounds and s*.
+
+    Attributes:
+        s_star: the chosen sparsity: the best measured level, refined by the fit. The fit
+            refines it only where it agrees with the measurement: when the maximiser of the
+            fitted Q over the measured range lies between the best level's neighbours, s* is
+            that maximiser; otherwise (the fitted peak is elsewhere, or there is no fit) s*
+            stays the best measured level. ``s_star_note`` says which.
+        best_measured: the level with the highest measured mean Q.
+        s_star_fit: the maximiser of the fitted Q over the measured (and allowed) range
+            (None without fit).
+        fits: "novelty", "diversity", "incoherence" -> `PowerLawFit` (missing when unfittable).
+        bounds: `OptimumBounds` or None; ``bounds_note`` says why not.
+        s_min, s_max: the allowed interval of s: where k_attn(s) <= compute_budget
+            (`SparsityController.feasible_dial`; k_attn is not monotonic in s).
+        plot_path, json_path: where the PNG and JSON were written.
+
+    ``float(result)`` is ``result.s_star``.
+    """
+
+    task_type: str
+    levels: list[LevelResult]
+    weights: QualityWeights
+    compute_budget: float
+    s_min: float
+    best_measured: float
+    s_star: float
+    s_star_fit: float | None
+    fits: dict[str, PowerLawFit]
+    bounds: OptimumBounds | None
+    bounds_note: str
+    prompts: list[str]
+    reference: list[str]
+    settings: dict[str, Any] = field(default_factory=dict)
+    plot_path: str | None = None
+    json_path: str | None = None
+    s_star_note: str = ""
+    s_max: float = 1.0
+
+    def __float__(self) -> float:
+        return float(self.s_star)
+
+    @property
+    def s_values(self) -> list[float]:
+        return [lv.s for lv in self.levels]
+
+    @property
+    def quality_curve(self) -> list[float]:
+        return [lv.quality for lv in self.levels]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task_type": self.task_type, "s_star": self.s_star, "best_measured": self.best_measured,
+                "s_star_fit": self.s_star_fit, "s_star_note": self.s_star_note,
+                "compute_budget": self.compute_budget, "s_min": self.s_min, "s_max": self.s_max,
+                "weights": self.weights.to_dict(), "fits": {k: v.to_dict() for k, v in self.fits.items()},
+                "bounds": self.bounds.to_dict() if self.bounds else None, "bounds_note": self.bounds_note,
+                "levels": [lv.to_dict() for lv in self.levels], "prompts": self.prompts,
+                "reference": self.reference, "settings": self.settings, "plot_path": self.plot_path}
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The result as JSON text (NaN written as null); also written to ``path`` if given."""
+        text = json.dumps(_json_safe(self.to_dict()), indent=2)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            self.json_path = os.fspath(path)
+        return text
+
+    def save_plot(self, path: str | os.PathLike) -> str:
+        """Write a PNG: Q(s) (measured, fitted, s*, bounds, infeasible region) above the three
+        components (measured points and fitted power laws). Uses matplotlib's Agg canvas
+        directly, so it never changes the caller's matplotlib backend."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(7.5, 7.5), dpi=110)
+        FigureCanvasAgg(fig)
+        ax_q, ax_c = fig.subplots(2, 1, sharex=True)
+        s = np.array(self.s_values)
+        grid = np.linspace(max(min(s.min(), self.s_min), 1e-3), 1.0, 400)
+        ax_q.plot(s, self.quality_curve, "o-", color="black", label="Q measured")
+        sem = np.array([lv.quality_sem for lv in self.levels])
+        if np.all(np.isfinite(sem)):
+            ax_q.fill_between(s, np.array(self.quality_curve) - sem, np.array(self.quality_curve) + sem,
+                              color="black", alpha=0.1, label="Q ± 1 s.e. of the mean")
+        have_fit = all(k in self.fits for k in ("novelty", "diversity", "incoherence"))
+        if have_fit:
+            ax_q.plot(grid, fitted_quality(grid, self.fits, self.weights), "--", color="tab:purple", label="Q fitted")
+        if self.bounds is not None:
+            lo, hi = min(self.bounds.s_lo, 1.0), min(self.bounds.s_hi, 1.0)
+            if hi > lo:
+                ax_q.axvspan(lo, hi, ymin=0.94, ymax=1.0, color="tab:green", alpha=0.5,
+                             label=f"Corollary-1 bracket [{self.bounds.s_lo:.3g}, {self.bounds.s_hi:.3g}]")
+        for ax in (ax_q, ax_c):  # the levels whose attention would exceed the compute budget
+            if self.s_min > 0:
+                ax.axvspan(0, self.s_min, color="grey", alpha=0.15)
+            if self.s_max < 1:
+                ax.axvspan(self.s_max, 1, color="grey", alpha=0.15)
+        ax_q.axvline(self.s_star, color="tab:red", label=f"s* = {self.s_star:.3f}")
+        ax_q.set_ylabel("Q(s)")
+        ax_q.set_title(f"{self.task_type}: Q = {self.weights.novelty:g} N + {self.weights.diversity:g} D "
+                       f"- {self.weights.coherence:g} I")
+        ax_q.legend(fontsize=8, loc="best")
+        for key, color in (("novelty", "tab:blue"), ("diversity", "tab:orange"), ("incoherence", "tab:red")):
+            ax_c.plot(s, [getattr(lv, key) for lv in self.levels], "o-", color=color, label=key)
+            if key in self.fits:
+                f = self.fits[key]
+                ax_c.plot(grid, f(grid), "--", color=color, alpha=0.7,
+                          label=f"{f.coefficient:.3g} s^{f.exponent:.3g} (R² {f.r2:.2f})")
+        ax_c.axvline(self.s_star, color="tab:red")
+        over = self.s_min > 0 or self.s_max < 1
+        ax_c.set_xlabel("sparsity s" + (f" (grey: k_attn(s) > budget {self.compute_budget:g})" if over else ""))
+        ax_c.set_ylabel("component (0..1)")
+        ax_c.set_xlim(0, 1)
+        ax_c.legend(fontsize=7, loc="best", ncol=2)
+        fig.tight_layout()
+        fig.savefig(os.fspath(path), format="png")
+        self.plot_path = os.fspath(path)
+        return self.plot_path
+
+
+def load_sweep(path: str | os.PathLike) -> SweepResult:
+    """A `SweepResult` back from its ``sweep.json`` (to re-plot or re-analyse without
+    generating again). NaN values written as null come back as NaN.
+
+    Example:
+        >>> res = load_sweep("sweep_out/sweep.json")        # doctest: +SKIP
+        >>> res.save_plot("again.png")                      # doctest: +SKIP
+    """
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+
+    def num(x: Any) -> float:
+        return float("nan") if x is None else float(x)
+
+    levels = [LevelResult(s=lv["s"], novelty=num(lv["novelty"]), diversity=num(lv["diversity"]),
+                          incoherence=num(lv["incoherence"]), quality=num(lv["quality"]),
+                          quality_std=num(lv["quality_std"]),
+                          distinct={int(k): num(v) for k, v in lv.get("distinct", {}).items()},
+                          self_bleu=num(lv.get("self_bleu")), control=lv.get("control", {}),
+                          seconds=num(lv.get("seconds")), outputs=list(lv.get("outputs", [])),
+                          attention_compute=num(lv.get("attention_compute", 1.0)))
+              for lv in data["levels"]]
+    b = data.get("bounds")
+    return SweepResult(task_type=data["task_type"], levels=levels, weights=QualityWeights(**data["weights"]),
+                       compute_budget=data["compute_budget"], s_min=data["s_min"],
+                       best_measured=data["best_measured"], s_star=data["s_star"], s_star_fit=data.get("s_star_fit"),
+                       fits={k: PowerLawFit(v["coefficient"], v["exponent"], num(v["r2"]), v["n_points"])
+                             for k, v in data.get("fits", {}).items()},
+                       bounds=OptimumBounds(**b) if b else None, bounds_note=data.get("bounds_note", ""),
+                       prompts=data.get("prompts", []), reference=data.get("reference", []),
+                       settings=data.get("settings", {}), plot_path=data.get("plot_path"),
+                       s_star_note=data.get("s_star_note", ""), s_max=data.get("s_max", 1.0))
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return _json_safe(obj.item())
+    return obj
+
+
+# --------------------------------------------------------------------------- prompt sets
+
+
+def load_task(task_type: str) -> dict[str, Any]:
+    """The built-in prompt set of a task: ``{"prompts": [...], "constraints": {...}, ...}``.
+
+    Example:
+        >>> len(load_task("poetry")["prompts"]) > 0
+        True
+    """
+    data = json.loads(resources.files("hf_creative_sparse").joinpath("data/prompts.json").read_text("utf-8"))
+    if task_type not in data or task_type.startswith("_"):
+        raise ValueError(f"task_type must be one of {TASK_TYPES}, got {task_type!r}")
+    return data[task_type]
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class HFGenerator:
+    """The default ``generate_fn``: samples a transformers causal LM at the control point
+    M(s) of `control.SparsityController`, always through
+    `generation.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
+    num_candidates=num_samples, return_best=False``): one generation path for the sweep and
+    the wrapper (prompt encoding, padding, T / p_nuc / min-p / token pruning, MoE K(s), the
+    published s).
+
+    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
+    - a plain model with ``use_wrapper=True`` (default): a wrapper built here routes
+      attention through ``creative_sparse`` so k_attn(s) applies, and scores nothing (the
+      sweep scores). `close` restores the model's attention;
+    - ``use_wrapper=False``: a wrapper built here that leaves the model's attention as it is
+      (attention patches the caller installed read the published s).
+
+    Chat models (a tokenizer with a chat template) get each prompt as a user turn.
+    ``reference(prompts)`` decodes greedily (`CreativeSparseWrapper.generate_greedy`).
+    """
+
+    def __init__(self, model_or_wrapper: Any, tokenizer: Any = None, *, max_new_tokens: int = 64,
+                 sparsity_config: Any = None, use_wrapper: bool = True, use_chat_template: bool | str = "auto",
+                 batch_size: int = 8) -> None:
+        if max_new_tokens < 1 or batch_size < 1:
+            raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, {batch_size}")
+        if use_chat_template not in ("auto", True, False):
+            raise ValueError(f"use_chat_template must be 'auto', True or False, got {use_chat_template!r}")
+        from ..creative.control import SparsityConfig
+
+        if sparsity_config is not None and not isinstance(sparsity_config, SparsityConfig):
+            raise TypeError(f"sparsity_config must be a SparsityConfig, got {type(sparsity_config).__name__}")
+        self.wrapper = model_or_wrapper if hasattr(model_or_wrapper, "generate_creative") else None
+        self._owns_wrapper = False
+        model = getattr(model_or_wrapper, "model", None) if self.wrapper is not None else model_or_wrapper
+        tokenizer = tokenizer if tokenizer is not None else getattr(model_or_wrapper, "tokenizer", None)
+        if model is None or not hasattr(model, "generate") or not hasattr(model, "parameters"):
+            raise TypeError("model_or_wrapper must be a transformers generative model or a CreativeSparseWrapper, "
+                            f"got {type(model_or_wrapper).__name__}")
+        if tokenizer is None:
+            raise ValueError("a tokenizer is needed to generate from a plain model: pass tokenizer=...")
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        self.use_chat_template = use_chat_template
+        if self.wrapper is None:
+            from ..creative.generation import CreativeSparseWrapper
+
+            self.wrapper = CreativeSparseWrapper(model, tokenizer, config=sparsity_config, scorer=_no_scores,
+                                                 batch_size=batch_size, progress=False, sparse_attention=use_wrapper,
+                                                 chat_template=None if use_chat_template == "auto" else use_chat_template)
+            self._owns_wrapper = True
+        self.controller = self.wrapper.controller
+
+    def close(self) -> None:
+        """Undo what this generator installed (the attention patch of its own wrapper)."""
+        if self._owns_wrapper and self.wrapper is not None:
+            self.wrapper.close()
+            self._owns_wrapper = False
+
+    def control(self, s: float) -> dict[str, Any]:
+        """The knobs used at s (recorded in the sweep result)."""
+        cp = self.controller.get_sparsity_params(s)
+        return {"temperature": cp.temperature, "top_p": cp.top_p, "min_p": cp.min_p,
+                "attention_budget": cp.attention_budget, "num_experts": cp.num_experts}
+
+    def __call__(self, prompts: list[str], s: float, num_samples: int, seed: int) -> list[str]:
+        outputs: list[str] = []
+        for i, prompt in enumerate(prompts):
+            got = self.wrapper.generate_creative(prompt, max_new_tokens=self.max_new_tokens,
+                                                 num_candidates=num_samples, return_best=False, sparsity_level=s,
+                                                 seed=seed + 7919 * i, progress=False)
+            got = [got] if isinstance(got, str) else list(got)
+            if len(got) != num_samples:
+                raise RuntimeError(f"generate_creative returned {len(got)} candidates, expected {num_samples}")
+            outputs.extend(g if isinstance(g, str) else str(getattr(g, "text", g)) for g in got)
+        return outputs
+
+    def reference(self, prompts: list[str]) -> list[str]:
+        """Greedy continuations (dense attention): what the model says by default."""
+        return [self.wrapper.generate_greedy(p, max_new_tokens=self.max_new_tokens) for p in prompts]
+
+
+def _no_scores(texts: Sequence[str]) -> list[float]:
+    """Scorer for the sweep's own wrapper: the sweep scores every output itself."""
+    return [0.0] * len(texts)
+
+
+# -------------------------------------------------------------------------------- the sweep
+
+
+def _check_levels(levels: Any) -> list[float]:
+    try:
+        out = sorted(float(x) for x in levels)
+    except TypeError as exc:
+        raise TypeError(f"levels must be a sequence of floats in [0, 1], got {levels!r}") from exc
+    if not out:
+        raise ValueError("levels must hold at least one sparsity level")
+    if any(not (0.0 <= x <= 1.0) for x in out):
+        raise ValueError(f"levels must lie in [0, 1], got {out}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"levels must be distinct, got {out}")
+    return out
+
+
+def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writing", compute_budget: float = 1.0,
+                          quality_weights: Any = None, levels: Sequence[float] | None = None,
+                          prompts: Sequence[str] | None = None, num_samples: int = 4, *, tokenizer: Any = None,
+                          generate_fn: GenerateFn | None = None, reference_fn: ReferenceFn | None = None,
+                          reference_data: Sequence[str] | None = None, quality: QualityFunctional | None = None,
+                          max_new_tokens: int = 64, sparsity_config: Any = None, use_wrapper: bool = True,
+                          seed: int = 0, output_dir: str | os.PathLike | None = None, plot: bool = True,
+                          progress: bool = True) -> SweepResult:
+    """Sweep the sparsity dial, measure Q(s), fit the power laws and return s*.
+
+    Args:
+        model_or_wrapper: a transformers causal LM (with ``tokenizer``), a
+            `generation.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
+        task_type: "creative_writing", "poetry", "ad_copy" or "code": the built-in prompt
+            set and its constraints (``prompts`` replaces the prompts).
+        compute_budget: fraction of dense attention FLOPs allowed, in (0, 1]; levels whose
+            attention keeps more, k_attn(s) > compute_budget, are skipped (k_attn is not
+            monotonic: the allowed s form the interval `SparsityController.feasible_dial`),
+            and each level reports the fraction it spends (``attention_compute``).
+        quality_weights: (alpha, beta, gamma) of Q; default (0.4, 0.3, 0.3).
+        levels: the s values to measure (default 0.1, 0.2, ..., 0.9).
+        num_samples: samples per prompt and level.
+        generate_fn: ``(prompts, s, num_samples, seed) -> outputs`` (prompt-major); default
+            `HFGenerator` (``max_new_tokens``, ``sparsity_config`` and ``use_wrapper`` go to it;
+            every level uses the same ``seed``, so levels differ by s, not by luck).
+        reference_fn / reference_data: novelty's reference set. Default: the model's greedy
+            continuation of each prompt (`HFGenerator.reference`); with a custom
+            ``generate_fn`` and no reference, ``generate_fn(prompts, 0.0, 1, seed)``.
+        quality: the `QualityFunctional` (its weights are replaced by ``quality_weights``
+            when given); default MiniLM embeddings, the generating model as scorer when it
+            is a transformers model (else SmolLM2), and the task's constraints.
+        output_dir: where ``sweep.json`` and ``sweep.png`` go (default: a new temp folder).
+
+    Returns:
+        `SweepResult`; ``result.s_star`` is the recommended sparsity.
+
+    Example:
+        >>> res = find_optimal_sparsity(model, "poetry", compute_budget=0.6, tokenizer=tok,
+        ...                             levels=[0.4, 0.6, 0.8], num_samples=2)   # doctest: +SKIP
+        >>> res.s_star, res.plot_path                                            # doctest: +SKIP
+    """
+    if isinstance(compute_budget, bool) or not isinstance(compute_budget, (int, float)) \
+            or not (0.0 < float(compute_budget) <= 1.0):
+        raise ValueError(f"compute_budget must be a fraction of dense attention FLOPs in (0, 1], got {compute_budget!r}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    task = load_task(task_type)
+    prompt_list = list(task["prompts"]) if prompts is None else [str(p) for p in prompts]
+    if not prompt_list or any(not isinstance(p, str) for p in prompt_list):
+        raise ValueError("prompts must be a non-empty list of strings")
+    all_levels = _check_levels(DEFAULT_LEVELS if levels is None else levels)
+    weights = QualityWeights.coerce(quality_weights) if quality_weights is not None else None
+
+    generator: HFGenerator | None = None
+    if generate_fn is None:
+        generator = HFGenerator(model_or_wrapper, tokenizer, max_new_tokens=max_new_tokens,
+                                sparsity_config=sparsity_config, use_wrapper=use_wrapper)
+        generate_fn = generator
+    elif not callable(generate_fn):
+        raise TypeError(f"generate_fn must be callable, got {type(generate_fn).__name__}")
+    from ..creative.control import SparsityController
+
+    controller = generator.controller if generator is not None else SparsityController(sparsity_config)
+    feasible = controller.feasible_dial(float(compute_budget))
+    run_levels = [s for s in all_levels if controller.attention_budget(s) <= float(compute_budget) + 1e-12]
+    if not run_levels or feasible is None:
+        if generator is not None:
+            generator.close()
+        raise ValueError(f"no level satisfies k_attn(s) <= compute_budget = {float(compute_budget):g} (allowed s: "
+                         f"{'none' if feasible is None else f'[{feasible[0]:.4g}, {feasible[1]:.4g}]'}); "
+                         f"levels were {all_levels}")
+    s_min, s_max = feasible
+    try:
+        if quality is None:
+            scorer = None
+            if generator is not None:
+                from .quality import LMScorer
+
+                scorer = LMScorer(generator.model, generator.tokenizer)
+            quality = QualityFunctional(weights, scorer=scorer, constraints=constraints_from_spec(task.get("constraints")))
+        elif not isinstance(quality, QualityFunctional):
+            raise TypeError(f"quality must be a QualityFunctional, got {type(quality).__name__}")
+        weights = weights or quality.weights
+
+        if reference_data is not None:
+            reference = [str(r) for r in reference_data]
+        elif reference_fn is not None:
+            reference = list(reference_fn(prompt_list))
+        elif generator is not None:
+            reference = generator.reference(prompt_list)
+        else:
+            reference = list(generate_fn(prompt_list, 0.0, 1, seed))
+        if not reference:
+            raise ValueError("the reference set for novelty is empty")
+
+        groups = [i for i in range(len(prompt_list)) for _ in range(num_samples)]
+        results: list[LevelResult] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(run_levels, desc=f"sweep {task_type}", unit="level", disable=not progress)
+        for s in bar:
+            start = time.perf_counter()
+            outputs = list(generate_fn(prompt_list, s, num_samples, seed))
+            if len(outputs) != len(groups):
+                raise RuntimeError(f"generate_fn returned {len(outputs)} outputs at s={s}, expected "
+                                   f"{len(groups)} ({len(prompt_list)} prompts x {num_samples} samples)")
+            report = quality.evaluate(outputs, reference, groups=groups, weights=weights)
+            control = generator.control(s) if generator is not None else {}
+            results.append(LevelResult(s=s, novelty=report.mean_novelty, diversity=report.mean_diversity,
+                                       incoherence=report.mean_incoherence, quality=report.mean_quality,
+                                       quality_std=float(np.std(report.quality)), distinct=report.distinct,
+                                       self_bleu=report.self_bleu, control=control,
+                                       seconds=time.perf_counter() - start, outputs=outputs,
+                                       attention_compute=controller.attention_budget(s)))
+            bar.set_postfix(s=f"{s:.2f}", Q=f"{report.mean_quality:.3f}")
+    finally:
+        if generator is not None:
+            generator.close()
+
+    result = _analyse(results, task_type, weights, float(compute_budget), s_min, prompt_list, reference)
+    result.s_max = s_max
+    result.settings = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "seed": seed,
+                       "levels_requested": all_levels, "constraints": task.get("constraints", {}),
+                       "nll_scale": _safe_nll_scale(quality), "violation_weight": quality.violation_weight}
+    folder = os.fspath(output_dir) if output_dir is not None else tempfile.mkdtemp(prefix="hcs_sweep_")
+    os.makedirs(folder, exist_ok=True)
+    if plot:
+        result.save_plot(os.path.join(folder, "sweep.png"))
+    result.to_json(os.path.join(folder, "sweep.json"))
+    return result
+
+
+def _safe_nll_scale(quality: QualityFunctional) -> float | None:
+    try:
+        return quality.nll_scale
+    except ValueError:
+        return None
+
+
+def _analyse(results: list[LevelResult], task_type: str, weights: QualityWeights, budget: float, s_min: float,
+             prompts: list[str], reference: list[str]) -> SweepResult:
+    """Fits, bounds and s* from the measured levels (see `SweepResult.s_star`)."""
+    s = [lv.s for lv in results]
+    fits: dict[str, PowerLawFit] = {}
+    notes = []
+    for key in ("novelty", "diversity", "incoherence"):
+        try:
+            fits[key] = fit_power_law(s, [getattr(lv, key) for lv in results])
+        except ValueError as exc:
+            notes.append(f"{key}: {exc}")
+    bounds, note = (None, "; ".join(notes)) if notes else corollary1_bounds(
+        fits["novelty"], fits["diversity"], fits["incoherence"], weights)
+    q = [lv.quality for lv in results]
+    k = int(np.argmax(q))
+    best = s[k]
+    s_fit, s_star, why = None, best, "best measured level (no fit)"
+    if not notes:
+        lo_range, hi_range = max(s[0], s_min, 1e-6), s[-1]
+        s_fit = _argmax_on(lambda x: fitted_quality(x, fits, weights), lo_range, hi_range)
+        # the neighbours of the best level (the level itself at either end of the range)
+        lo, hi = (s[k - 1] if k > 0 else s[k]), (s[k + 1] if k + 1 < len(s) else s[k])
+        inside = (lo < s_fit < hi) or (k == 0 and s_fit == lo) or (k == len(s) - 1 and s_fit == hi) \
+            or (lo == hi == s_fit)
+        if inside:
+            s_star, why = s_fit, "fitted optimum, between the best measured level's neighbours"
+        else:
+            why = (f"best measured level; the fitted optimum ({s_fit:.4g}) lies outside its neighbours "
+                   f"({lo:g}, {hi:g}), so the fit does not refine it")
+    return SweepResult(task_type=task_type, levels=results, weights=weights, compute_budget=budget, s_min=s_min,
+                       best_measured=best, s_star=s_star, s_star_fit=s_fit, fits=fits, bounds=bounds,
+                       bounds_note=note, prompts=prompts, reference=reference, s_star_note=why)

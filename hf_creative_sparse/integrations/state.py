@@ -1,0 +1,604 @@
+"""Per-layer runtime state of a patched attention layer.
+
+Every attention layer that a `ModelPatch` takes over owns one `LayerState`. The layer's
+processor computes q/k/v exactly as the model would and hands them to
+`LayerState.attend`, which decides *how* to attend on this call:
+
+1. ``dense_steps``: the first denoising steps run dense (dLLM-Serve's ``delay_step``:
+   the layout of the image is decided early, when attention is least predictable);
+2. the sparsity dial: with a `TwoStageSchedule`, progress = step / num_steps -> s ->
+   kernel thresholds through `SparsityController`; else the ``s`` published by a running
+   logits processor (`control.current_sparsity()`); else the fixed config;
+3. ``mask_refresh``: the block mask is predicted every k steps and reused in between (the
+   pattern is stable across neighbouring denoising steps), one cached mask per call slot
+   within a step so the conditional and unconditional passes of classifier-free guidance
+   never share a mask;
+4. the ops (`sparse_attention_inputs`), then statistics and the per-call hooks.
+
+The denoising step comes from a `StepClock` that the API shares between all layers of a
+handle: driven by the pipeline's scheduler (``set_timesteps`` starts a loop, ``step``
+ends a step) or, for a bare transformer, by the ``timestep`` argument of its forward.
+
+Example:
+    >>> import torch
+    >>> from hf_creative_sparse.ops.config import SparseAttentionConfig
+    >>> from hf_creative_sparse.integrations.state import LayerState
+    >>> state = LayerState("blocks.0.attn", SparseAttentionConfig(topk=0.5, min_seq_len=0))
+    >>> q = k = v = torch.randn(1, 2, 256, 32)
+    >>> state.attend(q, k, v).shape
+    torch.Size([1, 2, 256, 32])
+    >>> state.report_row()["calls"]
+    1
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..ops.config import SparseAttentionConfig, SparseStats
+from ..ops.attention import path_seconds_for, sparse_attention_inputs
+from ..ops.estimate import estimate_budgets
+from ..ops.gpu_policy import explicit_budget_reason
+from ..ops.masks import block_scores
+from ..ops.dense import dense_attention
+from ..ops.inputs import AttentionInputs, attention_inputs
+
+#: Fallback reason recorded for the first ``dense_steps`` denoising steps.
+DENSE_STEP_REASON = "dense step"
+
+
+@dataclass
+class PatchOptions:
+    """Runtime policy of a patched model beyond the kernel thresholds.
+
+    Attributes:
+        dense_steps: the first this many denoising steps (0-based step < dense_steps) run
+            dense attention (dLLM-Serve's ``delay_step``). 0 = sparse from the start.
+            None (default): 1 for a layer with an error target (it measures its per-head
+            budgets during that dense step, docs/DESIGN.md), else 0.
+        mask_refresh: predict the block mask every this many steps and reuse it in
+            between (1 = predict on every call). A reused mask skips the prediction cost.
+            None (default): the controller's interval, else 1.
+        remeasure_every: a layer with an error target re-measures its budgets every this
+            many steps after the last measurement (inline, on a sparse step).
+        entmax_alpha: alpha-entmax attention instead of softmax (float, or one per head;
+            1 < alpha <= 2), whose zeros are exact (ops/entmax.py); the layer then runs
+            `entmax_attention` on every call, dense steps and the sparsity dial aside.
+        num_inference_steps: number of denoising steps, needed by a schedule when a bare
+            transformer (no pipeline, so no scheduler to read it from) is patched.
+        controller: the `SparsityController` mapping s to kernel thresholds
+            (default `SparsityController()`). When given and ``mask_refresh`` is left at
+            1, its config's ``kv_reuse_ratio`` sets ``mask_refresh``
+            (`SparsityConfig.mask_refresh_interval`), so the paper's knob and this one agree.
+
+    Example:
+        >>> PatchOptions(dense_steps=2, mask_refresh=5).mask_refresh
+        5
+    """
+
+    dense_steps: int | None = None
+    mask_refresh: int | None = None
+    num_inference_steps: int | None = None
+    controller: Any = None
+    remeasure_every: int = 10
+    entmax_alpha: Any = None
+
+    def __post_init__(self) -> None:
+        for name in ("dense_steps", "mask_refresh", "remeasure_every"):
+            value = getattr(self, name)
+            if value is None and name != "remeasure_every":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if self.dense_steps is not None and self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be >= 0, got {self.dense_steps}")
+        if self.mask_refresh is not None and self.mask_refresh < 1:
+            raise ValueError(f"mask_refresh must be >= 1 (1 = predict every step), got {self.mask_refresh}")
+        if self.remeasure_every < 1:
+            raise ValueError(f"remeasure_every must be >= 1 (steps between budget measurements), "
+                             f"got {self.remeasure_every}")
+        if self.num_inference_steps is not None:
+            if isinstance(self.num_inference_steps, bool) or not isinstance(self.num_inference_steps, int):
+                raise TypeError(f"num_inference_steps must be an int or None, got {type(self.num_inference_steps).__name__}")
+            if self.num_inference_steps < 1:
+                raise ValueError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.controller is not None and not hasattr(self.controller, "get_sparsity_params"):
+            raise TypeError("controller must be a SparsityController (with get_sparsity_params(s)), "
+                            f"got {type(self.controller).__name__}")
+
+    @property
+    def refresh(self) -> int:
+        """The effective ``mask_refresh``: an explicit value wins (1 included), else the
+        controller's ``kv_reuse_ratio`` interval (`SparsityConfig.mask_refresh_interval`), else 1."""
+        if self.mask_refresh is not None:
+            return self.mask_refresh
+        interval = getattr(getattr(self.controller, "config", None), "mask_refresh_interval", 1)
+        return interval if isinstance(interval, int) and interval > 1 else 1
+
+    def warmup_steps(self, measuring: bool) -> int:
+        """The effective ``dense_steps`` (see the attribute); ``measuring``: the layer has an
+        error target to measure budgets for."""
+        if self.dense_steps is not None:
+            return self.dense_steps
+        return 1 if measuring else 0
+
+
+def _timestep_value(timestep: Any) -> float | None:
+    """The largest timestep of a transformer call as a float (per-sample or per-token
+    timesteps share one denoising step), or None when there is none."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        if timestep.numel() == 0:
+            return None
+        return float(timestep.detach().float().max())
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        return float(timestep)
+    return None
+
+
+class StepClock:
+    """Where the denoising loop is, shared by every layer of one patched model.
+
+    Two drivers:
+
+    * ``source="scheduler"``: the API wraps the pipeline scheduler's ``set_timesteps``
+      (calls `begin` with ``len(scheduler.timesteps)``) and ``step`` (calls `advance`).
+      Classifier-free guidance that runs the transformer twice per step (Wan, true-CFG
+      Flux and HunyuanVideo) therefore still counts one step.
+    * ``source="timestep"``: a bare transformer; `on_forward` sees each call's
+      ``timestep``: a smaller one is the next step, an equal one another pass of the same
+      step, a larger one a new loop (diffusers' timesteps decrease within a loop).
+
+    ``call_in_step`` numbers the transformer calls within the current step (0, 1, ...),
+    the slot under which layers cache their block masks.
+    """
+
+    def __init__(self, num_steps: int | None = None, *, source: str = "timestep") -> None:
+        if source not in ("scheduler", "timestep"):
+            raise ValueError(f"source must be 'scheduler' or 'timestep', got {source!r}")
+        self.source = source
+        self.step = 0
+        self.num_steps = num_steps
+        self.call_in_step = 0
+        self.loop = 0  # increments with every new denoising loop; cached masks never cross loops
+        self._last_timestep: float | None = None
+        self._forward_step: int | None = None
+
+    def progress(self) -> float | None:
+        """step / num_steps clamped to [0, 1], or None when the number of steps is unknown."""
+        if not self.num_steps:
+            return None
+        return min(1.0, max(0.0, self.step / self.num_steps))
+
+    def begin(self, num_steps: int | None = None) -> None:
+        """Start a new denoising loop of ``num_steps`` steps (None keeps the known number)."""
+        self.step = 0
+        self.loop += 1
+        if num_steps is not None:
+            self.num_steps = int(num_steps)
+        self.call_in_step = 0
+        self._last_timestep = None
+        self._forward_step = None
+
+    def advance(self) -> None:
+        """One denoising step finished (the scheduler stepped)."""
+        self.step += 1
+
+    def on_forward(self, timestep: Any = None) -> None:
+        """A transformer forward is starting; ``timestep`` is its timestep argument."""
+        if self.source == "scheduler":
+            if self._forward_step == self.step:
+                self.call_in_step += 1
+            else:
+                self._forward_step, self.call_in_step = self.step, 0
+            return
+        t = _timestep_value(timestep)
+        last = self._last_timestep
+        if t is None:
+            if self._forward_step is not None:  # no timestep: every call is a step
+                self.step += 1
+            self.call_in_step = 0
+        elif last is None:
+            self.call_in_step = 0
+        elif t > last:
+            self.step, self.call_in_step = 0, 0
+            self.loop += 1
+        elif t < last:
+            self.step, self.call_in_step = self.step + 1, 0
+        else:
+            self.call_in_step += 1
+        self._last_timestep = t
+        self._forward_step = self.step
+
+
+def _calibrated_under_schedule(calibrated: SparseAttentionConfig, point: Any) -> SparseAttentionConfig:
+    """A calibrated layer at dial point ``point``: the calibration holds the sparsest
+    thresholds that meet its error budget, so the schedule may make the layer denser but
+    never sparser. A dense point gives dense attention; a top-k calibration keeps, per
+    head, the larger of its kept fraction and the point's budget; a cdf calibration keeps
+    its thresholds (its kept fraction is data-dependent and cannot be compared)."""
+    dense = point.attention_config(calibrated)
+    if getattr(point, "is_dense", False):
+        return dense
+    if calibrated.topk is None:
+        return calibrated
+    budget = float(point.attention_budget)
+    topk = calibrated.topk
+    topk = torch.clamp(topk.float(), min=budget) if isinstance(topk, torch.Tensor) else max(float(topk), budget)
+    return calibrated.replace(topk=topk)
+
+
+@dataclass
+class AttentionCall:
+    """What one `LayerState.attend` call did; handed to the layer's hooks.
+
+    Attributes:
+        layer: the layer name.
+        step: the denoising step (`StepClock.step`) of the call.
+        s: the sparsity dial used (None for a fixed config or a dense step).
+        inputs: the validated q/k/v (HND views) with scale and key padding mask.
+        config: the thresholds used (None for a dense step).
+        stats: what the ops reported (``stats.block_mask`` is the mask used, if any).
+        output: the attention output, HND [B, Hq, Nq, D].
+        mask_reused: the block mask came from the cache (``mask_refresh``).
+    """
+
+    layer: str
+    step: int
+    s: float | None
+    inputs: AttentionInputs
+    config: SparseAttentionConfig | None
+    stats: SparseStats
+    output: torch.Tensor
+    mask_reused: bool
+
+
+Hook = Callable[[AttentionCall], None]
+
+
+@dataclass
+class _Budgets:
+    topk: torch.Tensor  # float32 [Hq]
+    step: int
+    estimated_l1: float | None
+    target_l1: float
+
+
+@dataclass
+class _CachedMask:
+    mask: torch.Tensor
+    loop: int
+    step: int
+    key: str
+
+
+def _config_key(cfg: SparseAttentionConfig) -> str:
+    return repr(sorted(cfg.to_dict().items()))
+
+
+def _reason_category(reason: str) -> str:
+    """'short sequence: len_k=..' -> 'short sequence' (the part before the details)."""
+    return reason.split(":", 1)[0].strip()
+
+
+@dataclass
+class _Totals:
+    calls: int = 0
+    sparse_calls: int = 0
+    kept_sum: float = 0.0
+    predicted_sum: float = 0.0
+    predicted_calls: int = 0
+    pv_skipped_sum: float = 0.0
+    masks_reused: int = 0
+    time_s: float = 0.0
+    backends: collections.Counter = field(default_factory=collections.Counter)
+    fallbacks: collections.Counter = field(default_factory=collections.Counter)
+
+
+class LayerState:
+    """Runtime state of one patched attention layer (see the module docstring).
+
+    Args:
+        name: the layer's name in the model (e.g. ``"transformer_blocks.0.attn"``).
+        config: its kernel thresholds (possibly calibrated for this layer).
+        schedule: a `TwoStageSchedule`; maps progress to s, then s to thresholds.
+        clock: the shared `StepClock` (a private one when None: step stays 0).
+        options: `PatchOptions` (dense_steps, mask_refresh, controller).
+    """
+
+    def __init__(self, name: str, config: SparseAttentionConfig, *, schedule: Any = None,
+                 clock: StepClock | None = None, options: PatchOptions | None = None,
+                 calibrated: bool = False) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        if not isinstance(config, SparseAttentionConfig):
+            raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
+        if schedule is not None and not hasattr(schedule, "s_at"):
+            raise TypeError(f"schedule must be a TwoStageSchedule (with s_at(progress)), got {type(schedule).__name__}")
+        if options is not None and not isinstance(options, PatchOptions):
+            raise TypeError(f"options must be a PatchOptions, got {type(options).__name__}")
+        self.name = name
+        self.config = config
+        self.calibrated = bool(calibrated)
+        self.schedule = schedule
+        self.clock = clock if clock is not None else StepClock()
+        self.options = options if options is not None else PatchOptions()
+        self.last_stats: SparseStats | None = None
+        self.last_s: float | None = None
+        self._hooks: list[Hook] = []
+        self._masks: dict[int, _CachedMask] = {}
+        self._budgets: dict[int, _Budgets] = {}
+        self._resolved: dict[tuple, SparseAttentionConfig] = {}
+        self._controller = self.options.controller
+        self._totals = _Totals()
+        self._pending_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    # -- the dial -------------------------------------------------------------------
+
+    @property
+    def step(self) -> int:
+        """The current denoising step (0-based)."""
+        return self.clock.step
+
+    def current_s(self) -> float | None:
+        """The sparsity dial for this call: the schedule's s at the clock's progress, else
+        the s a running logits processor published, else None (fixed config)."""
+        if self.schedule is not None:
+            progress = self.clock.progress()
+            if progress is not None:
+                return float(self.schedule.s_at(progress))
+        from ..creative.control import current_sparsity  # local: control imports nothing of ours at import time
+
+        return current_sparsity()
+
+    def config_for(self, s: float | None, dense_prefix: int = 0, dense_suffix: int = 0) -> SparseAttentionConfig:
+        """The thresholds used at dial ``s`` (None: the fixed config) with the call's text
+        tokens kept dense (the larger of the config's and the call's prefix/suffix)."""
+        key = (s, dense_prefix, dense_suffix)
+        cfg = self._resolved.get(key)
+        if cfg is not None:
+            return cfg
+        cfg = self.config
+        if s is not None:
+            if self._controller is None:
+                from ..creative.control import SparsityController
+
+                self._controller = SparsityController()
+            point = self._controller.get_sparsity_params(s)
+            cfg = _calibrated_under_schedule(cfg, point) if self.calibrated else point.attention_config(cfg)
+        prefix, suffix = max(cfg.dense_prefix, dense_prefix), max(cfg.dense_suffix, dense_suffix)
+        if (prefix, suffix) != (cfg.dense_prefix, cfg.dense_suffix):
+            cfg = cfg.replace(dense_prefix=prefix, dense_suffix=suffix)
+        if len(self._resolved) > 256:  # a continuous dial; keep the memo bounded
+            self._resolved.clear()
+        self._resolved[key] = cfg
+        return cfg
+
+    # -- the call -------------------------------------------------------------------
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layout: str = "HND",
+        is_causal: bool = False,
+        scale: float | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        dense_prefix: int = 0,
+        dense_suffix: int = 0,
+    ) -> torch.Tensor:
+        """Attention of one call through this layer's policy; output in q's layout.
+
+        Args:
+            q: [B, Hq, Nq, D] ("HND") or [B, Nq, Hq, D] ("NHD").
+            k, v: [B, Hkv, Nk, D] (or NHD).
+            key_padding_mask: bool [B, Nk], True = attend (e.g. HunyuanVideo's text mask).
+            dense_prefix, dense_suffix: text tokens at the start / end of the sequence;
+                they attend and are attended densely.
+        """
+        inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
+                               key_padding_mask=key_padding_mask)
+        for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        timer = self._start_timer(inp.device)
+        step = self.clock.step
+        reused = False
+        if self.options.entmax_alpha is not None:
+            from ..ops.entmax import entmax_attention_inputs
+
+            out, est = entmax_attention_inputs(inp, self.options.entmax_alpha, return_stats=True)
+            empty = est.empty_blocks / est.total_blocks if est.total_blocks else 0.0
+            self._stop_timer(timer)
+            self.last_stats, self.last_s = SparseStats(kept_fraction=1.0 - empty, backend=f"entmax-{est.backend}"), None
+            self._record(self.last_stats, False)
+            return inp.to_layout(out)
+        s = self.current_s()
+        cfg = self.config_for(s, dense_prefix, dense_suffix)
+        measuring = cfg.selection == "target"
+        warmup = self.options.warmup_steps(measuring)
+        if step < warmup:
+            out = dense_attention(inp)
+            stats = SparseStats(kept_fraction=1.0, backend="sdpa",
+                                fallback_reason=f"{DENSE_STEP_REASON}: step {step} < dense_steps={warmup}")
+            if measuring:  # the warm-up step measures this layer's budgets (docs/DESIGN.md)
+                self._measure_budgets(inp, cfg, step)
+            cfg, s = None, None
+        else:
+            budgets = self._budgets.get(self.clock.call_in_step) if measuring else None
+            if budgets is not None and step - budgets.step < self.options.remeasure_every:
+                cfg = cfg.with_budgets(budgets.topk, inp.is_causal)  # as they were measured
+            refresh = self.options.refresh
+            cached = self._cached_mask(inp, cfg, step) if refresh > 1 else None
+            reused = cached is not None
+            out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached, mask_uses=refresh)
+            if stats.head_budgets is not None:  # an inline measurement (first call or re-measure)
+                self._store_budgets(stats.head_budgets, stats.estimated_l1, cfg.effective_target_l1, step)
+            if refresh > 1 and not reused and stats.block_mask is not None:
+                self._masks[self.clock.call_in_step] = _CachedMask(stats.block_mask, self.clock.loop, step, _config_key(cfg))
+        self._stop_timer(timer)
+        self.last_stats, self.last_s = stats, s
+        self._record(stats, reused)
+        if self._hooks:
+            call = AttentionCall(layer=self.name, step=step, s=s, inputs=inp, config=cfg, stats=stats,
+                                 output=out, mask_reused=reused)
+            for hook in list(self._hooks):
+                hook(call)
+        return inp.to_layout(out)
+
+    def _measure_budgets(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> None:
+        """Measure per-head budgets for ``cfg``'s error target on this call's inputs (a dense
+        warm-up step) and keep them for the next steps."""
+        if inp.len_k < cfg.min_seq_len or cfg.backend == "sdpa":
+            return  # this layer's calls run dense anyway: nothing to budget
+        if inp.q.is_cuda and cfg.backend == "auto" and \
+                explicit_budget_reason(inp, 0.0, self.options.refresh, path_seconds_for(inp, cfg)) is not None:
+            return  # no budget can pay at this size on the GPU: its calls run dense
+        with torch.no_grad():
+            scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
+                                  dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix, ranking=cfg.ranking_for(inp.is_causal))
+            estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1,
+                                        compensate=cfg.effective_compensate)
+        self._store_budgets(estimate.head_budget, float(estimate.estimated_l1.float().mean()),
+                            cfg.effective_target_l1, step)
+
+    def _store_budgets(self, head_budgets: torch.Tensor, estimated_l1: float | None, target: float, step: int) -> None:
+        # one budget per head, the largest over the batch (classifier-free guidance's two
+        # halves share a call): the kept fraction of every row then meets the target
+        # kept on the host: configs validate their thresholds there (no device sync per call)
+        per_head = head_budgets.float().reshape(-1, head_budgets.shape[-1]).amax(0).cpu()
+        self._budgets[self.clock.call_in_step] = _Budgets(per_head, step, estimated_l1, target)
+
+    @property
+    def budgets(self) -> torch.Tensor | None:
+        """The per-head kept-fraction budgets measured for the first call slot, or None."""
+        entry = self._budgets.get(0)
+        return None if entry is None else entry.topk
+
+    def record_fallback(self, reason: str, seconds: float = 0.0) -> None:
+        """Count a call that the layer's processor handed to the model's original
+        processor (e.g. an attention mask the sparse path does not take)."""
+        stats = SparseStats(kept_fraction=1.0, backend="original", fallback_reason=reason)
+        self._totals.time_s += seconds
+        self.last_stats, self.last_s = stats, None
+        self._record(stats, False)
+
+    def _cached_mask(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> torch.Tensor | None:
+        entry = self._masks.get(self.clock.call_in_step)
+        if entry is None or entry.loop != self.clock.loop or not 0 <= step - entry.step < self.options.refresh:
+            return None
+        expected = (inp.batch, inp.heads_q, inp.num_q_blocks, inp.num_k_blocks)
+        if tuple(entry.mask.shape) != expected or entry.key != _config_key(cfg):
+            return None
+        return entry.mask if entry.mask.device == inp.device else entry.mask.to(inp.device)
+
+    # -- hooks ----------------------------------------------------------------------
+
+    def add_hook(self, hook: Hook) -> Callable[[], None]:
+        """Call ``hook(AttentionCall)`` after every call (e.g. to record q/k/v and masks
+        for calibration). Returns a function that removes the hook."""
+        if not callable(hook):
+            raise TypeError(f"hook must be callable, got {type(hook).__name__}")
+        self._hooks.append(hook)
+
+        def remove() -> None:
+            if hook in self._hooks:
+                self._hooks.remove(hook)
+
+        return remove
+
+    # -- statistics -----------------------------------------------------------------
+
+    def _start_timer(self, device: torch.device) -> Any:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            return (start, end)
+        return time.perf_counter()
+
+    def _stop_timer(self, timer: Any) -> None:
+        if isinstance(timer, tuple):  # CUDA events: read lazily, no sync on the hot path
+            timer[1].record()
+            self._pending_events.append(timer)
+            if len(self._pending_events) > 512:
+                self._drain_events()
+        else:
+            self._totals.time_s += time.perf_counter() - timer
+
+    def _drain_events(self) -> None:
+        for start, end in self._pending_events:
+            end.synchronize()
+            self._totals.time_s += start.elapsed_time(end) / 1000.0
+        self._pending_events.clear()
+
+    def _record(self, stats: SparseStats, reused: bool) -> None:
+        t = self._totals
+        t.calls += 1
+        t.kept_sum += stats.kept_fraction
+        t.backends[stats.backend] += 1
+        if stats.fallback_reason is None:
+            t.sparse_calls += 1
+            t.pv_skipped_sum += stats.pv_skipped_fraction
+        else:
+            t.fallbacks[_reason_category(stats.fallback_reason)] += 1
+        if stats.predicted_kept_fraction is not None:
+            t.predicted_sum += stats.predicted_kept_fraction
+            t.predicted_calls += 1
+        t.masks_reused += int(reused)
+
+    def reset_stats(self) -> None:
+        """Forget the statistics (not the cached masks)."""
+        self._pending_events.clear()
+        self._totals = _Totals()
+        self.last_stats = None
+
+    def clear_cache(self) -> None:
+        """Forget the cached block masks (the next call predicts) and measured budgets."""
+        self._masks.clear()
+        self._budgets.clear()
+
+    def report_row(self) -> dict[str, Any]:
+        """This layer's statistics.
+
+        Keys: layer, calls, sparse_calls, mean_kept_fraction (over calls; dense calls
+        count 1.0), mean_predicted_kept_fraction (over calls that predicted a mask),
+        mean_pv_skipped_fraction (over sparse calls), backend (the most used, with the
+        others after it), fallbacks (count), fallback_reasons (dict), masks_reused,
+        time_ms (total time in the attention call), last_s.
+        """
+        if self._pending_events:
+            self._drain_events()
+        t = self._totals
+        ordered = [name for name, _ in t.backends.most_common()]
+        return {
+            "layer": self.name,
+            "calls": t.calls,
+            "sparse_calls": t.sparse_calls,
+            "mean_kept_fraction": t.kept_sum / t.calls if t.calls else math.nan,
+            "mean_predicted_kept_fraction": t.predicted_sum / t.predicted_calls if t.predicted_calls else math.nan,
+            "mean_pv_skipped_fraction": t.pv_skipped_sum / t.sparse_calls if t.sparse_calls else 0.0,
+            "backend": ",".join(ordered) if ordered else "-",
+            "fallbacks": sum(t.fallbacks.values()),
+            "fallback_reasons": dict(t.fallbacks),
+            "masks_reused": t.masks_reused,
+            "time_ms": t.time_s * 1000.0,
+            "last_s": self.last_s,
+            **self._budget_report(),
+        }
+
+    def _budget_report(self) -> dict[str, Any]:
+        """target_l1, the per-head budgets and the error measured for them (first call slot)."""
+        entry = self._budgets.get(0)
+        if entry is None:
+            return {"target_l1": None, "head_budgets": None, "mean_budget": math.nan, "estimated_l1": None}
+        return {"target_l1": entry.target_l1, "head_budgets": [round(x, 4) for x in entry.topk.tolist()],
+                "mean_budget": float(entry.topk.mean()), "estimated_l1": entry.estimated_l1}
