@@ -467,8 +467,8 @@ class LayerState:
             scores = block_scores(inp, simthreshd1=cfg.effective_simthreshd1, attention_sink=cfg.sink_for(inp.is_causal),
                                   dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix, ranking=cfg.ranking_for(inp.is_causal))
             estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1,
-                                        compensate=cfg.effective_compensate)
-        self._store_budgets(estimate.head_budget, float(estimate.estimated_l1.float().mean()),
+                                        compensate=cfg.effective_compensate, allocation=cfg.allocation_for(inp.is_causal))
+        self._store_budgets(estimate.head_budget, float(estimate.call_l1.float().mean()),
                             cfg.effective_target_l1, step)
 
     def _store_budgets(self, head_budgets: torch.Tensor, estimated_l1: float | None, target: float, step: int) -> None:

@@ -192,7 +192,8 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
                                       dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix,
                                       ranking=cfg.ranking_for(inp.is_causal))
             if cfg.selection == "target":
-                estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1, compensate=compensate)
+                estimate = estimate_budgets(inp, scores, target_l1=cfg.effective_target_l1, compensate=compensate,
+                                            allocation=cfg.allocation_for(inp.is_causal))
                 block_mask = select_blocks(scores, inp, topk=estimate.topk)
             elif scores is not None:
                 block_mask = select_blocks(scores, inp, cdfthreshd=cfg.cdfthreshd, topk=cfg.topk)
@@ -217,8 +218,7 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
         stats.target_l1 = cfg.effective_target_l1
         stats.head_budgets = estimate.head_budget
         stats.budgets = estimate.topk
-        stats.estimated_l1 = 0.0 if stats.fallback_reason else float(
-            estimate.estimated_l1.float().mean())
+        stats.estimated_l1 = 0.0 if stats.fallback_reason else float(estimate.call_l1.float().mean())
     return out, stats
 
 
@@ -245,14 +245,16 @@ def sparse_attention(
     max_kept_fraction: float | None = None,
     target_l1: float | None = None,
     compensate: bool | None = None,
+    budget_allocation: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, SparseStats]:
     """Block-sparse attention at a stated error: predict which blocks matter, keep per head
     the fewest that hold the error under ``target_l1``, compensate the skipped ones, and
     attend only over the kept blocks with the pv-threshold skip.
 
     The error is the knob: ``target_l1`` (default `config.DEFAULT_TARGET_L1` = 0.02) is a
-    relative L1 error against dense attention, sum |o - o_dense| / sum |o_dense|; per head
-    the budget is measured exactly on sampled query rows (ops/estimate.py) and reported in
+    relative L1 error against dense attention, sum |o - o_dense| / sum |o_dense|, over the
+    whole call (``budget_allocation="call"``, default) or per head ("head"); the per-head
+    budgets are measured exactly on sampled query rows (ops/estimate.py) and reported in
     the stats (``head_budgets``, ``estimated_l1``). ``topk`` / ``cdfthreshd`` are expert
     overrides that replace the target. ``compensate`` (default on) puts each skipped key
     block back as one pooled token (docs/DESIGN.md).
@@ -284,14 +286,14 @@ def sparse_attention(
         (torch.Size([1, 2, 512, 64]), True)
     """
     overrides = (simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, dense_prefix, dense_suffix, min_seq_len,
-                 max_kept_fraction, backend, target_l1, compensate)
+                 max_kept_fraction, backend, target_l1, compensate, budget_allocation)
     if config is None and all(x is None for x in overrides):
         cfg = _DEFAULT_CONFIG  # validating a fresh default costs as much as a short attention's launch
     else:
         cfg = resolve_config(config, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
                              attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
                              min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend,
-                             target_l1=target_l1, compensate=compensate)
+                             target_l1=target_l1, compensate=compensate, budget_allocation=budget_allocation)
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     if cfg is not _DEFAULT_CONFIG:
         _check_head_counts(cfg, inp)
