@@ -247,6 +247,27 @@ def test_call_site_that_runs_dense_measures_less_often():
     assert measured.index(True, first_gap + 1) - first_gap == 2 * attention_module.TARGET_REMEASURE_CALLS
 
 
+def test_dense_decided_call_site_skips_the_fingerprint(monkeypatch):
+    """Between measurements a site that said dense runs dense at once: no key pooling, no
+    device-to-host read (dense has no error to guard); a budgeted site still checks its inputs."""
+    from hf_creative_sparse.ops import attention as attention_module
+
+    calls = []
+    real = attention_module._key_fingerprint
+    monkeypatch.setattr(attention_module, "_key_fingerprint", lambda inp: calls.append(1) or real(inp))
+    q, k, v = (torch.randn(1, 2, 2048, 32, generator=torch.Generator().manual_seed(7)) for _ in range(3))
+    for _ in range(5):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.01, min_seq_len=0, max_kept_fraction=0.5,
+                                     return_stats=True)
+        assert st.fallback_reason is not None
+    assert len(calls) == 1, "only the measuring call pools the keys"
+    q, k, v = make_inputs("local", 1, 2, 2048, 32)
+    calls.clear()
+    for _ in range(3):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
+    assert st.fallback_reason is None and len(calls) == 3
+
+
 def test_patch_option_entmax_runs_entmax_attention():
     from hf_creative_sparse.ops.entmax import entmax_attention
 

@@ -35,7 +35,7 @@ if triton is not None:
     @triton.jit
     def _sampled_stats_kernel(
         Q, K, ROWS, KPM, BMAX, BSUM,
-        R, NK, MK, HQ, G, D,
+        R, NK, MK, HQ, G, D, CHUNK,
         stride_qb, stride_qh, stride_qn,
         stride_kb, stride_kh, stride_kn,
         stride_kpm_b,
@@ -45,6 +45,7 @@ if triton is not None:
     ):
         pid_r = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_k = tl.program_id(2)  # a chunk of CHUNK key blocks: outputs are per key block, no reduction
         b = pid_bh // HQ
         h = pid_bh % HQ
         hk = h // G
@@ -56,15 +57,15 @@ if triton is not None:
                     mask=r_ok[:, None] & (d[None, :] < D), other=0.0)
         n_in = tl.arange(0, BN)
         out_base = pid_bh * R * MK + r_offs * MK
-        for j in range(0, MK):
+        for j in range(pid_k * CHUNK, tl.minimum(pid_k * CHUNK + CHUNK, MK)):
             keys = j * BN + n_in
             k_in = keys < NK
-            kt = tl.load(K + b * stride_kb + hk * stride_kh + keys[None, :] * stride_kn + d[:, None],
-                         mask=k_in[None, :] & (d[:, None] < D), other=0.0)  # [BLOCK_D, BN]
+            kb = tl.load(K + b * stride_kb + hk * stride_kh + keys[:, None] * stride_kn + d[None, :],
+                         mask=k_in[:, None] & (d[None, :] < D), other=0.0)  # [BN, BLOCK_D], rows contiguous
             if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee") * scale
+                s = tl.dot(q, tl.trans(kb), input_precision="ieee") * scale
             else:
-                s = tl.dot(q, kt) * scale
+                s = tl.dot(q, tl.trans(kb)) * scale
             ok = k_in[None, :]
             if HAS_KPM:
                 kpm = tl.load(KPM + b * stride_kpm_b + keys, mask=k_in, other=0)
@@ -116,9 +117,16 @@ def sampled_block_stats_triton(inp: AttentionInputs, rows: torch.Tensor) -> tupl
     kpm = inp.key_padding_mask
     kpm_t = kpm.to(torch.int8).contiguous() if kpm is not None else bmax  # dummy pointer when absent
     rows_i = rows.to(device=q.device, dtype=torch.int32).contiguous()
-    _sampled_stats_kernel[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), b * hq)](
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    # Split the key blocks over programs until there are ~4 waves: (rows, heads) alone gave
+    # 1.5 waves at the Wan-480p shape, each program streaming all 512 key blocks.
+    row_tiles = triton.cdiv(r, 128) * b * hq
+    chunks = max(1, min(mk, triton.cdiv(4 * sms, row_tiles)))
+    chunk = triton.cdiv(mk, chunks)
+    chunks = triton.cdiv(mk, chunk)
+    _sampled_stats_kernel[lambda meta: (triton.cdiv(r, meta["BLOCK_R"]), b * hq, chunks)](
         q, k, rows_i, kpm_t, bmax, bsum,
-        r, inp.len_k, mk, hq, hq // inp.heads_kv, inp.head_dim,
+        r, inp.len_k, mk, hq, hq // inp.heads_kv, inp.head_dim, chunk,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         kpm_t.stride(0) if kpm is not None else 0,
