@@ -52,10 +52,25 @@ def timed(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def profile_ops(name: str, fn, reps: int = 3) -> None:
+    """torch.profiler's ops of ``fn`` by total GPU time (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    print(f"\n### {name}: top ops over {reps} calls\n")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="wan", choices=sorted(SHAPES))
     ap.add_argument("--topk", type=float, default=0.2)
+    ap.add_argument("--profile", action="store_true",
+                    help="also print torch.profiler's top GPU ops of the budget estimate and of a warm target call")
     args = ap.parse_args()
     h, n, d, grid, text = SHAPES[args.shape]
     q, k, v = make_inputs("video", 1, h, n, d, grid=grid, text_len=text, dtype=torch.bfloat16, device="cuda")
@@ -92,6 +107,9 @@ def main() -> None:
         for target in (0.01, 0.03):
             rows.append((f"sparse_attention(target_l1={target}), call site warm",
                          timed(lambda: sparse_attention(q, k, v, target_l1=target), reps=16)))
+        if args.profile:
+            profile_ops("budget estimate", lambda: estimate_budgets(inp, scores, target_l1=0.03))
+            profile_ops("sparse_attention(target_l1=0.03), call site warm", lambda: sparse_attention(q, k, v, target_l1=0.03))
     dense = rows[0][1]
     print(f"\n{torch.cuda.get_device_name()} {args.shape} (B1 H{h} N{n} D{d}), bf16, video inputs\n")
     print("| stage | ms | % of dense |\n|---|---:|---:|")

@@ -221,15 +221,34 @@ def test_call_site_reuses_budgets_then_remeasures():
     assert st.target_l1 == 0.03 and st.budgets is not None
 
 
-def test_call_site_remeasures_for_other_inputs():
-    """One line serving different inputs (layers) must not reuse another input's budgets."""
+def test_call_site_keeps_one_measurement_per_input():
+    """One line serving different inputs (layers) never reuses another input's budgets, and
+    each input finds its own measurement again (no re-measuring when layers alternate)."""
+    inputs = {"video": make_inputs("video", 1, 2, 2048, 32, grid=(4, 16, 28), text_len=2048 - 4 * 16 * 28),
+              "local": make_inputs("local", 1, 2, 2048, 32)}
     runs = []
-    for family in ("video", "local", "video"):
-        kw = dict(grid=(2, 16, 28), text_len=2048 - 2 * 16 * 28) if family == "video" else {}
-        q, k, v = make_inputs(family, 1, 2, 2048, 32, **kw)
+    for family in ("video", "local", "video", "local"):
+        q, k, v = inputs[family]
         _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
-        runs.append(st.head_budgets is not None)
-    assert runs == [True, True, True]
+        runs.append((st.head_budgets is not None, st.kept_fraction))
+    assert [measured for measured, _ in runs] == [True, True, False, False]
+    assert abs(runs[0][1] - runs[2][1]) < 0.02 and abs(runs[1][1] - runs[3][1]) < 0.02, runs  # own budgets
+    assert abs(runs[0][1] - runs[1][1]) > 0.05, "video and local need different budgets"
+
+
+def test_dense_decision_stays_with_its_input():
+    """A site that measured dense for white noise still measures (and runs sparse) for a
+    structured input at the same line."""
+    noise = [torch.randn(1, 2, 2048, 32, generator=torch.Generator().manual_seed(7)) for _ in range(3)]
+    local = make_inputs("local", 1, 2, 2048, 32)
+    stats = []
+    for q, k, v in (noise, local, noise):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, max_kept_fraction=0.5,
+                                     return_stats=True)
+        stats.append(st)
+    assert stats[0].fallback_reason is not None and stats[2].fallback_reason is not None
+    assert stats[1].fallback_reason is None and stats[1].head_budgets is not None
+    assert stats[2].head_budgets is None, "the noise's dense decision was reused"
 
 
 def test_call_site_that_runs_dense_measures_less_often():
@@ -245,27 +264,6 @@ def test_call_site_that_runs_dense_measures_less_often():
     first_gap = measured.index(True, 1)
     assert first_gap == attention_module.TARGET_REMEASURE_CALLS
     assert measured.index(True, first_gap + 1) - first_gap == 2 * attention_module.TARGET_REMEASURE_CALLS
-
-
-def test_dense_decided_call_site_skips_the_fingerprint(monkeypatch):
-    """Between measurements a site that said dense runs dense at once: no key pooling, no
-    device-to-host read (dense has no error to guard); a budgeted site still checks its inputs."""
-    from hf_creative_sparse.ops import attention as attention_module
-
-    calls = []
-    real = attention_module._key_fingerprint
-    monkeypatch.setattr(attention_module, "_key_fingerprint", lambda inp: calls.append(1) or real(inp))
-    q, k, v = (torch.randn(1, 2, 2048, 32, generator=torch.Generator().manual_seed(7)) for _ in range(3))
-    for _ in range(5):
-        _, st = hcs.sparse_attention(q, k, v, target_l1=0.01, min_seq_len=0, max_kept_fraction=0.5,
-                                     return_stats=True)
-        assert st.fallback_reason is not None
-    assert len(calls) == 1, "only the measuring call pools the keys"
-    q, k, v = make_inputs("local", 1, 2, 2048, 32)
-    calls.clear()
-    for _ in range(3):
-        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
-    assert st.fallback_reason is None and len(calls) == 3
 
 
 def test_patch_option_entmax_runs_entmax_attention():

@@ -322,45 +322,43 @@ def _check_head_counts(cfg: SparseAttentionConfig, inp: AttentionInputs) -> None
 #: the time; inputs that change (the key fingerprint) re-measure at once anyway.
 TARGET_REMEASURE_CALLS = 64
 TARGET_REMEASURE_MAX_CALLS = 256
-_SITE_BUDGETS: collections.OrderedDict[tuple, "_SiteBudgets"] = collections.OrderedDict()
+#: Distinct inputs (by key fingerprint) a call site keeps measurements for: one line that
+#: serves every layer of a model finds each layer's own (oldest dropped first).
+SITE_INPUTS = 64
+_SITE_BUDGETS: collections.OrderedDict[tuple, list["_SiteBudgets"]] = collections.OrderedDict()
 
 
 def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
                          site: tuple[str, int]) -> tuple[torch.Tensor, SparseStats]:
-    """An error-target call through the budgets its call site measured last.
+    """An error-target call through the budgets its call site measured last for inputs like
+    these.
 
     Measuring costs a share of dense attention (ops/estimate.py), so a call site (the
     caller's file and line, with the shapes and the config) measures on its first call and
     every `TARGET_REMEASURE_CALLS` calls, and the calls between reuse those per-block
-    budgets as explicit top-k fractions (so the policy judges them by what they cost). A
-    call site's budgets apply only while its inputs look the same (the block-pooled keys,
-    `SAME_INPUTS_COSINE`): another layer or input at the same line re-measures. A site
-    whose measurement said dense stays dense until its next measurement. Patched
-    models keep budgets per layer instead (`state.LayerState`).
+    budgets as explicit top-k fractions (so the policy judges them by what they cost). Budgets
+    apply only to inputs that look the same (the block-pooled keys, `SAME_INPUTS_COSINE`):
+    a site keeps up to `SITE_INPUTS` measurements, one per distinct input (the layers of a
+    model calling from one line each find their own), and measures inputs it has not seen.
+    Patched models keep budgets per layer instead (`state.LayerState`).
     """
     key = (site, inp.q.shape, inp.k.shape, inp.dtype, inp.device, inp.is_causal, inp.key_padding_mask is None,
            repr(sorted(cfg.to_dict().items())))
-    entry = _SITE_BUDGETS.get(key)
-    if entry is not None and entry.budgets is None and entry.calls < entry.interval:
-        # The last measurement said dense: no budget pays here. Dense has no error to guard,
-        # so no fingerprint either (pooling every key and reading the cosine back to the host
-        # cost 5-7% of a dense call on an H200); the re-measurement looks at the inputs again.
-        entry.calls += 1
-        out, stats = _dense(inp, entry.reason, None, 0, None)
-        stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
-        return out, stats
+    entries = _SITE_BUDGETS.get(key)
     with torch.no_grad():
         fingerprint = _key_fingerprint(inp)
-    if entry is not None and entry.budgets is not None and entry.calls < entry.interval \
-            and _same_inputs(entry.fingerprint, fingerprint):
+        match = _matching_entry(entries, fingerprint) if entries else None
+    entry = entries[match] if match is not None else None
+    if entry is not None and entry.calls < entry.interval:
         entry.calls += 1
-        out, stats = sparse_attention_inputs(inp, cfg.with_budgets(entry.budgets, inp.is_causal))
+        if entry.budgets is None:  # the last measurement said dense: no budget pays here
+            out, stats = _dense(inp, entry.reason, None, 0, None)
+        else:
+            out, stats = sparse_attention_inputs(inp, cfg.with_budgets(entry.budgets, inp.is_causal))
         stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)
     if stats.budgets is not None:
-        if len(_SITE_BUDGETS) >= EARLY_FALLBACK_CACHE_SIZE:
-            _SITE_BUDGETS.popitem(last=False)
         # non-causal budgets are per head (the fused GPU prediction takes those); causal ones
         # per query block (early blocks measured from fewer rows run denser)
         budgets = stats.budgets if inp.is_causal else stats.head_budgets.float().amax(0)
@@ -373,13 +371,32 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
             reason = _early_fallback_reason(inp, reuse, 1, True, _mean_topk(reuse))
             dense = reason is not None
         interval = TARGET_REMEASURE_CALLS
-        if dense and entry is not None and entry.budgets is None and _same_inputs(entry.fingerprint, fingerprint):
+        if dense and entry is not None and entry.budgets is None:
             interval = min(entry.interval * 2, TARGET_REMEASURE_MAX_CALLS)  # dense again: measure less often
-        _SITE_BUDGETS[key] = _SiteBudgets(None if dense else budgets, 1, interval, stats.target_l1,
-                                          stats.estimated_l1, fingerprint,
-                                          f"{reason} (measured at this call site; re-measured within "
-                                          f"{interval} calls)" if dense else None)
+        measured = _SiteBudgets(None if dense else budgets, 1, interval, stats.target_l1, stats.estimated_l1,
+                                fingerprint, f"{reason} (measured at this call site; re-measured within "
+                                             f"{interval} calls)" if dense else None)
+        if entries is None:
+            if len(_SITE_BUDGETS) >= EARLY_FALLBACK_CACHE_SIZE:
+                _SITE_BUDGETS.popitem(last=False)
+            entries = _SITE_BUDGETS[key] = []
+        if match is not None:
+            entries[match] = measured
+        else:
+            if len(entries) >= SITE_INPUTS:
+                entries.pop(0)
+            entries.append(measured)
     return out, stats
+
+
+def _matching_entry(entries: list["_SiteBudgets"], fingerprint: torch.Tensor) -> int | None:
+    """The index of the first entry whose inputs look like ``fingerprint``'s, or None (one
+    device-to-host read for all entries)."""
+    stored = torch.stack([e.fingerprint for e in entries])  # [E, B, Hkv, F]
+    cos = torch.nn.functional.cosine_similarity(stored, fingerprint[None], dim=-1)
+    ok = (cos >= SAME_INPUTS_COSINE).flatten(1).all(1)
+    first = int(torch.where(ok.any(), ok.float().argmax(), -1))
+    return None if first < 0 else first
 
 
 @dataclass
@@ -404,11 +421,6 @@ def _key_fingerprint(inp: AttentionInputs) -> torch.Tensor:
     pooled, _, _ = pool_blocks(inp.k, BLOCK_N, inp.key_padding_mask)
     pooled = pooled - pooled.mean(dim=2, keepdim=True)
     return pooled.flatten(2)
-
-
-def _same_inputs(stored: torch.Tensor, current: torch.Tensor) -> bool:
-    cos = torch.nn.functional.cosine_similarity(stored, current, dim=-1)
-    return bool((cos >= SAME_INPUTS_COSINE).all())
 
 
 def block_sparse_attention(
