@@ -52,6 +52,30 @@ def timed(fn, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def report_syncs(name: str, fn) -> None:
+    """Each place in our code where ``fn`` makes the host wait for the GPU (after a warm-up)."""
+    import traceback
+    import warnings
+
+    fn()
+    torch.cuda.synchronize()
+    places: dict[str, int] = {}
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                places[f"{w.filename}:{w.lineno}"] = places.get(f"{w.filename}:{w.lineno}", 0) + 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"\n### {name}: {sum(places.values())} host waits\n")
+    for place, count in places.items():
+        print(f"- {place} x{count}")
+    del traceback
+
+
 def profile_ops(name: str, fn, reps: int = 3) -> None:
     """torch.profiler's ops of ``fn`` by total GPU time (after one warm-up call)."""
     fn()
@@ -71,6 +95,8 @@ def main() -> None:
     ap.add_argument("--topk", type=float, default=0.2)
     ap.add_argument("--profile", action="store_true",
                     help="also print torch.profiler's top GPU ops of the budget estimate and of a warm target call")
+    ap.add_argument("--sync-debug", action="store_true",
+                    help="list where a warm target call waits for the GPU (torch's sync debug mode)")
     args = ap.parse_args()
     h, n, d, grid, text = SHAPES[args.shape]
     q, k, v = make_inputs("video", 1, h, n, d, grid=grid, text_len=text, dtype=torch.bfloat16, device="cuda")
@@ -107,6 +133,8 @@ def main() -> None:
         for target in (0.01, 0.03):
             rows.append((f"sparse_attention(target_l1={target}), call site warm",
                          timed(lambda: sparse_attention(q, k, v, target_l1=target), reps=16)))
+        if args.sync_debug:
+            report_syncs("sparse_attention(target_l1=0.03), call site warm", lambda: sparse_attention(q, k, v, target_l1=0.03))
         if args.profile:
             profile_ops("budget estimate", lambda: estimate_budgets(inp, scores, target_l1=0.03))
             profile_ops("sparse_attention(target_l1=0.03), call site warm", lambda: sparse_attention(q, k, v, target_l1=0.03))

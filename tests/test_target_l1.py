@@ -236,6 +236,21 @@ def test_call_site_keeps_one_measurement_per_input():
     assert abs(runs[0][1] - runs[1][1]) > 0.05, "video and local need different budgets"
 
 
+def test_reused_budgets_leave_the_kept_fraction_on_the_device_until_read():
+    """A call reusing its site's judged budgets does not read the mask back before the
+    launch; the stats still give the exact kept fraction as a float when read."""
+    from hf_creative_sparse.ops.masks import kept_fraction
+
+    q, k, v = make_inputs("local", 1, 2, 2048, 32, seed=11)
+    for _ in range(2):
+        _, st = hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, return_stats=True)
+    assert st.head_budgets is None and st.fallback_reason is None, "the second call reuses"
+    assert isinstance(st.raw("kept_fraction"), torch.Tensor)
+    exact, _ = kept_fraction(st.block_mask, attention_inputs(q, k, v))
+    assert isinstance(st.kept_fraction, float) and st.kept_fraction == pytest.approx(exact, abs=1e-12)
+    assert isinstance(st.pv_skipped_fraction, float)
+
+
 def test_dense_decision_stays_with_its_input():
     """A site that measured dense for white noise still measures (and runs sparse) for a
     structured input at the same line."""

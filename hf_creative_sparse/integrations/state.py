@@ -543,15 +543,16 @@ class LayerState:
     def _record(self, stats: SparseStats, reused: bool) -> None:
         t = self._totals
         t.calls += 1
-        t.kept_sum += stats.kept_fraction
+        # raw: sums of device values stay on the device (reading them each call would wait for the GPU)
+        t.kept_sum += stats.raw("kept_fraction")
         t.backends[stats.backend] += 1
         if stats.fallback_reason is None:
             t.sparse_calls += 1
-            t.pv_skipped_sum += stats.pv_skipped_fraction
+            t.pv_skipped_sum += stats.raw("pv_skipped_fraction")
         else:
             t.fallbacks[_reason_category(stats.fallback_reason)] += 1
-        if stats.predicted_kept_fraction is not None:
-            t.predicted_sum += stats.predicted_kept_fraction
+        if stats.raw("predicted_kept_fraction") is not None:
+            t.predicted_sum += stats.raw("predicted_kept_fraction")
             t.predicted_calls += 1
         t.masks_reused += int(reused)
 
@@ -583,9 +584,9 @@ class LayerState:
             "layer": self.name,
             "calls": t.calls,
             "sparse_calls": t.sparse_calls,
-            "mean_kept_fraction": t.kept_sum / t.calls if t.calls else math.nan,
-            "mean_predicted_kept_fraction": t.predicted_sum / t.predicted_calls if t.predicted_calls else math.nan,
-            "mean_pv_skipped_fraction": t.pv_skipped_sum / t.sparse_calls if t.sparse_calls else 0.0,
+            "mean_kept_fraction": float(t.kept_sum) / t.calls if t.calls else math.nan,
+            "mean_predicted_kept_fraction": float(t.predicted_sum) / t.predicted_calls if t.predicted_calls else math.nan,
+            "mean_pv_skipped_fraction": float(t.pv_skipped_sum) / t.sparse_calls if t.sparse_calls else 0.0,
             "backend": ",".join(ordered) if ordered else "-",
             "fallbacks": sum(t.fallbacks.values()),
             "fallback_reasons": dict(t.fallbacks),

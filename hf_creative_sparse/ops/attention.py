@@ -20,7 +20,8 @@ from .inputs import AttentionInputs, attention_inputs, per_head
 from .compensation import compensate_output
 from .estimate import estimate_budgets
 from .config import BLOCK_N
-from .masks import (BlockScores, block_scores, check_block_mask, kept_fraction, pool_blocks, predict_from_inputs,
+from .masks import (BlockScores, block_scores, check_block_mask, kept_fraction, kept_fraction_on_device, pool_blocks,
+                    predict_from_inputs,
                     select_blocks)
 
 
@@ -59,7 +60,7 @@ def _compensation_plan(cfg: SparseAttentionConfig, backend: Any) -> tuple[bool, 
 
 
 def _run_sparse(inp: AttentionInputs, block_mask: torch.Tensor, pv: torch.Tensor, chosen: Any,
-                predicted: float, total: int, compensate: bool = False,
+                predicted: float | torch.Tensor, total: int, compensate: bool = False,
                 scores: BlockScores | None = None) -> tuple[torch.Tensor, SparseStats]:
     result = chosen.run(inp, block_mask, pv)
     out = result.out
@@ -70,7 +71,7 @@ def _run_sparse(inp: AttentionInputs, block_mask: torch.Tensor, pv: torch.Tensor
                                 None if scores is None else scores.pooled_k, None if scores is None else scores.count_k)
     stats = SparseStats(
         kept_fraction=predicted, predicted_kept_fraction=predicted, backend=chosen.name,
-        pv_skipped_fraction=(result.pv_skipped / result.pv_visited) if result.pv_visited else 0.0,
+        pv_skipped_fraction=result.pv_skipped_fraction(),
         num_blocks=total, block_mask=block_mask, compensated=compensate,
     )
     return out, stats
@@ -166,14 +167,17 @@ def _early_fallback_reason(inp: AttentionInputs, cfg: SparseAttentionConfig, mas
 
 def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
                             block_mask: torch.Tensor | None = None,
-                            mask_uses: int = 1) -> tuple[torch.Tensor, SparseStats]:
+                            mask_uses: int = 1, budgets_judged: bool = False) -> tuple[torch.Tensor, SparseStats]:
     """The policy and dispatch of `sparse_attention` on validated inputs (HND output).
 
     ``block_mask`` (already validated) replaces the prediction, e.g. a cached mask reused
     across denoising steps; ``mask_uses`` says how many calls a predicted mask will serve
     (the GPU cost model shares the prediction's cost among them). With
     ``cfg.selection == "target"`` the per-head budgets are measured inline
-    (ops/estimate.py) and reported in the stats.
+    (ops/estimate.py) and reported in the stats. ``budgets_judged``: ``cfg``'s top-k
+    budgets were measured at this call site and the policy already judged them there, so
+    the mask's kept fraction is not read back before the launch (that read waits for the
+    GPU, which then idles while the host prepares the kernel); the stats read it later.
     """
     early = early_fallback(inp, cfg, mask_uses, block_mask is None)
     if early is not None:  # the hot dense path: as little Python as possible before the launch
@@ -201,7 +205,11 @@ def sparse_attention_inputs(inp: AttentionInputs, cfg: SparseAttentionConfig,
                 block_mask = predict_from_inputs(
                     inp, simthreshd1=cfg.effective_simthreshd1, cdfthreshd=cfg.cdfthreshd, topk=cfg.topk,
                     attention_sink=cfg.sink_for(inp.is_causal), dense_prefix=cfg.dense_prefix, dense_suffix=cfg.dense_suffix)
-        predicted, total = kept_fraction(block_mask, inp)
+        if policy and not budgets_judged:
+            predicted, total = kept_fraction(block_mask, inp)
+        else:  # no decision needs it now: the stats read it when asked
+            predicted, total = kept_fraction_on_device(block_mask, inp)
+            policy = gpu_policy = False
     if policy and predicted > cfg.max_kept_fraction:
         out, stats = _dense(inp, f"low predicted sparsity: kept {predicted:.3f} > max_kept_fraction="
                             f"{cfg.max_kept_fraction}", predicted, total, block_mask)
@@ -354,7 +362,8 @@ def _target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
         if entry.budgets is None:  # the last measurement said dense: no budget pays here
             out, stats = _dense(inp, entry.reason, None, 0, None)
         else:
-            out, stats = sparse_attention_inputs(inp, cfg.with_budgets(entry.budgets, inp.is_causal))
+            out, stats = sparse_attention_inputs(inp, cfg.with_budgets(entry.budgets, inp.is_causal),
+                                                 budgets_judged=True)
         stats.target_l1, stats.estimated_l1 = entry.target, entry.estimated
         return out, stats
     out, stats = sparse_attention_inputs(inp, cfg)

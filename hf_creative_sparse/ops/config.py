@@ -302,6 +302,10 @@ class SparseAttentionConfig:
         return cls(**kwargs)
 
 
+#: `SparseStats` fields that may hold a 0-d device tensor until read.
+_DEVICE_FIELDS = frozenset({"kept_fraction", "predicted_kept_fraction", "pv_skipped_fraction"})
+
+
 @dataclass
 class SparseStats:
     """What one attention call did.
@@ -326,6 +330,10 @@ class SparseStats:
             gave (what a call site's cache reuses; None without a target).
         compensated: skipped blocks entered the softmax as pooled tokens.
         compensation_note: why compensation was not applied although asked for by default.
+
+    ``kept_fraction``, ``predicted_kept_fraction`` and ``pv_skipped_fraction`` may be filled
+    with 0-d device tensors: reading one gives a float (and waits for the GPU then, not
+    during the call); `raw` gives the stored value, for sums that stay on the device.
     """
 
     kept_fraction: float
@@ -341,6 +349,17 @@ class SparseStats:
     budgets: torch.Tensor | None = field(default=None, repr=False)
     compensated: bool = False
     compensation_note: str | None = None
+
+    def __getattribute__(self, name: str) -> Any:
+        value = object.__getattribute__(self, name)
+        if name in _DEVICE_FIELDS and isinstance(value, torch.Tensor):
+            value = float(value)
+            object.__setattr__(self, name, value)
+        return value
+
+    def raw(self, name: str) -> Any:
+        """The stored value of field ``name``, a device tensor left as it is."""
+        return object.__getattribute__(self, name)
 
     @property
     def sparsity(self) -> float:

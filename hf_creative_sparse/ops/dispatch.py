@@ -27,12 +27,22 @@ AUTO_ORDER = ("cuda", "flex", "cpu", "reference")
 class BackendResult:
     """Output of a sparse backend: out [B, Hq, Nq, D] (HND, q's dtype), stage-2 counts and
     the per-row log-sum-exp (float32 [B, Hq, Nq], natural log, -inf for rows that used no
-    key; docs/DESIGN.md "Partial softmax"), None from a backend that cannot give it."""
+    key; docs/DESIGN.md "Partial softmax"), None from a backend that cannot give it.
+    ``pv_counts`` (int64 [2] on the device: skipped, visited) replaces the two ints where
+    reading them would wait for the kernel; `pv_skipped_fraction` reads whichever is set."""
 
     out: torch.Tensor
     pv_skipped: int = 0
     pv_visited: int = 0
     lse: torch.Tensor | None = None
+    pv_counts: torch.Tensor | None = None
+
+    def pv_skipped_fraction(self) -> float | torch.Tensor:
+        """Skipped over visited (row, block) pairs: a float, or a 0-d device tensor when the
+        counts are still on the device (read when someone looks: no wait here)."""
+        if self.pv_counts is not None:
+            return self.pv_counts[0].double() / self.pv_counts[1].clamp(min=1).double()
+        return self.pv_skipped / self.pv_visited if self.pv_visited else 0.0
 
 
 class SparseBackend(Protocol):

@@ -61,6 +61,10 @@ CAUSAL_MIN_SAMPLES = 4
 #: A causal block's budget must meet this share of the target on the samples before it:
 #: the rows of a later block see more key blocks and err more at the same fraction.
 CAUSAL_MARGIN = 0.5
+#: Values of the Lagrange multiplier tried at once by `allocate` (two passes: a coarse grid
+#: over e^-12 .. e^24, then a fine one inside the bracket): a few batched ops instead of a
+#: bisection's hundreds of small launches (the estimate was host-bound on the GPU).
+_LAMBDA_POINTS = 48
 #: Heads processed at once: bounds the float32 score tile to this many x S x Nk values.
 _HEADS_PER_CHUNK = 4
 
@@ -257,17 +261,24 @@ def allocate(fractions: torch.Tensor, err: torch.Tensor, ref: torch.Tensor, targ
     share = err / ref.sum(-1, keepdim=True).clamp(min=1e-30)[None]  # [F, G, H]
     share = torch.where(valid[None] | (torch.arange(nf, device=err.device) == nf - 1).view(nf, 1, 1),
                         share, torch.full_like(share, math.inf))
-    cost = fractions.view(nf, 1, 1)
-    log_lo = torch.full(ref.shape[:1], -12.0, device=err.device)  # lam in [e^-12, e^24]
-    log_hi = torch.full_like(log_lo, 24.0)
+    cost = fractions.view(1, nf, 1, 1)
+    inf_share = torch.isinf(share)[None]
+    lo = torch.full(ref.shape[:1], -12.0, device=err.device)  # log lam in [-12, 24]
+    hi = torch.full_like(lo, 24.0)
     best = torch.full(ref.shape, nf - 1, dtype=torch.long, device=err.device)
-    for _ in range(48):
-        lam = torch.exp((log_lo + log_hi) / 2)
-        idx = torch.where(torch.isinf(share), math.inf, cost + lam.view(1, -1, 1) * share).argmin(0)
-        fits = share.gather(0, idx[None])[0].sum(-1) <= target
-        best = torch.where(fits[:, None], idx, best)
-        log_hi = torch.where(fits, (log_lo + log_hi) / 2, log_hi)
-        log_lo = torch.where(fits, log_lo, (log_lo + log_hi) / 2)
+    steps = torch.linspace(0.0, 1.0, _LAMBDA_POINTS, device=err.device)
+    for _ in range(2):  # a coarse grid of lam, then a fine one inside the bracket it found
+        log_lam = lo[None] + steps[:, None] * (hi - lo)[None]  # [L, G]
+        obj = torch.where(inf_share, math.inf, cost + log_lam.exp().view(-1, 1, log_lam.shape[1], 1) * share[None])
+        idx = obj.argmin(1)  # [L, G, H]
+        total = torch.gather(share[None].expand(log_lam.shape[0], -1, -1, -1), 1, idx[:, None]).squeeze(1).sum(-1)
+        fits = total <= target  # [L, G]; lam grows with L, so fits is monotone in L
+        found = fits.any(0)
+        first = torch.where(found, fits.float().argmax(0), torch.full_like(lo, _LAMBDA_POINTS - 1).long())
+        best = torch.where(found[:, None], idx.gather(0, first.view(1, -1, 1).expand(1, -1, idx.shape[2]))[0], best)
+        new_hi = log_lam.gather(0, first[None])[0]
+        new_lo = log_lam.gather(0, (first - 1).clamp(min=0)[None])[0]
+        lo, hi = torch.where(found, new_lo, lo), torch.where(found, new_hi, hi)
     head_cheaper = fractions[per_head].sum(-1) < fractions[best].sum(-1)
     return torch.where(head_cheaper[:, None], per_head, best)
 

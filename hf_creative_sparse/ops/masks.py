@@ -411,9 +411,15 @@ def attendable_block_count(inp: AttentionInputs) -> int:
 
 def kept_fraction(block_mask: torch.Tensor, inp: AttentionInputs) -> tuple[float, int]:
     """(kept blocks / attendable blocks, attendable blocks summed over B and Hq)."""
+    kept, total = kept_fraction_on_device(block_mask, inp)
+    return float(kept), total
+
+
+def kept_fraction_on_device(block_mask: torch.Tensor, inp: AttentionInputs) -> tuple[torch.Tensor, int]:
+    """`kept_fraction` with the fraction left a 0-d tensor on the mask's device (no wait)."""
     total = attendable_block_count(inp)
-    kept = int(block_mask.sum().item())
-    return (kept / total if total else 1.0), total
+    kept = block_mask.sum(dtype=torch.float64)
+    return (kept / total if total else torch.ones((), dtype=torch.float64, device=block_mask.device)), total
 
 
 def block_mask_to_lut(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

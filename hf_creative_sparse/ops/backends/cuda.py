@@ -94,7 +94,6 @@ class CudaBackend:
         from ..custom_ops import block_sparse_fwd
         from ..predict_cuda import mask_to_lut
 
-        skip_on = bool(torch.isfinite(pvthreshd).any())  # checked before the launch: no wait on the kernel
         kv_counts, kv_indices = mask_to_lut(block_mask)
         pv = pvthreshd.to(device=inp.device, dtype=torch.float32).contiguous()
         # Eager calls skip the custom-op dispatch (tens of microseconds of host time); under
@@ -102,10 +101,9 @@ class CudaBackend:
         fwd = block_sparse_fwd if torch.compiler.is_compiling() else load_extension("cuda").module.forward
         out, pv_counts, lse = fwd(inp.q, inp.k, inp.v, kv_counts, kv_indices, inp.key_padding_mask,
                                   inp.is_causal, inp.scale, pv)
-        if not skip_on:
-            return BackendResult(out=out, lse=lse)  # nothing can be skipped: no need to wait for the counts
-        skipped, visited = pv_counts.tolist()
-        return BackendResult(out=out, pv_skipped=int(skipped), pv_visited=int(visited), lse=lse)
+        # the counts stay on the device: reading them here would wait for the kernel and leave
+        # the GPU idle while the host prepares what follows (compensation)
+        return BackendResult(out=out, lse=lse, pv_counts=pv_counts)
 
 
 BACKEND = CudaBackend()
