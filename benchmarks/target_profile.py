@@ -54,7 +54,6 @@ def timed(fn, reps: int = 10) -> float:
 
 def report_syncs(name: str, fn) -> None:
     """Each place in our code where ``fn`` makes the host wait for the GPU (after a warm-up)."""
-    import traceback
     import warnings
 
     fn()
@@ -73,7 +72,6 @@ def report_syncs(name: str, fn) -> None:
     print(f"\n### {name}: {sum(places.values())} host waits\n")
     for place, count in places.items():
         print(f"- {place} x{count}")
-    del traceback
 
 
 def profile_ops(name: str, fn, reps: int = 3) -> None:
