@@ -208,11 +208,11 @@ def per_head(name: str, value: float | torch.Tensor, heads: int, device: torch.d
             value = value.reshape(1)
         if value.dim() != 1 or value.numel() not in (1, heads):
             raise ValueError(f"{name} must be a scalar or have one value per q head ({heads}), got shape {tuple(value.shape)}")
-        out = value.detach().to(device=device, dtype=torch.float32).expand(heads).contiguous()
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out = torch.full((heads,), float(value), device=device, dtype=torch.float32)
-    else:
-        raise TypeError(f"{name} must be a float or a 1-D per-head tensor, got {type(value).__name__}")
-    if torch.isnan(out).any():
-        raise ValueError(f"{name} must not be NaN")
-    return out
+        if bool(torch.isnan(value.detach()).any()):  # where the value lives: a host tensor costs no GPU wait
+            raise ValueError(f"{name} must not be NaN")
+        return value.detach().to(device=device, dtype=torch.float32).expand(heads).contiguous()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isnan(value):
+            raise ValueError(f"{name} must not be NaN")
+        return torch.full((heads,), float(value), device=device, dtype=torch.float32)
+    raise TypeError(f"{name} must be a float or a 1-D per-head tensor, got {type(value).__name__}")
