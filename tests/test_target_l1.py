@@ -251,6 +251,27 @@ def test_reused_budgets_leave_the_kept_fraction_on_the_device_until_read():
     assert isinstance(st.pv_skipped_fraction, float)
 
 
+def test_call_site_skips_the_fingerprint_only_for_the_same_unmodified_keys(monkeypatch):
+    from hf_creative_sparse.ops import attention as attention_module
+
+    calls = []
+    real = attention_module._key_fingerprint
+    monkeypatch.setattr(attention_module, "_key_fingerprint", lambda inp: calls.append(1) or real(inp))
+    q, k, v = make_inputs("local", 1, 2, 2048, 32, seed=12)
+
+    def call(keys):  # one call site for every call
+        return hcs.sparse_attention(q, keys, v, target_l1=0.03, min_seq_len=0, backend=BACKENDS[-1], return_stats=True)
+
+    for _ in range(3):
+        call(k)
+    assert len(calls) == 1, "the same key tensor again: no fingerprint"
+    call(k.clone())
+    assert len(calls) == 2, "an equal copy is another tensor: fingerprinted (and matched)"
+    k.mul_(1.0)  # modified in place: its version changed
+    _, st = call(k)
+    assert len(calls) == 3 and st.head_budgets is None, "fingerprinted, matched, budgets reused"
+
+
 def test_dense_decision_stays_with_its_input():
     """A site that measured dense for white noise still measures (and runs sparse) for a
     structured input at the same line."""
