@@ -15,7 +15,7 @@ that every Python block of the README runs as written, on a CPU, in seconds
   the same keyword arguments that configs take (``attn_implementation`` included);
   ``AutoTokenizer.from_pretrained(<hub id>)`` returns a byte-level tokenizer (256 byte
   tokens and ``<|endoftext|>``). Existing local paths load as usual.
-- hf_creative_sparse: ``quality.load_smollm2`` (what ``CreativeSparseWrapper()`` and the
+- hf_creative_sparse: ``creative.models.load_smollm2`` (what ``CreativeSparseWrapper()`` and the
   default scorer load) returns the tiny Llama and the byte-level tokenizer;
   ``find_optimal_sparsity`` runs `SMALL_SWEEP` (2 of the task's prompts, 2 samples of 16
   tokens a level) unless the block passes those arguments itself.
@@ -167,7 +167,7 @@ def install() -> None:
     import diffusers
     import transformers
 
-    from hf_creative_sparse.evaluation import quality
+    from hf_creative_sparse.creative import models
 
     if getattr(install, "done", False):
         return
@@ -205,7 +205,7 @@ def install() -> None:
     def load_smollm2(device: str = "cpu") -> tuple[Any, Any]:
         return tiny_causal_lm("smollm2").to(device), byte_tokenizer()
 
-    quality.load_smollm2 = load_smollm2
+    models.load_smollm2 = load_smollm2
 
     from hf_creative_sparse.evaluation import sweep as autotune
 

