@@ -1,13 +1,10 @@
 """Draft, pick, refine: `CreativeSparseWrapper`, two-stage creative generation around a
 causal LM, and the `Candidate` it returns.
 
-One concern: the search over candidates. The per-step sampling filters and the published
-dial are `processor.CreativeSparseLogitsProcessor`'s; the wrapper runs it in batches,
-scores with the quality functional and ranks.
-
-`CreativeSparseWrapper` drafts several openings at s_A, keeps the best ``num_openings`` by
-the quality functional Q, continues them at s_B under constraint-aware decoding and reranks
-with incoherence calibrated against the model's own samples of the prompt (schedule alone).
+One concern: the search over candidates. It drafts several openings at s_A, keeps the best
+``num_openings`` by the quality functional Q, continues them at s_B under constraint-aware
+decoding and reranks with incoherence calibrated against the model's own samples of the
+prompt. The per-step filters and the published dial are `processor`'s.
 
 Example:
     >>> wrapper = CreativeSparseWrapper()                                   # doctest: +SKIP
