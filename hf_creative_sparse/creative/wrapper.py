@@ -232,8 +232,7 @@ class CreativeSparseWrapper:
         eos = getattr(self.model.generation_config, "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
-        ids = set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
-        return ids
+        return set(eos if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else []))
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
