@@ -63,6 +63,14 @@ MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
 }
 
 
+#: Public names of release-0.1 modules that no module holds any more, with what replaces
+#: them (the alias's AttributeError says it). Removed in release 0.3 with the aliases.
+REMOVED_NAMES: dict[str, dict[str, str]] = {
+    "quality": {"MeanPoolEmbedder": "evaluation.scorers.SentenceEmbedder (sentence-transformers does the "
+                                    "mean pooling; creative.models.load_minilm_embedder builds one)"},
+}
+
+
 def checkout_root() -> str:
     """The folder that holds the package folder (a source checkout's root)."""
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -110,10 +118,14 @@ class _SplitModuleLoader(importlib.abc.Loader):
         targets = [importlib.import_module(name) for name in self.new_names]
         module.__doc__ = f"Deprecated alias of {', '.join(self.new_names)}."
 
+        removed = REMOVED_NAMES.get(module.__name__[len(PACKAGE) + 1:], {})
+
         def __getattr__(name: str) -> Any:
             for target in targets:
                 if hasattr(target, name):
                     return getattr(target, name)
+            if name in removed:
+                raise AttributeError(f"{module.__name__}.{name} was removed: use {removed[name]}")
             raise AttributeError(f"module {module.__name__!r} has no attribute {name!r} (looked in "
                                  f"{', '.join(self.new_names)})")
 

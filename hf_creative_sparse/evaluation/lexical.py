@@ -12,9 +12,7 @@ Example:
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from typing import Any, Sequence
 
 import numpy as np
@@ -73,36 +71,29 @@ def lexical_diversity(text: str, orders: Sequence[int] = DEFAULT_NGRAM_ORDERS) -
 
 
 def sentence_bleu(hypothesis: str, references: Sequence[str], max_n: int = 4) -> float:
-    """BLEU of one text against references, add-one smoothing for orders n >= 2 (Lin & Och
-    2004, NLTK's ``method2``), closest-reference brevity penalty. In [0, 1].
+    """BLEU of one text against references, through NLTK's ``sentence_bleu`` with
+    ``SmoothingFunction().method2`` (add one to the counts of orders n >= 2, Lin & Och 2004)
+    and the closest-reference brevity penalty, over `words` tokens. In [0, 1].
+
+    Each order n <= max_n weighs 1 / max_n; an order the hypothesis is too short for is
+    left out (it counts as a precision of 1) rather than smoothed to 1/2 as NLTK would,
+    so a three-word text is not penalised for having no 4-grams.
 
     Example:
         >>> sentence_bleu("the cat sat on the mat", ["the cat sat on the mat"])
         1.0
     """
+    from nltk.translate.bleu_score import SmoothingFunction
+    from nltk.translate.bleu_score import sentence_bleu as nltk_sentence_bleu
+
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
     hyp = words(hypothesis)
     refs = [words(r) for r in references]
     if not hyp or not refs:
         return 0.0
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        counts = Counter(ngrams(hyp, n))
-        max_ref: Counter = Counter()
-        for ref in refs:
-            for gram, c in Counter(ngrams(ref, n)).items():
-                max_ref[gram] = max(max_ref[gram], c)
-        matched = sum(min(c, max_ref[g]) for g, c in counts.items())
-        total = sum(counts.values())
-        if n == 1:
-            if matched == 0:
-                return 0.0
-            p = matched / total
-        else:
-            p = (matched + 1) / (total + 1)
-        log_p += math.log(p) / max_n
-    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
-    return bp * math.exp(log_p)
+    weights = (1.0 / max_n,) * min(max_n, len(hyp))
+    return float(nltk_sentence_bleu(refs, hyp, weights=weights, smoothing_function=SmoothingFunction().method2))
 
 
 def self_bleu(texts: Sequence[str], groups: Sequence[Any] | None = None, max_n: int = 4) -> float:

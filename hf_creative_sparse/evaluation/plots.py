@@ -26,6 +26,20 @@ if TYPE_CHECKING:
 PLOT_EXTRA_HINT = "pip install hf_creative_sparse[plot]"
 
 
+def matplotlib_available() -> bool:
+    """Whether matplotlib can be imported (without importing it)."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def require_matplotlib() -> None:
+    """Raise ImportError, naming the ``[plot]`` extra, when matplotlib is missing (checked
+    before a sweep generates, not after)."""
+    if not matplotlib_available():
+        raise ImportError(f"plotting a sweep needs matplotlib: {PLOT_EXTRA_HINT} (or pass plot=False)")
+
+
 def plot_sweep(result: SweepResult, path: str | os.PathLike) -> str:
     """Write a PNG of ``result`` to ``path`` and return the path: Q(s) (measured, fitted, s*,
     bounds, infeasible region) above the three components (measured points and fitted
@@ -35,11 +49,9 @@ def plot_sweep(result: SweepResult, path: str | os.PathLike) -> str:
     Raises:
         ImportError: matplotlib is not installed (the message names the ``[plot]`` extra).
     """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(f"plotting a sweep needs matplotlib: {PLOT_EXTRA_HINT}") from err
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7.5, 7.5), dpi=110)
     FigureCanvasAgg(fig)

@@ -27,8 +27,8 @@ Why: at s_NI the N term alone equals C, so g(s_NI) = B s_NI^(kappa - nu) >= 0 an
 (likewise s_DI): each two-term optimum is a LOWER bound, because the other gain term only
 pushes the balance point further out. At s_hi each positive term is at most C / m, so
 g(s_hi) <= 0 and s* <= s_hi. With one gain term (m = 1) the bracket closes: s* = s_NI.
-s* itself is found by bisection of g on [s_lo, s_hi]. The bounds may exceed 1 (the dial's
-range); the sweep then keeps s* inside its feasible range.
+s* itself is the root of g on [s_lo, s_hi] (scipy's ``brentq``, in log s). The bounds may
+exceed 1 (the dial's range); the sweep then keeps s* inside its feasible range.
 
 Example:
     >>> fit = fit_power_law([0.2, 0.4, 0.8], [0.3 * x ** 1.5 for x in (0.2, 0.4, 0.8)])
@@ -138,18 +138,16 @@ def corollary1_bounds(novelty: PowerLawFit, diversity: PowerLawFit, incoherence:
     def g(s: float) -> float:
         return sum(x * s ** (-p) for x, p in terms) - c
 
-    lo, hi = s_lo, s_hi
-    for _ in range(200):  # bisection in log space: g is strictly decreasing
-        mid = math.sqrt(lo * hi)
-        if g(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-14 * hi:
-            break
+    s_star = s_lo
+    if m > 1 and g(s_lo) > 0 > g(s_hi):  # g is strictly decreasing: one root, found in log space
+        from scipy.optimize import brentq
+
+        s_star = math.exp(brentq(lambda x: g(math.exp(x)), math.log(s_lo), math.log(s_hi), xtol=1e-15))
+    elif m > 1 and g(s_hi) == 0:
+        s_star = s_hi
     s_ni = (a / c) ** (1.0 / (nu - novelty.exponent)) if a > 0 else None
     s_di = (b / c) ** (1.0 / (nu - diversity.exponent)) if b > 0 else None
-    return OptimumBounds(s_lo, s_hi, math.sqrt(lo * hi) if m > 1 else s_lo, s_ni, s_di), ""
+    return OptimumBounds(s_lo, s_hi, s_star, s_ni, s_di), ""
 
 
 def fitted_quality(s: Any, fits: dict[str, PowerLawFit], weights: Any = None) -> Any:
@@ -160,18 +158,18 @@ def fitted_quality(s: Any, fits: dict[str, PowerLawFit], weights: Any = None) ->
 
 
 def argmax_on(f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float) -> float:
-    """Maximiser of a smooth f on [lo, hi]: a 2001-point grid, then golden-section search
-    between the grid neighbours of the best point."""
+    """Maximiser of a smooth f on [lo, hi]: a 2001-point grid (so the global peak is
+    bracketed), then scipy's bounded scalar minimisation of -f between the grid neighbours
+    of the best point."""
+    from scipy.optimize import minimize_scalar
+
     if hi <= lo:
         return lo
     grid = np.linspace(lo, hi, 2001)
     k = int(np.nanargmax(f(grid)))
-    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    inv_phi = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
-        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-        if f(np.array([c]))[0] >= f(np.array([d]))[0]:
-            b = d
-        else:
-            a = c
-    return float((a + b) / 2)
+    a, b = float(grid[max(k - 1, 0)]), float(grid[min(k + 1, len(grid) - 1)])
+    res = minimize_scalar(lambda x: -float(f(np.array([x]))[0]), bounds=(a, b), method="bounded",
+                          options={"xatol": 1e-12 * max(1.0, abs(b))})
+    best = float(res.x)
+    # the bounded method never returns an end point: keep the grid's best where it is higher
+    return best if f(np.array([best]))[0] >= f(np.array([grid[k]]))[0] else float(grid[k])

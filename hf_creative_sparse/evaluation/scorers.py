@@ -1,9 +1,10 @@
 """What the quality functional measures texts with: a sentence embedder and a causal LM's NLL.
 
 One concern: models that turn texts into numbers. `SentenceEmbedder` (sentence
-embeddings, for novelty and the semantic part of diversity), `LMScorer` (mean token NLL,
-for incoherence), `NLLReference` (the NLL yardstick of one prompt, from the model's own
-samples). The offline models themselves are loaded by `creative.models`.
+embeddings through sentence-transformers, for novelty and the semantic part of
+diversity), `LMScorer` (mean token NLL, for incoherence), `NLLReference` (the NLL
+yardstick of one prompt, from the model's own samples). The offline models themselves
+are loaded by `creative.models`.
 
 Embedders and scorers are plain callables, so other modalities plug in:
 ``embedder(texts) -> array (n, d)``, ``scorer(texts) -> list of mean NLL in nats``.
@@ -28,34 +29,36 @@ TextEmbedder = Callable[[Sequence[str]], Any]
 TextScorer = Callable[[Sequence[str]], Sequence[float]]
 
 
-class MeanPoolEmbedder:
-    """Sentence embeddings from a transformers encoder: mean of the last hidden states over
-    the attention mask, L2-normalised (the sentence-transformers recipe for MiniLM).
+class SentenceEmbedder:
+    """Sentence embeddings through sentence-transformers: ``model.encode(texts,
+    normalize_embeddings=True)`` of a ``SentenceTransformer`` (for MiniLM: the mean of the
+    last hidden states over the attention mask, L2-normalised). sentence-transformers owns
+    the tokenising, padding, pooling and batching, so none of it is written here.
 
-    Calling it on n texts returns a float32 numpy array (n, hidden_size).
+    Calling it on n texts returns a float32 numpy array (n, d).
+
+    Example:
+        >>> from sentence_transformers import SentenceTransformer          # doctest: +SKIP
+        >>> SentenceEmbedder(SentenceTransformer(folder))(["hello"]).shape  # doctest: +SKIP
+        (1, 384)
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, max_length: int = 256) -> None:
-        if batch_size < 1 or max_length < 2:
-            raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
+    def __init__(self, model: Any, *, batch_size: int = 32) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.batch_size = model, batch_size
+
+    @property
+    def dimension(self) -> int:
+        """The embedding width d."""
+        return int(self.model.get_embedding_dimension())
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
-        chunks = []
-        device = next(self.model.parameters()).device
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(device)
-            with torch.no_grad():
-                hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-        width = getattr(self.model.config, "hidden_size", 0)
-        return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        emb = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
 
 
 class LMScorer:

@@ -356,6 +356,8 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
             when given); default MiniLM embeddings, the generating model as scorer when it
             is a transformers model (else SmolLM2), and the task's constraints.
         output_dir: where ``sweep.json`` and ``sweep.png`` go (default: a new temp folder).
+        plot: draw ``sweep.png`` (needs matplotlib, the ``[plot]`` extra: checked before
+            generating).
 
     Returns:
         `SweepResult`; ``result.s_star`` is the recommended sparsity.
@@ -370,6 +372,10 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
         raise ValueError(f"compute_budget must be a fraction of dense attention FLOPs in (0, 1], got {compute_budget!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if plot:
+        from .plots import require_matplotlib
+
+        require_matplotlib()
     task = load_task(task_type)
     prompt_list = list(task["prompts"]) if prompts is None else [str(p) for p in prompts]
     if not prompt_list or any(not isinstance(p, str) for p in prompt_list):
