@@ -9,7 +9,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 
 from hf_creative_sparse.evaluation.power_laws import (PowerLawFit, argmax_on, corollary1_bounds, fit_power_law,
                                                       fitted_quality)
@@ -28,28 +27,13 @@ def hashed_bow(texts):
     return out
 
 
-def byte_tokenizer():
-    """Byte-level tokenizer with no merges (one token per byte) plus <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from hf_creative_sparse.testing import byte_tokenizer, tiny_gpt2
 
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(cfg).eval(), tok
+    return tiny_gpt2(vocab_size=len(tok), n_positions=256, n_embd=32, n_head=2, bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id), tok
 
 
 # --------------------------------------------------------------------------------- fits

@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_creative_sparse.creative import model_cache  # noqa: E402
+from hf_creative_sparse.testing import tiny_llama  # noqa: E402
 
 
 def tiny_convert(calls: list):
@@ -21,11 +22,8 @@ def tiny_convert(calls: list):
 
     def convert(folder: str, gguf_file: str, progress: bool):
         calls.append((gguf_file, progress))
-        torch.manual_seed(len(calls))
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                          tie_word_embeddings=True)
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = tiny_llama(seed=len(calls), hidden_size=32, intermediate_size=64, vocab_size=64,
+                           tie_word_embeddings=True)
         vocab = {w: i for i, w in enumerate(["<unk>", "hello", "lighthouse", "keeper"])}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()

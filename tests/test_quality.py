@@ -35,11 +35,9 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from hf_creative_sparse.testing import tiny_gpt2
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=256, eos_token_id=256)).eval()
+    model = tiny_gpt2(vocab_size=257, n_positions=128, n_embd=32, n_head=2, bos_token_id=256, eos_token_id=256)
     return model, ByteTokenizer()
 
 

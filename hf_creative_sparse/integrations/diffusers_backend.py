@@ -35,11 +35,9 @@ Inference only: the backward op raises, and ``return_lse=True`` is refused.
 
 Example:
     >>> import torch
-    >>> from diffusers import WanTransformer3DModel
     >>> import hf_creative_sparse as hcs
-    >>> model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-    ...     in_channels=4, out_channels=4, text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2,
-    ...     cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    >>> from hf_creative_sparse.testing import tiny_random_transformer
+    >>> model = tiny_random_transformer("wan")
     >>> handle = hcs.enable_diffusers_backend(model, hcs.SparseAttentionConfig(topk=0.5, min_seq_len=0))
     >>> out = model(torch.randn(1, 4, 2, 32, 32), timestep=torch.tensor([500]),
     ...             encoder_hidden_states=torch.randn(1, 8, 16)).sample
