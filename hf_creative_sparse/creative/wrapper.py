@@ -70,6 +70,18 @@ class Candidate:
 Scorer = Callable[[list[str]], Sequence[float]]
 
 
+def _renamed(where: str, name: str, value: Any, old_name: str, old_value: Any) -> Any:
+    """``value``, or the value given under the deprecated name ``old_name`` (warns; both given
+    is an error)."""
+    if old_value is None:
+        return value
+    warnings.warn(f"{where}({old_name}=...) is deprecated: pass {name}= (the same meaning)", DeprecationWarning,
+                  stacklevel=3)
+    if value is not None:
+        raise ValueError(f"give {name} or its deprecated alias {old_name}, not both")
+    return old_value
+
+
 def _coerce_schedule(schedule: TwoStageSchedule | tuple[float, float] | None, switch: float | None) -> TwoStageSchedule:
     """A `TwoStageSchedule` from a schedule, an (s_A, s_B) pair (with ``switch``) or None
     (the defaults, with ``switch`` when given)."""
@@ -133,18 +145,8 @@ class CreativeSparseWrapper:
                  incoherence_bound: float = DEFAULT_INCOHERENCE_BOUND,
                  sparsity_schedule: tuple[float, float] | None = None,
                  sparsity_config: SparsityConfig | None = None) -> None:
-        if sparsity_schedule is not None:
-            warnings.warn("CreativeSparseWrapper(sparsity_schedule=...) is deprecated: pass schedule=",
-                          DeprecationWarning, stacklevel=2)
-            if schedule is not None:
-                raise ValueError("give schedule or its deprecated alias sparsity_schedule, not both")
-            schedule = sparsity_schedule
-        if sparsity_config is not None:
-            warnings.warn("CreativeSparseWrapper(sparsity_config=...) is deprecated: pass config=",
-                          DeprecationWarning, stacklevel=2)
-            if config is not None:
-                raise ValueError("give config or its deprecated alias sparsity_config, not both")
-            config = sparsity_config
+        schedule = _renamed("CreativeSparseWrapper", "schedule", schedule, "sparsity_schedule", sparsity_schedule)
+        config = _renamed("CreativeSparseWrapper", "config", config, "sparsity_config", sparsity_config)
         self.schedule = _coerce_schedule(schedule, switch)
         for name, value, low in (("batch_size", batch_size, 1), ("num_openings", num_openings, 1),
                                  ("calibration_samples", calibration_samples, 0)):
@@ -390,12 +392,7 @@ class CreativeSparseWrapper:
         Returns:
             The best text, or the list of `Candidate` sorted by rank (best first).
         """
-        if max_length is not None:
-            warnings.warn("generate_creative(max_length=...) is deprecated: pass max_new_tokens= (the same "
-                          "meaning: new tokens in all)", DeprecationWarning, stacklevel=2)
-            if max_new_tokens is not None:
-                raise ValueError("give max_new_tokens or its deprecated alias max_length, not both")
-            max_new_tokens = max_length
+        max_new_tokens = _renamed("generate_creative", "max_new_tokens", max_new_tokens, "max_length", max_length)
         max_new_tokens = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         for name, value in (("max_new_tokens", max_new_tokens), ("num_candidates", num_candidates)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
