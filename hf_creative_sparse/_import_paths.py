@@ -55,7 +55,7 @@ MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
     "commands": "cli",
     "commands._args": "cli._args",
     "commands.bench": "cli.bench",
-    "commands.calibrate": "cli.calibrate",
+    "commands.calibrate": ("cli.calibrate", "testing"),
     "commands.demo": "cli.demo",
     "commands.demo_text": "cli.demo_text",
     "commands.score": "cli.score",
@@ -160,8 +160,12 @@ class _MovedModules(importlib.abc.MetaPathFinder):
 
 
 def install() -> None:
-    """Put both finders on ``sys.meta_path`` (idempotent)."""
+    """Put both finders on ``sys.meta_path`` (idempotent): the old paths' first (it answers
+    only for `MOVED_MODULES`), the patches' last (an installed copy wins)."""
     if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-        sys.meta_path.append(_MovedModules())
+        # first: an old path below a moved package (``commands._args``, whose parent is now
+        # the cli package) would otherwise be found again by the path finder, unwarned, as a
+        # second copy of the module
+        sys.meta_path.insert(0, _MovedModules())
     if not any(isinstance(f, _PatchesInSourceCheckout) for f in sys.meta_path):
         sys.meta_path.append(_PatchesInSourceCheckout())

@@ -1,10 +1,8 @@
 """The Goldilocks sweep: measure Q(s) over sparsity levels, fit the paper's power laws, find s*.
 
 One concern: running the experiment. `find_optimal_sparsity` generates at each level
-(`HFGenerator`, through the wrapper's one generation path), scores with
-`quality.QualityFunctional`, fits (`power_laws`: the fits, Corollary 1's bracket and the
-fitted optimum) and returns a `SweepResult` (curve, fits, bounds, s*, JSON and a PNG
-plot drawn by `plots`).
+(`HFGenerator`: the wrapper's generation path), scores (`quality.QualityFunctional`), fits
+(`power_laws`) and returns a `SweepResult` (curve, fits, bounds, s*, JSON, `plots`' PNG).
 
 Example:
     >>> res = find_optimal_sparsity(model, "poetry", compute_budget=0.6, tokenizer=tok,
@@ -25,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .plots import require_matplotlib
 from .power_laws import OptimumBounds, PowerLawFit, argmax_on, corollary1_bounds, fit_power_law, fitted_quality
 from .quality import QualityFunctional, QualityWeights, constraints_from_spec
 
@@ -373,8 +372,6 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if plot:
-        from .plots import require_matplotlib
-
         require_matplotlib()
     task = load_task(task_type)
     prompt_list = list(task["prompts"]) if prompts is None else [str(p) for p in prompts]
