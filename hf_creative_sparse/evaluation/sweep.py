@@ -224,12 +224,12 @@ def load_task(task_type: str) -> dict[str, Any]:
 class HFGenerator:
     """The default ``generate_fn``: samples a transformers causal LM at the control point
     M(s) of `control.SparsityController`, always through
-    `generation.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
+    `wrapper.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
     num_candidates=num_samples, return_best=False``): one generation path for the sweep and
     the wrapper (prompt encoding, padding, T / p_nuc / min-p / token pruning, MoE K(s), the
     published s).
 
-    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
+    - a `wrapper.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
     - a plain model with ``use_wrapper=True`` (default): a wrapper built here routes
       attention through ``creative_sparse`` so k_attn(s) applies, and scores nothing (the
       sweep scores). `close` restores the model's attention;
@@ -335,7 +335,7 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
 
     Args:
         model_or_wrapper: a transformers causal LM (with ``tokenizer``), a
-            `generation.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
+            `wrapper.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
         task_type: "creative_writing", "poetry", "ad_copy" or "code": the built-in prompt
             set and its constraints (``prompts`` replaces the prompts).
         compute_budget: fraction of dense attention FLOPs allowed, in (0, 1]; levels whose
