@@ -81,12 +81,15 @@ setup(
         "ninja",
         "safetensors",
         "tqdm",
-        "matplotlib",
+        "scipy",  # the sweep's 1-D maximisation and root finding
+        "nltk",  # BLEU (self-BLEU diagnostic)
     ],
     extras_require={
-        "hf": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece"],
+        "hf": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece",
+               "sentence-transformers"],
+        "plot": ["matplotlib"],  # the sweep's figure; imported only where it draws
         "dev": ["transformers>=5.0,<6", "diffusers>=0.35", "accelerate", "gguf", "sentencepiece",
-                "pytest", "hypothesis", "psutil", "entmax"],
+                "sentence-transformers", "matplotlib", "pytest", "hypothesis", "psutil", "entmax", "pyflakes"],
         "cuda": ["nvidia-cutlass"],
     },
     entry_points={"console_scripts": ["hf-creative-sparse=hf_creative_sparse.cli:main"]},

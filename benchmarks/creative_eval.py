@@ -46,8 +46,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_creative_sparse.creative.control import SparsityConfig, TwoStageSchedule  # noqa: E402
-from hf_creative_sparse.creative.generation import CreativeSparseLogitsProcessor, CreativeSparseWrapper  # noqa: E402
-from hf_creative_sparse.evaluation.quality import LMScorer, distinct_n, load_minilm_embedder, load_smollm2  # noqa: E402
+from hf_creative_sparse.creative.models import load_minilm_embedder, load_smollm2  # noqa: E402
+from hf_creative_sparse.creative.processor import CreativeSparseLogitsProcessor  # noqa: E402
+from hf_creative_sparse.creative.wrapper import CreativeSparseWrapper  # noqa: E402
+from hf_creative_sparse.evaluation.lexical import distinct_n  # noqa: E402
+from hf_creative_sparse.evaluation.scorers import LMScorer  # noqa: E402
 
 #: The baselines of issue 14 plus top-H and typical sampling: generate's own warpers.
 BASELINES: dict[str, dict[str, Any]] = {

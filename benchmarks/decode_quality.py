@@ -83,7 +83,7 @@ def main() -> None:
     from hf_creative_sparse.ops.config import SparseAttentionConfig
     from hf_creative_sparse.ops.decode import DecodeSparsityConfig
     from hf_creative_sparse.patches import transformers_attention as ta
-    from hf_creative_sparse.evaluation.quality import load_smollm2
+    from hf_creative_sparse.creative.models import load_smollm2
 
     model, tok = load_smollm2()
     hcs.enable_creative_sparse(model, SparseAttentionConfig.dense())  # dense prefill: decode is what is measured

@@ -150,7 +150,7 @@ def build_model(args: argparse.Namespace, device: torch.device, dtype: torch.dty
 
 
 def build_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    from hf_creative_sparse.cli.calibrate import smooth_noise
+    from hf_creative_sparse.testing import smooth_noise
 
     latent = smooth_noise((1, 16, args.frames, args.height, args.width), seed=1).to(device, dtype)
     g = torch.Generator().manual_seed(2)

@@ -15,22 +15,7 @@ import torch
 
 from _common import compare, device_and_dtype, generator, parse_args, save_video
 
-
-def tiny_pipeline():
-    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
-                           CogVideoXTransformer3DModel)
-
-    torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
-        text_embed_dim=8, num_layers=1, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
-        temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
-    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
-                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                 latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                                 temporal_compression_ratio=4)
-    return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
-                             scheduler=CogVideoXDDIMScheduler())
+from hf_creative_sparse.testing import tiny_pipeline, tiny_random_transformer  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +23,8 @@ def main() -> None:
                       steps=50)
     device, dtype = device_and_dtype()
     if args.tiny:
-        pipe = tiny_pipeline().to(device)
+        transformer = tiny_random_transformer("cogvideox", sample_width=16, sample_height=16)
+        pipe = tiny_pipeline("cogvideox", transformer, vae=True).to(device)
         g = torch.Generator().manual_seed(1)
         embeds = dict(prompt_embeds=torch.randn(1, 8, 8, generator=g).to(device),
                       negative_prompt_embeds=torch.randn(1, 8, 8, generator=g).to(device))

@@ -14,19 +14,7 @@ import torch
 
 from _common import compare, device_and_dtype, generator, parse_args
 
-
-def tiny_pipeline():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-                                         pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    vae = AutoencoderKL(sample_size=32, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
-                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0609, scaling_factor=1.5035)
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+from hf_creative_sparse.testing import tiny_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -34,7 +22,7 @@ def main() -> None:
                       frames=None, steps=28)
     device, dtype = device_and_dtype()
     if args.tiny:
-        pipe = tiny_pipeline().to(device)
+        pipe = tiny_pipeline("flux", vae=True).to(device)
         g = torch.Generator().manual_seed(1)
         embeds = dict(prompt_embeds=torch.randn(1, 64, 32, generator=g).to(device),
                       pooled_prompt_embeds=torch.randn(1, 32, generator=g).to(device))

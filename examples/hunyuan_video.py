@@ -16,23 +16,7 @@ import torch
 
 from _common import compare, device_and_dtype, generator, parse_args, save_video
 
-
-def tiny_pipeline():
-    from diffusers import (AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline,
-                           HunyuanVideoTransformer3DModel)
-
-    torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-        num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None)
-    vae = AutoencoderKLHunyuanVideo(
-        in_channels=3, out_channels=3, latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-        up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-        act_fn="silu", norm_num_groups=4, scaling_factor=0.476986, spatial_compression_ratio=8,
-        temporal_compression_ratio=4, mid_block_add_attention=True)
-    return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=vae,
-                                scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
+from hf_creative_sparse.testing import tiny_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +24,7 @@ def main() -> None:
                       width=512, frames=61, steps=30)
     device, dtype = device_and_dtype()
     if args.tiny:
-        pipe = tiny_pipeline().to(device)
+        pipe = tiny_pipeline("hunyuan_video", vae=True).to(device)
         g = torch.Generator().manual_seed(1)
         mask = torch.ones(1, 32, dtype=torch.long)
         mask[0, 20:] = 0  # 20 real text tokens, 12 padded

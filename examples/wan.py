@@ -16,19 +16,7 @@ import torch
 
 from _common import compare, device_and_dtype, generator, parse_args, save_video
 
-
-def tiny_pipeline():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                       transformer=transformer)
+from hf_creative_sparse.testing import tiny_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +24,7 @@ def main() -> None:
                       frames=81, steps=50)
     device, dtype = device_and_dtype()
     if args.tiny:
-        pipe = tiny_pipeline().to(device)
+        pipe = tiny_pipeline("wan", vae=True).to(device)  # the tiny VAE has 16 latent channels
         g = torch.Generator().manual_seed(1)
         embeds = dict(prompt_embeds=torch.randn(1, 16, 16, generator=g).to(device),
                       negative_prompt_embeds=torch.randn(1, 16, 16, generator=g).to(device))

@@ -28,21 +28,9 @@ import torch.distributed as dist
 
 from _common import generator, parse_args, plugin_settings, save_video
 
+from hf_creative_sparse.testing import tiny_pipeline, tiny_random_transformer  # noqa: E402
+
 import hf_creative_sparse as hcs
-
-
-def tiny_pipeline():
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
-
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
-    return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
-                       transformer=transformer)
 
 
 def main() -> None:
@@ -63,7 +51,8 @@ def main() -> None:
     from diffusers import ContextParallelConfig
 
     if args.tiny:
-        pipe = tiny_pipeline().to(device)
+        pipe = tiny_pipeline("wan", tiny_random_transformer("wan", num_attention_heads=4, in_channels=16,
+                                                        out_channels=16), vae=True).to(device)
         g = torch.Generator().manual_seed(1)
         embeds = dict(prompt_embeds=torch.randn(1, 16, 16, generator=g).to(device),
                       negative_prompt_embeds=torch.randn(1, 16, 16, generator=g).to(device))

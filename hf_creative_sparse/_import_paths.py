@@ -5,8 +5,12 @@ checkout, and the module paths of release 0.1 (before the package was grouped by
   ``hf_creative_sparse.patches`` at install time), so a checkout that was not pip-installed
   needs a finder for it. It sits last on ``sys.meta_path``: an installed copy wins.
 - The old flat paths (``hf_creative_sparse.generation``, ``hf_creative_sparse.config``, ...)
-  keep working for one release: importing one warns (`DeprecationWarning`) and returns the
-  module at its new path, the same object, so monkeypatching either name patches both.
+  keep working for one release: importing one warns (`DeprecationWarning`). An old module
+  that now lives in one module is that module, the same object, so monkeypatching either
+  name patches both. An old module whose names were split over several modules
+  (``generation``: `creative.processor`, `creative.wrapper`, `creative.models`) is an alias:
+  a new module object whose attributes are looked up in those modules, the first that has
+  the name (setting an attribute on the alias patches nothing: patch the new module).
 
 This module imports nothing of the package (the package's ``__init__`` installs it first).
 """
@@ -24,8 +28,9 @@ from typing import Any
 PACKAGE = "hf_creative_sparse"
 PATCHES = f"{PACKAGE}.patches"
 
-#: Release-0.1 module path (below the package) -> its path now. Removed in release 0.3.
-MOVED_MODULES: dict[str, str] = {
+#: Release-0.1 module path (below the package) -> its path now, or the paths its names were
+#: split over (looked up in this order). Removed in release 0.3.
+MOVED_MODULES: dict[str, str | tuple[str, ...]] = {
     "config": "ops.config",
     "ops.backend_cpu": "ops.backends.cpu",
     "ops.backend_cuda": "ops.backends.cuda",
@@ -35,26 +40,34 @@ MOVED_MODULES: dict[str, str] = {
     "state": "integrations.state",
     "api": "integrations.enable",
     "_hf_hook": "integrations.transformers_hook",
-    "diffusers_backend": "integrations.diffusers_backend",
+    "diffusers_backend": ("integrations.diffusers_backend", "integrations.context_parallel"),
     "retention": "integrations.retention",
     "calibration_search": "calibration.search",
     "control": "creative.control",
-    "generation": "creative.generation",
+    "generation": ("creative.processor", "creative.wrapper", "creative.models"),
     "constraints": "creative.constraints",
     "moe": "creative.moe",
     "model_cache": "creative.model_cache",
     "diffusion_dial": "creative.diffusion_dial",
-    "quality": "evaluation.quality",
-    "autotune": "evaluation.sweep",
+    "quality": ("evaluation.quality", "evaluation.lexical", "evaluation.scorers", "creative.models"),
+    "autotune": ("evaluation.sweep", "evaluation.power_laws", "evaluation.plots"),
     "bench": "evaluation.attention_benchmark",
     "commands": "cli",
     "commands._args": "cli._args",
     "commands.bench": "cli.bench",
-    "commands.calibrate": "cli.calibrate",
+    "commands.calibrate": ("cli.calibrate", "testing"),
     "commands.demo": "cli.demo",
     "commands.demo_text": "cli.demo_text",
     "commands.score": "cli.score",
     "commands.sweep": "cli.sweep",
+}
+
+
+#: Public names of release-0.1 modules that no module holds any more, with what replaces
+#: them (the alias's AttributeError says it). Removed in release 0.3 with the aliases.
+REMOVED_NAMES: dict[str, dict[str, str]] = {
+    "quality": {"MeanPoolEmbedder": "evaluation.scorers.SentenceEmbedder (sentence-transformers does the "
+                                    "mean pooling; creative.models.load_minilm_embedder builds one)"},
 }
 
 
@@ -91,6 +104,45 @@ class _MovedModuleLoader(importlib.abc.Loader):
             else module.__spec__
 
 
+class _SplitModuleLoader(importlib.abc.Loader):
+    """Makes the alias of an old module whose names now live in several modules: a new module
+    whose ``__getattr__`` looks each name up in those modules, in order."""
+
+    def __init__(self, new_names: tuple[str, ...]) -> None:
+        self.new_names = new_names
+
+    def create_module(self, spec: Any) -> Any:
+        return None  # the default module object
+
+    def exec_module(self, module: Any) -> None:
+        targets = [importlib.import_module(name) for name in self.new_names]
+        module.__doc__ = f"Deprecated alias of {', '.join(self.new_names)}."
+
+        removed = REMOVED_NAMES.get(module.__name__[len(PACKAGE) + 1:], {})
+
+        def __getattr__(name: str) -> Any:
+            for target in targets:
+                if hasattr(target, name):
+                    return getattr(target, name)
+            if name in removed:
+                raise AttributeError(f"{module.__name__}.{name} was removed: use {removed[name]}")
+            raise AttributeError(f"module {module.__name__!r} has no attribute {name!r} (looked in "
+                                 f"{', '.join(self.new_names)})")
+
+        def __dir__() -> list[str]:
+            return sorted({n for target in targets for n in dir(target) if not n.startswith("__")})
+
+        module.__getattr__ = __getattr__
+        module.__dir__ = __dir__
+
+
+def new_module_names(old: str) -> tuple[str, ...]:
+    """The full names of the modules that hold the names of release-0.1 module ``old``
+    (a path below the package, a key of `MOVED_MODULES`)."""
+    new = MOVED_MODULES[old]
+    return tuple(f"{PACKAGE}.{n}" for n in ((new,) if isinstance(new, str) else new))
+
+
 class _MovedModules(importlib.abc.MetaPathFinder):
     """Resolves the release-0.1 module paths in `MOVED_MODULES`, with a DeprecationWarning."""
 
@@ -98,18 +150,22 @@ class _MovedModules(importlib.abc.MetaPathFinder):
         if not fullname.startswith(PACKAGE + "."):
             return None
         old = fullname[len(PACKAGE) + 1:]
-        new = MOVED_MODULES.get(old)
-        if new is None:
+        if old not in MOVED_MODULES:
             return None
-        new_name = f"{PACKAGE}.{new}"
-        warnings.warn(f"{fullname} is deprecated and will be removed in release 0.3; import {new_name} instead",
-                      DeprecationWarning, stacklevel=3)
-        return importlib.util.spec_from_loader(fullname, _MovedModuleLoader(new_name))
+        new_names = new_module_names(old)
+        warnings.warn(f"{fullname} is deprecated and will be removed in release 0.3; import "
+                      f"{' or '.join(new_names)} instead", DeprecationWarning, stacklevel=3)
+        loader = _MovedModuleLoader(new_names[0]) if len(new_names) == 1 else _SplitModuleLoader(new_names)
+        return importlib.util.spec_from_loader(fullname, loader)
 
 
 def install() -> None:
-    """Put both finders on ``sys.meta_path`` (idempotent)."""
+    """Put both finders on ``sys.meta_path`` (idempotent): the old paths' first (it answers
+    only for `MOVED_MODULES`), the patches' last (an installed copy wins)."""
     if not any(isinstance(f, _MovedModules) for f in sys.meta_path):
-        sys.meta_path.append(_MovedModules())
+        # first: an old path below a moved package (``commands._args``, whose parent is now
+        # the cli package) would otherwise be found again by the path finder, unwarned, as a
+        # second copy of the module
+        sys.meta_path.insert(0, _MovedModules())
     if not any(isinstance(f, _PatchesInSourceCheckout) for f in sys.meta_path):
         sys.meta_path.append(_PatchesInSourceCheckout())

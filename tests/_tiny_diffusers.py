@@ -1,6 +1,7 @@
-"""Tiny random diffusers models and pipelines for the patch tests (configs from
-diffusers' own tests; see shared/TINY_MODELS.md). Sizes are chosen so the joint
-sequences span several 128 x 64 blocks while a forward pass stays in the milliseconds."""
+"""Inputs, configs and checks of the diffusers patch tests. The tiny models and pipelines
+themselves are `hf_creative_sparse.testing`'s (configs from diffusers' own tests); sizes
+are chosen so the joint sequences span several 128 x 64 blocks while a forward pass stays
+in the milliseconds. ``tiny_transformer`` here is `testing.tiny_random_transformer`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import torch
 
 from hf_creative_sparse.ops.config import SparseAttentionConfig
+from hf_creative_sparse.testing import tiny_pipeline
+# the patch tests run the transformers as diffusers' configs make them (attention not localised)
+from hf_creative_sparse.testing import tiny_random_transformer as tiny_transformer
 
 # DENSE and SPARSE name the reference backend so the tests do not depend on (or wait for
 # the JIT build of) the compiled kernels; the kernels have their own tests against it.
@@ -21,33 +25,6 @@ DENSE_SDPA = SparseAttentionConfig.dense(min_seq_len=0)
 #: Drops blocks on random weights: simthreshd1=-1 makes every block "self-similar", so
 #: the top-k selection decides (random data is rarely self-similar).
 SPARSE = SparseAttentionConfig(min_seq_len=0, topk=0.3, simthreshd1=-1.0, backend="reference")
-
-
-def tiny_transformer(family: str) -> torch.nn.Module:
-    """A tiny random transformer of ``family`` in eval mode (seeded)."""
-    torch.manual_seed(0)
-    if family == "cogvideox":
-        from diffusers import CogVideoXTransformer3DModel
-
-        # head_dim 16 (not the tests' 8) so the 3-D RoPE (t, h, w = 4, 6, 6 dims) applies
-        model = CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
-            text_embed_dim=8, num_layers=1, sample_width=32, sample_height=32, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
-    elif family in ("flux", "wan"):  # the CLI's tiny examples, before localising
-        from hf_creative_sparse.cli.calibrate import tiny_random_transformer
-
-        return tiny_random_transformer(family)
-    elif family == "hunyuan_video":
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        model = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None)
-    else:
-        raise ValueError(f"unknown family {family!r}")
-    return model.eval()
 
 
 def transformer_inputs(family: str, batch: int = 1, *, seed: int = 1) -> dict[str, Any]:
@@ -99,34 +76,6 @@ def family_fixtures(family: str) -> tuple[Any, Any]:
 def run(model: torch.nn.Module, kwargs: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         return model(**kwargs, return_dict=False)[0]
-
-
-def tiny_pipeline(family: str) -> Any:
-    """The family's pipeline with no text encoders and no VAE (latent output)."""
-    transformer = tiny_transformer(family)
-    if family == "cogvideox":
-        from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
-
-        return CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                                 scheduler=CogVideoXDDIMScheduler())
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    if family == "flux":
-        from diffusers import FluxPipeline
-
-        return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    if family == "wan":
-        from diffusers import WanPipeline
-
-        return WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(),
-                           transformer=transformer)
-    if family == "hunyuan_video":
-        from diffusers import HunyuanVideoPipeline
-
-        return HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None, tokenizer_2=None)
-    raise ValueError(f"unknown family {family!r}")
 
 
 def pipeline_kwargs(family: str, *, cfg: bool, steps: int = 2) -> dict[str, Any]:

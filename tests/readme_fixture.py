@@ -15,7 +15,7 @@ that every Python block of the README runs as written, on a CPU, in seconds
   the same keyword arguments that configs take (``attn_implementation`` included);
   ``AutoTokenizer.from_pretrained(<hub id>)`` returns a byte-level tokenizer (256 byte
   tokens and ``<|endoftext|>``). Existing local paths load as usual.
-- hf_creative_sparse: ``quality.load_smollm2`` (what ``CreativeSparseWrapper()`` and the
+- hf_creative_sparse: ``creative.models.load_smollm2`` (what ``CreativeSparseWrapper()`` and the
   default scorer load) returns the tiny Llama and the byte-level tokenizer;
   ``find_optimal_sparsity`` runs `SMALL_SWEEP` (2 of the task's prompts, 2 samples of 16
   tokens a level) unless the block passes those arguments itself.
@@ -36,6 +36,8 @@ import traceback
 from typing import Any
 
 import torch
+
+from hf_creative_sparse.testing import byte_tokenizer, tiny_gpt2, tiny_llama, tiny_random_transformer, tiny_vae
 
 #: The fence a runnable block opens with, and the marker (on the line before the fence)
 #: that skips a block; only GPU-only blocks may use it, with the reason after "skip:".
@@ -75,41 +77,16 @@ def extract_blocks(markdown: str) -> list[dict[str, Any]]:
 # -- tiny models -----------------------------------------------------------------------------
 
 
-def byte_tokenizer() -> Any:
-    """A byte-level BPE tokenizer without merges: every byte is one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(alphabet)}
-    vocab["<|endoftext|>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-
-
 def tiny_causal_lm(name: str, **kwargs: Any) -> Any:
     """A tiny random GPT-2 or Llama (see the module docstring), eval mode, seeded."""
-    import transformers
-
-    torch.manual_seed(0)
     attn = kwargs.pop("attn_implementation", None)
     eos = 256
+    extra = {} if attn is None else {"attn_implementation": attn}
     if any(key in name.lower() for key in _LLAMA_IDS):
-        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
-                                          max_position_embeddings=2048, bos_token_id=eos, eos_token_id=eos,
-                                          pad_token_id=eos)
-        cls = transformers.LlamaForCausalLM
+        model = tiny_llama(vocab_size=VOCAB, max_position_embeddings=2048, bos_token_id=eos, eos_token_id=eos,
+                           pad_token_id=eos, **extra)
     else:
-        config = transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=2048,
-                                         bos_token_id=eos, eos_token_id=eos)
-        cls = transformers.GPT2LMHeadModel
-    if attn is not None:
-        config._attn_implementation = attn
-    model = cls(config).eval()
+        model = tiny_gpt2(vocab_size=VOCAB, n_positions=2048, bos_token_id=eos, eos_token_id=eos, **extra)
     model.name_or_path = name
     return model
 
@@ -119,7 +96,7 @@ def _is_local(path: Any) -> bool:
 
 
 def tiny_wan_pipeline() -> Any:
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     class TinyWanPipeline(WanPipeline):
         """Wan 2.1 with a tiny transformer and VAE; prompts become seeded random embeddings."""
@@ -146,13 +123,8 @@ def tiny_wan_pipeline() -> Any:
                 return self
             return super().to(*args, **kwargs)
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=16, out_channels=16, text_dim=16, freq_dim=256, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+    transformer = tiny_random_transformer("wan", in_channels=16, out_channels=16)  # the tiny VAE's 16 channels
+    vae = tiny_vae("wan")
     pipe = TinyWanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(),
                            transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
@@ -167,7 +139,7 @@ def install() -> None:
     import diffusers
     import transformers
 
-    from hf_creative_sparse.evaluation import quality
+    from hf_creative_sparse.creative import models
 
     if getattr(install, "done", False):
         return
@@ -205,7 +177,7 @@ def install() -> None:
     def load_smollm2(device: str = "cpu") -> tuple[Any, Any]:
         return tiny_causal_lm("smollm2").to(device), byte_tokenizer()
 
-    quality.load_smollm2 = load_smollm2
+    models.load_smollm2 = load_smollm2
 
     from hf_creative_sparse.evaluation import sweep as autotune
 

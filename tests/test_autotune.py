@@ -9,12 +9,13 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 
-from hf_creative_sparse.evaluation.sweep import (HFGenerator, LevelResult, PowerLawFit, _analyse, corollary1_bounds,
-                                         find_optimal_sparsity, fit_power_law, fitted_quality, load_sweep,
-                                         load_task)
-from hf_creative_sparse.evaluation.quality import LMScorer, QualityFunctional, QualityWeights, words
+from hf_creative_sparse.evaluation.power_laws import (PowerLawFit, argmax_on, corollary1_bounds, fit_power_law,
+                                                      fitted_quality)
+from hf_creative_sparse.evaluation.sweep import HFGenerator, LevelResult, _analyse, find_optimal_sparsity, load_sweep, load_task
+from hf_creative_sparse.evaluation.lexical import words
+from hf_creative_sparse.evaluation.quality import QualityFunctional, QualityWeights
+from hf_creative_sparse.evaluation.scorers import LMScorer
 
 
 def hashed_bow(texts):
@@ -26,28 +27,13 @@ def hashed_bow(texts):
     return out
 
 
-def byte_tokenizer():
-    """Byte-level tokenizer with no merges (one token per byte) plus <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    vocab["<|endoftext|>"] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from hf_creative_sparse.testing import byte_tokenizer, tiny_gpt2
 
     tok = byte_tokenizer()
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    return GPT2LMHeadModel(cfg).eval(), tok
+    return tiny_gpt2(vocab_size=len(tok), n_positions=256, n_embd=32, n_head=2, bos_token_id=tok.eos_token_id,
+                     eos_token_id=tok.eos_token_id), tok
 
 
 # --------------------------------------------------------------------------------- fits
@@ -111,6 +97,18 @@ def test_bounds_refuse_when_corollary_does_not_apply():
     assert corollary1_bounds(grow, grow, PowerLawFit(1.0, 0.5, 1, 3))[0] is None          # nu < mu
     assert "incoherence does not grow" in corollary1_bounds(grow, grow, PowerLawFit(1.0, -1.0, 1, 3))[1]
     assert "non-negative gains" in corollary1_bounds(PowerLawFit(1.0, -0.5, 1, 3), grow, PowerLawFit(1, 2, 1, 3))[1]
+
+
+def test_argmax_on_finds_interior_and_edge_maxima():
+    """The grid brackets the global peak (a smaller local one at 0.8 is not taken), scipy's
+    bounded search refines it between the grid neighbours; a maximum at an end is that end."""
+    def f(x):
+        return np.exp(-((x - 0.3137) / 0.05) ** 2) + 0.5 * np.exp(-((x - 0.8) / 0.05) ** 2)
+
+    assert argmax_on(f, 0.0, 1.0) == pytest.approx(0.3137, abs=1e-8)
+    assert argmax_on(lambda x: x, 0.2, 0.7) == 0.7
+    assert argmax_on(lambda x: -x, 0.2, 0.7) == 0.2
+    assert argmax_on(f, 0.5, 0.5) == 0.5
 
 
 def _levels_from(n, d, i, s_values, weights):
@@ -225,6 +223,30 @@ def test_sweep_validates_arguments():
         find_optimal_sparsity(None, reference_data=["r"], levels=[0.5], **kw)
     with pytest.raises(TypeError, match="model_or_wrapper"):
         find_optimal_sparsity(object(), levels=[0.5], progress=False)
+
+
+def test_a_sweep_without_matplotlib_says_which_extra_before_generating(tmp_path, monkeypatch):
+    """matplotlib is the optional [plot] extra: a sweep that would plot without it fails at
+    once (nothing generated), naming the extra; plot=False runs; plot_sweep says the same."""
+    from hf_creative_sparse.evaluation import plots
+
+    monkeypatch.setattr(plots, "matplotlib_available", lambda: False)
+    calls = []
+
+    def counting_generate(prompts, s, num_samples, seed):
+        calls.append(s)
+        return fake_generate(prompts, s, num_samples, seed)
+
+    kw = dict(generate_fn=counting_generate, reference_data=["a reference"], levels=[0.3, 0.6], num_samples=2,
+              quality=QualityFunctional(embedder=hashed_bow, scorer=lambda t: [1.0] * len(t), nll_scale=2.0),
+              progress=False, output_dir=tmp_path)
+    with pytest.raises(ImportError, match=r"pip install hf_creative_sparse\[plot\]"):
+        find_optimal_sparsity(None, **kw)
+    assert calls == []
+    res = find_optimal_sparsity(None, plot=False, **kw)
+    assert res.plot_path is None and (tmp_path / "sweep.json").exists() and not (tmp_path / "sweep.png").exists()
+    with pytest.raises(ImportError, match=r"hf_creative_sparse\[plot\]"):
+        res.save_plot(tmp_path / "sweep.png")
 
 
 def test_builtin_prompt_sets():

@@ -17,7 +17,7 @@ from hf_creative_sparse.calibration import (CONFIG_NAME, TENSORS_NAME, Calibrati
                                             calibrate_calls, load_calibration)
 from hf_creative_sparse.calibration.search import (CallOptions, LayerStats, SearchGrid, candidate_segments,
                                                    choose_masks, choose_pv, observe_masks, observe_pv)
-from hf_creative_sparse.cli.calibrate import smooth_noise, tiny_transformer
+from hf_creative_sparse.testing import smooth_noise, tiny_transformer
 from hf_creative_sparse.ops.dense import dense_attention
 from hf_creative_sparse.ops.inputs import attention_inputs
 from hf_creative_sparse.ops.masks import predict_from_inputs
@@ -383,7 +383,7 @@ class TwoTransformerPipe:
 
 
 def test_two_component_pipeline_gets_each_component_its_own_thresholds():
-    from hf_creative_sparse.cli.calibrate import localise_attention
+    from hf_creative_sparse.testing import localise_attention
 
     first = tiny_transformer("wan")
     second = localise_attention(tiny_transformer("wan"), sharpness=1.5)  # sharper still: other thresholds
@@ -438,7 +438,7 @@ def _patched_layers(model) -> dict:
 
 def test_a_calibration_of_another_family_is_refused_even_when_the_layers_match():
     sys.path.insert(0, os.path.dirname(__file__))
-    from _tiny_diffusers import tiny_transformer as tiny_family_transformer
+    from hf_creative_sparse.testing import tiny_random_transformer as tiny_family_transformer
 
     hunyuan = tiny_family_transformer("hunyuan_video")
     layers = _patched_layers(hunyuan)

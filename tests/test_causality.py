@@ -77,17 +77,12 @@ transformers = pytest.importorskip("transformers")
 
 
 def make_model(kind: str) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from hf_creative_sparse.testing import tiny_gpt2, tiny_llama
 
-    torch.manual_seed(0)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=N + 8,
-                                           attn_implementation="creative_sparse"))
-    else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                             max_position_embeddings=N + 8, attn_implementation="creative_sparse"))
-    return model.eval()
+        return tiny_gpt2(n_head=2, n_embd=32, n_positions=N + 8, attn_implementation="creative_sparse")
+    return tiny_llama(hidden_size=32, intermediate_size=64, max_position_embeddings=N + 8,
+                      attn_implementation="creative_sparse")
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -109,7 +109,7 @@ def test_calibrate_offers_all_four_families():
 def test_the_new_tiny_examples_run_sparse(family, shape):
     pytest.importorskip("diffusers")
     from hf_creative_sparse import SparseAttentionConfig, enable_creative_sparse, sparsity_report
-    from hf_creative_sparse.cli.calibrate import tiny_example
+    from hf_creative_sparse.testing import tiny_example
 
     pipe, call = tiny_example(family, steps=1)
     handle = enable_creative_sparse(pipe, SparseAttentionConfig(min_seq_len=0, topk=0.5, simthreshd1=-1.0,
@@ -182,7 +182,7 @@ def test_tiny_calibration_from_the_shell_runs_with_its_stored_policy(tmp_path, c
     runs sparse without passing a config (it ran dense as 'short sequence' before)."""
     pytest.importorskip("diffusers")
     from hf_creative_sparse import enable_creative_sparse, sparsity_report
-    from hf_creative_sparse.cli.calibrate import tiny_example
+    from hf_creative_sparse.testing import tiny_example
 
     code, out, _ = run_main(["calibrate", "--example", "wan", "--tiny", "--num-calls", "1", "--steps", "1",
                              "--out", str(tmp_path), "--no-progress"], capsys)

@@ -281,15 +281,10 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture
 def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from hf_creative_sparse.patches import transformers_attention as ta
+    from hf_creative_sparse.testing import tiny_llama
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=1024, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0)
-    model = LlamaForCausalLM(cfg).eval()
+    model = tiny_llama(bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model.config._attn_implementation_internal = "sdpa"
     yield model, ta
     import hf_creative_sparse as hcs

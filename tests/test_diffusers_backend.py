@@ -17,6 +17,7 @@ pytest.importorskip("diffusers")
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry  # noqa: E402
 
 import hf_creative_sparse as hcs  # noqa: E402
+from hf_creative_sparse.integrations import context_parallel as cp  # noqa: E402
 from hf_creative_sparse.integrations import diffusers_backend as db  # noqa: E402
 from hf_creative_sparse.integrations.state import LayerState, PatchOptions  # noqa: E402
 
@@ -147,38 +148,38 @@ def test_default_config_is_honoured() -> None:
 
 
 def test_ulysses_head_range() -> None:
-    assert [db.ulysses_head_range(12, r, 2) for r in range(2)] == [(0, 6), (6, 12)]
-    assert [db.ulysses_head_range(12, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    assert [cp.ulysses_head_range(12, r, 2) for r in range(2)] == [(0, 6), (6, 12)]
+    assert [cp.ulysses_head_range(12, r, 4) for r in range(4)] == [(0, 3), (3, 6), (6, 9), (9, 12)]
     # "Ulysses anything": 30 heads padded to 32 over 8 ranks, the last rank drops the padding
-    assert [db.ulysses_head_range(30, r, 8) for r in (0, 6, 7)] == [(0, 4), (24, 28), (28, 30)]
+    assert [cp.ulysses_head_range(30, r, 8) for r in (0, 6, 7)] == [(0, 4), (24, 28), (28, 30)]
     with pytest.raises(ValueError, match="rank must lie"):
-        db.ulysses_head_range(12, 2, 2)
+        cp.ulysses_head_range(12, 2, 2)
     with pytest.raises(TypeError, match="world must be an int"):
-        db.ulysses_head_range(12, 0, 2.0)
+        cp.ulysses_head_range(12, 0, 2.0)
 
 
 def test_shard_config_slices_every_per_head_tensor() -> None:
     cfg = hcs.SparseAttentionConfig(topk=torch.tensor([0.1, 0.2, 0.3, 0.4]), simthreshd1=torch.tensor([0.5] * 4),
                                     pvthreshd=torch.tensor([10.0, 20.0, 30.0, 40.0]), min_seq_len=0)
-    shard = db.shard_config(cfg, 1, 3, 4)
+    shard = cp.shard_config(cfg, 1, 3, 4)
     assert shard.topk.tolist() == pytest.approx([0.2, 0.3])
     assert shard.pvthreshd.tolist() == [20.0, 30.0]
     assert shard.simthreshd1.tolist() == [0.5, 0.5]
     assert shard.min_seq_len == 0 and cfg.topk.numel() == 4
-    assert db.shard_config(cfg, 0, 4, 4) is cfg
+    assert cp.shard_config(cfg, 0, 4, 4) is cfg
     scalar = hcs.SparseAttentionConfig(topk=0.25)
-    assert db.shard_config(scalar, 2, 4, 4).topk == 0.25
+    assert cp.shard_config(scalar, 2, 4, 4).topk == 0.25
     with pytest.raises(ValueError, match="4 per-head values but the layer has 6"):
-        db.shard_config(cfg, 0, 3, 6)
+        cp.shard_config(cfg, 0, 3, 6)
     with pytest.raises(ValueError, match="head range"):
-        db.shard_config(cfg, 3, 3, 4)
+        cp.shard_config(cfg, 3, 3, 4)
 
 
 def test_head_shard_state_runs_its_heads_with_their_budgets() -> None:
     """A shard's output equals the full layer's output on those heads (per-head top-k)."""
     q, k, v = _qkv(b=1, s=640, h=4, d=16)
     cfg = SPARSE.replace(topk=torch.tensor([0.1, 0.3, 0.6, 0.9]))
-    layer = db.BackendLayer(LayerState("blocks.0.attn1", cfg))
+    layer = cp.BackendLayer(LayerState("blocks.0.attn1", cfg))
     full = layer.for_heads(0, 4, 4).attend(q, k, v, layout="NHD")
     for start, stop in ((0, 2), (2, 4)):
         shard = layer.for_heads(start, stop, 4)
@@ -194,14 +195,14 @@ def test_replicated_keys_are_attended_once() -> None:
     text_k, text_v = k[:, :40], v[:, :40]
     key, value = torch.cat([text_k, text_k], 1), torch.cat([text_v, text_v], 1)
     mask = torch.ones(1, 80, dtype=torch.bool)
-    k1, v1, m1 = db.drop_replicated_keys(key, value, mask, 2, len_q=300)
+    k1, v1, m1 = cp.drop_replicated_keys(key, value, mask, 2, len_q=300)
     assert torch.equal(k1, text_k) and torch.equal(v1, text_v) and m1.shape == (1, 40)
     # the same softmax over one copy as over both
     assert torch.allclose(_sdpa64(q, k1, v1), _sdpa64(q, key, value), atol=1e-10)
     different = torch.cat([text_k, text_k + 1e-3], 1)
-    assert db.drop_replicated_keys(different, value, None, 2, len_q=300)[0] is different
-    assert db.drop_replicated_keys(key, value, None, 2, len_q=80)[0] is key  # self-attention: left alone
-    assert db.drop_replicated_keys(key, value, None, 3, len_q=300)[0] is key  # 80 keys do not split in 3
+    assert cp.drop_replicated_keys(different, value, None, 2, len_q=300)[0] is different
+    assert cp.drop_replicated_keys(key, value, None, 2, len_q=80)[0] is key  # self-attention: left alone
+    assert cp.drop_replicated_keys(key, value, None, 3, len_q=300)[0] is key  # 80 keys do not split in 3
 
 
 # -- whole models -----------------------------------------------------------------------------

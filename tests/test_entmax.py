@@ -299,12 +299,9 @@ def test_entmax_attention_inputs_returns_hnd():
 
 def _tiny_llama():
     pytest.importorskip("transformers")
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from hf_creative_sparse.testing import tiny_llama
 
-    torch.manual_seed(10)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    return LlamaForCausalLM(cfg).eval()
+    return tiny_llama(seed=10, vocab_size=64, hidden_size=32, intermediate_size=64, max_position_embeddings=128)
 
 
 def _package_attention(calls):

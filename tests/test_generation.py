@@ -9,18 +9,20 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import (GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM,  # noqa: E402
+from transformers import (GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM,  # noqa: E402
                           OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM)
 
 import hf_creative_sparse as hcs  # noqa: E402
 from hf_creative_sparse.ops.config import SparseAttentionConfig  # noqa: E402
+from hf_creative_sparse import testing  # noqa: E402
 from hf_creative_sparse.creative.constraints import BannedWordsLogitsProcessor, Constraints  # noqa: E402
 from hf_creative_sparse.creative.control import (SparsityConfig, SparsityController, TwoStageSchedule,  # noqa: E402
                                         current_sparsity, set_current_sparsity)
-from hf_creative_sparse.creative.generation import (Candidate, CreativeSparseLogitsProcessor,  # noqa: E402
-                                           CreativeSparseWrapper, nucleus_keep)
-from hf_creative_sparse.evaluation.quality import NLLReference, QualityFunctional  # noqa: E402
+from hf_creative_sparse.creative.processor import CreativeSparseLogitsProcessor, nucleus_keep  # noqa: E402
+from hf_creative_sparse.creative.wrapper import Candidate, CreativeSparseWrapper  # noqa: E402
+from hf_creative_sparse.evaluation.quality import QualityFunctional  # noqa: E402
+from hf_creative_sparse.evaluation.scorers import NLLReference  # noqa: E402
 
 #: The seed's manifold constants (the hand-computed values below use them).
 SEED = dict(temperature_base=1.0, temperature_gain=0.5, nucleus_base=0.9, nucleus_gain=0.12, nucleus_scale=0.5,
@@ -43,9 +45,7 @@ def word_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def tiny_gpt2(vocab: int = 100) -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(cfg).eval()
+    model = testing.tiny_gpt2(vocab_size=vocab, bos_token_id=0, eos_token_id=0)
     model.config._attn_implementation_internal = "sdpa"
     return model
 
@@ -98,7 +98,7 @@ def test_token_pruning_rate_intersects_the_nucleus():
 def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
     """Issue 16: the processor runs transformers' own warpers (a spy counts their calls);
     min_p = 0.15 at T = 1 keeps the tokens with p >= 0.15 * 0.5 = 0.075: 3 of 6."""
-    from hf_creative_sparse.creative import generation
+    from hf_creative_sparse.creative import processor
 
     calls = []
 
@@ -110,7 +110,7 @@ def test_processor_filters_with_transformers_warpers_and_min_p(monkeypatch):
         return Spy
 
     for name in ("TemperatureLogitsWarper", "MinPLogitsWarper"):
-        monkeypatch.setattr(generation, name, spy(getattr(generation, name)))
+        monkeypatch.setattr(processor, name, spy(getattr(processor, name)))
     cfg = SparsityConfig(temperature_base=1.0, temperature_gain=0.0, nucleus_adaptation=False, min_p=0.15)
     proc = CreativeSparseLogitsProcessor(0, 1, sparsity_level=0.5, publish=False, config=cfg)
     out = proc(torch.zeros(1, 0, dtype=torch.long), torch.log(torch.tensor([PROBS])))
@@ -153,15 +153,11 @@ def test_prefill_and_every_step_see_the_dial_without_with_block(monkeypatch):
     attention of a model loaded with attn_implementation="creative_sparse" sees s_A at the
     prefill and s(i) at the forward of step i; generation stopping before the end of the
     schedule restores the dial all the same."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from hf_creative_sparse.integrations.state import LayerState
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=1, vocab_size=100, max_position_embeddings=256, bos_token_id=0,
-                      eos_token_id=0, pad_token_id=0, attn_implementation="creative_sparse")
-    model = LlamaForCausalLM(cfg).eval()
+    model = testing.tiny_llama(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                               max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                               attn_implementation="creative_sparse")
     assert model.config._attn_implementation == "creative_sparse"
     seen = []
     original = LayerState.current_s

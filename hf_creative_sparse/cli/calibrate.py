@@ -3,14 +3,10 @@
     hf-creative-sparse calibrate --example wan --tiny --target-l1 0.05 --out DIR
     accelerate launch --multi_gpu --num_processes 2 -m hf_creative_sparse calibrate --example wan --tiny --out DIR
 
-``--tiny`` builds an offline tiny pipeline (random weights, CPU, seconds) from diffusers'
-test configs. Random weights attend almost uniformly, and no block mask thins uniform
-attention within a few percent of L1, while trained video and image transformers attend
-locally, mostly through RoPE. The tiny examples therefore give each self-attention a
-shared random q/k bias that dominates the (scaled-down) content term, tie the key
-projection to the query projection and sharpen the q/k norms: the scores then follow
-RoPE's relative positions, so every token attends mostly to its neighbours whatever the
-input, and they start from smooth latents. Without ``--tiny`` the pipeline is loaded with
+``--tiny`` runs `hf_creative_sparse.testing.tiny_example`: an offline tiny pipeline
+(random weights, CPU, seconds) from diffusers' test configs, with attention made local
+(`testing.localise_attention`) so that a block mask can thin it as it thins a trained
+model's, started from smooth latents. Without ``--tiny`` the pipeline is loaded with
 ``DiffusionPipeline.from_pretrained(--model)`` (network or a local folder) and called
 with ``--prompt``s.
 
@@ -29,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..testing import TINY_FAMILIES, tiny_example
 from ._args import fraction, int_at_least
 
 HELP = "per-layer, per-head sparse-attention thresholds for a model to an error budget (saved as safetensors)"
@@ -38,15 +35,10 @@ DEFAULT_MODELS = {"cogvideox": "THUDM/CogVideoX-2b", "flux": "black-forest-labs/
                   "hunyuan_video": "hunyuanvideo-community/HunyuanVideo", "wan": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"}
 DEFAULT_PROMPTS = ("A red fox runs through fresh snow at dawn, cinematic.",
                    "A lighthouse on a cliff in a storm, waves crashing, aerial shot.")
-#: Multiplier of the tiny examples' q/k norm weights (sharper softmax, local attention).
-TINY_SHARPNESS = 4.0
-#: Multiplier of the tiny examples' q/k projection weights: the shared bias dominates, so
-#: the scores follow RoPE's relative positions more than the content.
-CONTENT_WEIGHT = 0.3
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--example", choices=sorted(DEFAULT_MODELS), required=True,
+    parser.add_argument("--example", choices=TINY_FAMILIES, required=True,
                         help="model family to calibrate (its default Hub model without --tiny)")
     parser.add_argument("--tiny", action="store_true", help="offline tiny pipeline with random weights (CPU, seconds)")
     parser.add_argument("--model", default=None,
@@ -68,158 +60,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-seq-len", type=int_at_least(0), default=None,
                         help="dense below this many keys (default: 0 with --tiny, the library default otherwise)")
     parser.add_argument("--device", default=None, help="default: cuda (this process's GPU) when available, else cpu")
-
-
-# -- the tiny examples ---------------------------------------------------------------------------
-
-
-def _tie(to_q: torch.nn.Linear, to_k: torch.nn.Linear, norm_q: Any, norm_k: Any, sharpness: float) -> None:
-    to_q.weight.mul_(CONTENT_WEIGHT)
-    if to_q.bias is not None:
-        g = torch.Generator().manual_seed(to_q.weight.shape[0])
-        to_q.bias.copy_(torch.randn(to_q.bias.shape, generator=g))
-    to_k.weight.copy_(to_q.weight)
-    if to_q.bias is not None and to_k.bias is not None:
-        to_k.bias.copy_(to_q.bias)
-    if getattr(norm_q, "weight", None) is not None and getattr(norm_k, "weight", None) is not None:
-        norm_k.weight.copy_(norm_q.weight)
-        norm_q.weight.mul_(sharpness)
-        norm_k.weight.mul_(sharpness)
-
-
-def localise_attention(transformer: torch.nn.Module, sharpness: float = TINY_SHARPNESS) -> torch.nn.Module:
-    """Make a random-weight transformer (any of the four families) attend locally (see the module
-    docstring): q weights * `CONTENT_WEIGHT`, a seeded random q bias, k projections :=
-    q projections, q/k norm weights * ``sharpness``."""
-    with torch.no_grad():
-        for name, module in transformer.named_modules():
-            if not hasattr(module, "to_q") or not hasattr(module, "to_k"):
-                continue
-            if name.endswith("attn2"):  # Wan's cross-attention keys are text: leave alone
-                continue
-            _tie(module.to_q, module.to_k, getattr(module, "norm_q", None), getattr(module, "norm_k", None), sharpness)
-            if getattr(module, "add_q_proj", None) is not None and getattr(module, "add_k_proj", None) is not None:
-                _tie(module.add_q_proj, module.add_k_proj, getattr(module, "norm_added_q", None),
-                     getattr(module, "norm_added_k", None), sharpness)
-    return transformer
-
-
-def tiny_transformer(family: str) -> torch.nn.Module:
-    """A tiny random transformer of ``family`` (a key of `DEFAULT_MODELS`; diffusers' test
-    configs), localised, in eval mode (seeded)."""
-    return localise_attention(tiny_random_transformer(family))
-
-
-def tiny_random_transformer(family: str) -> torch.nn.Module:
-    """`tiny_transformer` before localising: diffusers' test config with seeded random
-    weights, in eval mode (the tests build on it too)."""
-    torch.manual_seed(0)
-    if family == "cogvideox":
-        from diffusers import CogVideoXTransformer3DModel
-
-        # head_dim 16 (not the tests' 8) so the 3-D RoPE (t, h, w = 4, 6, 6 dims) applies
-        model = CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=2,
-            text_embed_dim=8, num_layers=1, sample_width=32, sample_height=32, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=8, use_rotary_positional_embeddings=True)
-    elif family == "hunyuan_video":
-        from diffusers import HunyuanVideoTransformer3DModel
-
-        model = HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
-            num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
-            text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4), image_condition_type=None)
-    elif family == "wan":
-        from diffusers import WanTransformer3DModel
-
-        model = WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    elif family == "flux":
-        from diffusers import FluxTransformer2DModel
-
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8])
-    else:
-        raise ValueError(f"unknown tiny example {family!r}; choose one of {', '.join(sorted(DEFAULT_MODELS))}")
-    return model.eval()
-
-
-def smooth_noise(shape: tuple[int, ...], seed: int, coarse: int = 8) -> torch.Tensor:
-    """Noise that varies slowly over the last two (spatial) dims: coarse noise upsampled
-    by ``coarse`` plus 10% white noise (float32)."""
-    g = torch.Generator().manual_seed(seed)
-    *lead, h, w = shape
-    planes = int(torch.tensor(lead).prod()) if lead else 1
-    low = torch.randn(planes, 1, max(1, h // coarse), max(1, w // coarse), generator=g)
-    up = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-    return (up.view(*shape) + 0.1 * torch.randn(*shape, generator=g)).float()
-
-
-def tiny_example(family: str, *, steps: int = 2) -> tuple[Any, Callable[[int], Any]]:
-    """(pipeline, call) for the tiny example: ``call(i)`` runs the pipeline once with the
-    i-th seeded prompt embeddings and smooth latents, without CFG, to latents.
-
-    Sequence lengths: Wan 2 x 16 x 32 = 1024 video tokens; Flux 24 text + 1024 image tokens;
-    CogVideoX 8 text + 3 x 16 x 16 = 776; HunyuanVideo 2 x 16 x 32 = 1024 video + 20 text.
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    transformer = tiny_transformer(family)
-    pipe: Any
-    if family == "cogvideox":
-        from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline
-
-        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                                 scheduler=CogVideoXDDIMScheduler())
-
-        def call(i: int) -> Any:
-            g = torch.Generator().manual_seed(1000 + i)
-            latents = smooth_noise((1, 3, 4, 32, 32), seed=i)  # (batch, frames, channels, h, w)
-            return pipe(prompt_embeds=torch.randn(1, 8, 8, generator=g), height=256, width=256, num_frames=9,
-                        latents=latents, guidance_scale=1.0, num_inference_steps=steps, output_type="latent",
-                        return_dict=False)[0]
-    elif family == "hunyuan_video":
-        from diffusers import HunyuanVideoPipeline
-
-        pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder_2=None,
-                                    tokenizer_2=None)
-
-        def call(i: int) -> Any:
-            g = torch.Generator().manual_seed(1000 + i)
-            return pipe(prompt_embeds=torch.randn(1, 20, 16, generator=g),
-                        pooled_prompt_embeds=torch.randn(1, 8, generator=g),
-                        prompt_attention_mask=torch.ones(1, 20, dtype=torch.long), height=128, width=256,
-                        num_frames=5, latents=smooth_noise((1, 4, 2, 16, 32), seed=i), num_inference_steps=steps,
-                        output_type="latent", return_dict=False)[0]
-    elif family == "wan":
-        from diffusers import WanPipeline
-
-        pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                           scheduler=FlowMatchEulerDiscreteScheduler())
-
-        def call(i: int) -> Any:
-            g = torch.Generator().manual_seed(1000 + i)
-            return pipe(prompt_embeds=torch.randn(1, 12, 16, generator=g), height=256, width=512, num_frames=5,
-                        latents=smooth_noise((1, 4, 2, 32, 64), seed=i), guidance_scale=1.0,
-                        num_inference_steps=steps, output_type="latent", return_dict=False)[0]
-    else:
-        from diffusers import FluxPipeline
-
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                            text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-
-        def call(i: int) -> Any:
-            g = torch.Generator().manual_seed(1000 + i)
-            latents = pipe._pack_latents(smooth_noise((1, 1, 64, 64), seed=i), 1, 1, 64, 64)
-            return pipe(prompt_embeds=torch.randn(1, 24, 32, generator=g),
-                        pooled_prompt_embeds=torch.randn(1, 32, generator=g), height=512, width=512,
-                        latents=latents, num_inference_steps=steps, output_type="latent", return_dict=False)[0]
-    pipe.set_progress_bar_config(disable=True)
-    return pipe, call
 
 
 def _real_example(args: argparse.Namespace, device: str) -> tuple[Any, Callable[[int], Any], int]:

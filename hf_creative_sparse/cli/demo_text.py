@@ -57,7 +57,9 @@ def run_text_demo(max_new_tokens: int = 60, num_candidates: int = 3, seed: int =
 
     Returns the printed table as text (or one line saying why the section cannot run).
     """
-    from ..evaluation.quality import LMScorer, QualityFunctional, load_smollm2
+    from ..creative.models import load_smollm2
+    from ..evaluation.quality import QualityFunctional
+    from ..evaluation.scorers import LMScorer
 
     try:
         t0 = time.time()
@@ -65,7 +67,7 @@ def run_text_demo(max_new_tokens: int = 60, num_candidates: int = 3, seed: int =
         load_s = time.time() - t0
     except ImportError as err:
         return f"(skipped: {err})"
-    from ..creative.generation import CreativeSparseWrapper
+    from ..creative.wrapper import CreativeSparseWrapper
 
     qf = QualityFunctional(scorer=LMScorer(model, tokenizer))
     t0 = time.time()

@@ -61,14 +61,16 @@ def build_quality(weights: Any, scorer_spec: str, device: str, constraints: Any 
                   nll_scale: float | None = None, model_and_tokenizer: Any = None) -> Any:
     """A QualityFunctional with MiniLM and the scorer named by ``scorer_spec``: "smollm2",
     "model" (``model_and_tokenizer``, the generating model) or a model path."""
-    from ..evaluation.quality import LMScorer, QualityFunctional, load_minilm_embedder
+    from ..creative.models import load_minilm_embedder
+    from ..evaluation.quality import QualityFunctional
+    from ..evaluation.scorers import LMScorer
 
     if scorer_spec == "model":
         if model_and_tokenizer is None:
             raise ValueError("--scorer model needs a generating model")
         model, tokenizer = model_and_tokenizer
     else:
-        from ..creative.generation import load_model
+        from ..creative.models import load_model
 
         model, tokenizer = load_model(scorer_spec)
         model = model.to(device)

@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     weights = parse_weights(args.weights)
     prompts = read_texts(args.prompts) if args.prompts else None
     from ..evaluation.sweep import find_optimal_sparsity, load_task
-    from ..creative.generation import load_model
+    from ..creative.models import load_model
+    from ..evaluation.plots import PLOT_EXTRA_HINT, matplotlib_available
     from ..evaluation.quality import constraints_from_spec
 
     task = load_task(args.task)
@@ -88,9 +89,11 @@ def run(args: argparse.Namespace) -> int:
                                    levels=levels, prompts=prompts, num_samples=args.num_samples, tokenizer=tokenizer,
                                    quality=quality, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                    use_wrapper=not args.no_wrapper, output_dir=args.out_dir,
-                                   progress=not args.no_progress)
+                                   plot=matplotlib_available(), progress=not args.no_progress)
     result.settings["model"] = str(args.model)
     result.to_json(os.path.join(args.out_dir, "sweep.json"))
     print(format_result(result))
-    print(f"wrote {os.path.join(args.out_dir, 'sweep.json')} and {result.plot_path}")
+    json_path = os.path.join(args.out_dir, "sweep.json")
+    print(f"wrote {json_path} and {result.plot_path}" if result.plot_path
+          else f"wrote {json_path} (no sweep.png: {PLOT_EXTRA_HINT})")
     return 0

@@ -38,7 +38,7 @@ import torch
 from transformers.generation.logits_process import LogitsProcessor
 
 from .control import ControlPoint, SparsityController, TwoStageSchedule, current_sparsity, set_current_sparsity
-from .generation import control_warpers
+from .processor import control_warpers
 
 __all__ = ["DiffusionDialProcessor"]
 

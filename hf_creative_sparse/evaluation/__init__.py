@@ -1,2 +1,3 @@
-"""Measuring: the quality functional Q (`quality`), the sparsity sweep with its power-law
-fits and plot (`sweep`) and the attention benchmark (`attention_benchmark`)."""
+"""Measuring: the quality functional Q (`quality`) and what it measures with (`lexical`,
+`scorers`), the sparsity sweep (`sweep`) with its power-law fits (`power_laws`) and figure
+(`plots`), and the attention benchmark (`attention_benchmark`)."""

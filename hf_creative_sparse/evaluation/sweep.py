@@ -1,34 +1,13 @@
 """The Goldilocks sweep: measure Q(s) over sparsity levels, fit the paper's power laws, find s*.
 
-The paper models the components of Q = alpha N + beta D - gamma I as power laws of s:
+One concern: running the experiment. `find_optimal_sparsity` generates at each level
+(`HFGenerator`: the wrapper's generation path), scores (`quality.QualityFunctional`), fits
+(`power_laws`) and returns a `SweepResult` (curve, fits, bounds, s*, JSON, `plots`' PNG).
 
-    N(s) = a1 s^mu,    I(s) = a2 s^nu,    D(s) = a3 s^kappa.
-
-`fit_power_law` fits each by least squares on (ln s, ln y). With
-A = alpha a1 mu, B = beta a3 kappa, C = gamma a2 nu the fitted Q has
-
-    Q'(s) = s^(nu - 1) g(s),   g(s) = A s^(mu - nu) + B s^(kappa - nu) - C.
-
-Corollary 1 (as implemented in `corollary1_bounds`): if C > 0, A >= 0, B >= 0, A + B > 0
-and nu exceeds the exponent of every positive gain term (nu > mu where A > 0, nu > kappa
-where B > 0), g falls strictly from +inf to -C, so Q has exactly one stationary point s*,
-its global maximum on s > 0, and
-
-    s_NI = (A / C)^(1 / (nu - mu))          (the optimum of alpha N - gamma I alone)
-    s_DI = (B / C)^(1 / (nu - kappa))       (the optimum of beta D - gamma I alone)
-    s_lo = max(s_NI, s_DI)                                 (terms with A or B = 0 omitted)
-    s_hi = max(m^(1/(nu - mu)) s_NI, m^(1/(nu - kappa)) s_DI),  m = number of positive terms
-    s_lo <= s* <= s_hi.
-
-Why: at s_NI the N term alone equals C, so g(s_NI) = B s_NI^(kappa - nu) >= 0 and s* >= s_NI
-(likewise s_DI): each two-term optimum is a LOWER bound, because the other gain term only
-pushes the balance point further out. At s_hi each positive term is at most C / m, so
-g(s_hi) <= 0 and s* <= s_hi. With one gain term (m = 1) the bracket closes: s* = s_NI.
-s* itself is found by bisection of g on [s_lo, s_hi]. The bounds may exceed 1 (the dial's
-range); the sweep then keeps s* inside its feasible range.
-
-`find_optimal_sparsity` generates at each level, scores with `quality.QualityFunctional`,
-fits, and returns a `SweepResult` (curve, fits, bounds, s*, JSON and a PNG plot).
+Example:
+    >>> res = find_optimal_sparsity(model, "poetry", compute_budget=0.6, tokenizer=tok,
+    ...                             levels=[0.4, 0.6, 0.8], num_samples=2)   # doctest: +SKIP
+    >>> res.s_star, res.plot_path                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -44,6 +23,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .plots import require_matplotlib
+from .power_laws import OptimumBounds, PowerLawFit, argmax_on, corollary1_bounds, fit_power_law, fitted_quality
 from .quality import QualityFunctional, QualityWeights, constraints_from_spec
 
 #: ``generate_fn(prompts, s, num_samples, seed) -> outputs``, prompt-major:
@@ -54,139 +35,6 @@ ReferenceFn = Callable[[list[str]], list[str]]
 
 DEFAULT_LEVELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TASK_TYPES = ("creative_writing", "poetry", "ad_copy", "code")
-
-
-# ----------------------------------------------------------------------------- the fits
-
-
-@dataclass(frozen=True)
-class PowerLawFit:
-    """y = coefficient * s^exponent, fitted on ``n_points`` levels; ``r2`` in log space."""
-
-    coefficient: float
-    exponent: float
-    r2: float
-    n_points: int
-
-    def __call__(self, s: Any) -> Any:
-        return self.coefficient * np.power(s, self.exponent)
-
-    def to_dict(self) -> dict[str, float]:
-        return {"coefficient": self.coefficient, "exponent": self.exponent, "r2": self.r2, "n_points": self.n_points}
-
-
-def fit_power_law(s: Sequence[float], y: Sequence[float]) -> PowerLawFit:
-    """Least-squares fit of ln y = ln a + b ln s over the points with s > 0 and y > 0.
-
-    Raises ValueError with fewer than two such points at distinct s.
-
-    Example:
-        >>> fit = fit_power_law([0.2, 0.4, 0.8], [0.3 * x ** 1.5 for x in (0.2, 0.4, 0.8)])
-        >>> round(fit.coefficient, 6), round(fit.exponent, 6)
-        (0.3, 1.5)
-    """
-    s_arr, y_arr = np.asarray(s, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if s_arr.shape != y_arr.shape or s_arr.ndim != 1:
-        raise ValueError(f"s and y must be 1-D of equal length, got shapes {s_arr.shape} and {y_arr.shape}")
-    keep = np.isfinite(s_arr) & np.isfinite(y_arr) & (s_arr > 0) & (y_arr > 0)
-    x, z = np.log(s_arr[keep]), np.log(y_arr[keep])
-    if len(np.unique(x)) < 2:
-        raise ValueError("fit_power_law needs at least two points with s > 0 and y > 0 at distinct s")
-    slope, intercept = np.polyfit(x, z, 1)
-    residual = z - (intercept + slope * x)
-    total = float(((z - z.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else 1.0
-    return PowerLawFit(float(math.exp(intercept)), float(slope), r2, int(keep.sum()))
-
-
-@dataclass(frozen=True)
-class OptimumBounds:
-    """Corollary 1: s_lo <= s* <= s_hi for the fitted Q (module docstring for the formulas).
-
-    ``s_ni`` / ``s_di`` are the two-term optima (None when that gain term is absent).
-    """
-
-    s_lo: float
-    s_hi: float
-    s_star: float
-    s_ni: float | None
-    s_di: float | None
-
-    def to_dict(self) -> dict[str, float | None]:
-        return {"s_lo": self.s_lo, "s_hi": self.s_hi, "s_star": self.s_star, "s_ni": self.s_ni, "s_di": self.s_di}
-
-
-def corollary1_bounds(novelty: PowerLawFit, diversity: PowerLawFit, incoherence: PowerLawFit,
-                      weights: Any = None) -> tuple[OptimumBounds | None, str]:
-    """Bracket and locate the interior optimum of the fitted Q (module docstring).
-
-    Returns ``(bounds, "")`` when Corollary 1 applies, else ``(None, reason)``.
-
-    Example:
-        >>> n, d, i = PowerLawFit(1, 0.5, 1, 3), PowerLawFit(1, 1.0, 1, 3), PowerLawFit(1, 2.0, 1, 3)
-        >>> b, _ = corollary1_bounds(n, d, i, (1, 0, 1))     # N vs I only: s* = (0.5/2)^(1/1.5)
-        >>> round(b.s_star, 6) == round(0.25 ** (1 / 1.5), 6) == round(b.s_lo, 6) == round(b.s_hi, 6)
-        True
-    """
-    w = QualityWeights.coerce(weights)
-    a = w.novelty * novelty.coefficient * novelty.exponent
-    b = w.diversity * diversity.coefficient * diversity.exponent
-    c = w.coherence * incoherence.coefficient * incoherence.exponent
-    nu = incoherence.exponent
-    if not c > 0:
-        return None, "no interior optimum: gamma * a2 * nu <= 0 (incoherence does not grow with s)"
-    if a < 0 or b < 0:
-        return None, "Corollary 1 needs non-negative gains: alpha*a1*mu and beta*a3*kappa >= 0"
-    terms = [(x, nu - e) for x, e in ((a, novelty.exponent), (b, diversity.exponent)) if x > 0]
-    if not terms:
-        return None, "no interior optimum: neither novelty nor diversity grows with s"
-    if any(p <= 0 for _, p in terms):
-        return None, "no interior optimum: nu must exceed the exponents of the growing gain terms"
-    m = len(terms)
-    roots = [(x / c) ** (1.0 / p) for x, p in terms]
-    s_lo = max(roots)
-    s_hi = max(m ** (1.0 / p) * r for (_, p), r in zip(terms, roots))
-
-    def g(s: float) -> float:
-        return sum(x * s ** (-p) for x, p in terms) - c
-
-    lo, hi = s_lo, s_hi
-    for _ in range(200):  # bisection in log space: g is strictly decreasing
-        mid = math.sqrt(lo * hi)
-        if g(mid) > 0:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-14 * hi:
-            break
-    s_ni = (a / c) ** (1.0 / (nu - novelty.exponent)) if a > 0 else None
-    s_di = (b / c) ** (1.0 / (nu - diversity.exponent)) if b > 0 else None
-    return OptimumBounds(s_lo, s_hi, math.sqrt(lo * hi) if m > 1 else s_lo, s_ni, s_di), ""
-
-
-def fitted_quality(s: Any, fits: dict[str, PowerLawFit], weights: Any = None) -> Any:
-    """alpha a1 s^mu + beta a3 s^kappa - gamma a2 s^nu from the three fits."""
-    w = QualityWeights.coerce(weights)
-    return (w.novelty * fits["novelty"](s) + w.diversity * fits["diversity"](s)
-            - w.coherence * fits["incoherence"](s))
-
-
-def _argmax_on(f: Callable[[np.ndarray], np.ndarray], lo: float, hi: float) -> float:
-    """Maximiser of a smooth f on [lo, hi]: a 2001-point grid, then golden-section search
-    between the grid neighbours of the best point."""
-    if hi <= lo:
-        return lo
-    grid = np.linspace(lo, hi, 2001)
-    k = int(np.nanargmax(f(grid)))
-    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
-    inv_phi = (math.sqrt(5) - 1) / 2
-    for _ in range(80):
-        c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-        if f(np.array([c]))[0] >= f(np.array([d]))[0]:
-            b = d
-        else:
-            a = c
-    return float((a + b) / 2)
 
 
 # ------------------------------------------------------------------------------- results
@@ -300,55 +148,11 @@ class SweepResult:
         return text
 
     def save_plot(self, path: str | os.PathLike) -> str:
-        """Write a PNG: Q(s) (measured, fitted, s*, bounds, infeasible region) above the three
-        components (measured points and fitted power laws). Uses matplotlib's Agg canvas
-        directly, so it never changes the caller's matplotlib backend."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        """Write the sweep's PNG figure (`plots.plot_sweep`; needs matplotlib, the ``[plot]``
+        extra) and return its path."""
+        from .plots import plot_sweep
 
-        fig = Figure(figsize=(7.5, 7.5), dpi=110)
-        FigureCanvasAgg(fig)
-        ax_q, ax_c = fig.subplots(2, 1, sharex=True)
-        s = np.array(self.s_values)
-        grid = np.linspace(max(min(s.min(), self.s_min), 1e-3), 1.0, 400)
-        ax_q.plot(s, self.quality_curve, "o-", color="black", label="Q measured")
-        sem = np.array([lv.quality_sem for lv in self.levels])
-        if np.all(np.isfinite(sem)):
-            ax_q.fill_between(s, np.array(self.quality_curve) - sem, np.array(self.quality_curve) + sem,
-                              color="black", alpha=0.1, label="Q ± 1 s.e. of the mean")
-        have_fit = all(k in self.fits for k in ("novelty", "diversity", "incoherence"))
-        if have_fit:
-            ax_q.plot(grid, fitted_quality(grid, self.fits, self.weights), "--", color="tab:purple", label="Q fitted")
-        if self.bounds is not None:
-            lo, hi = min(self.bounds.s_lo, 1.0), min(self.bounds.s_hi, 1.0)
-            if hi > lo:
-                ax_q.axvspan(lo, hi, ymin=0.94, ymax=1.0, color="tab:green", alpha=0.5,
-                             label=f"Corollary-1 bracket [{self.bounds.s_lo:.3g}, {self.bounds.s_hi:.3g}]")
-        for ax in (ax_q, ax_c):  # the levels whose attention would exceed the compute budget
-            if self.s_min > 0:
-                ax.axvspan(0, self.s_min, color="grey", alpha=0.15)
-            if self.s_max < 1:
-                ax.axvspan(self.s_max, 1, color="grey", alpha=0.15)
-        ax_q.axvline(self.s_star, color="tab:red", label=f"s* = {self.s_star:.3f}")
-        ax_q.set_ylabel("Q(s)")
-        ax_q.set_title(f"{self.task_type}: Q = {self.weights.novelty:g} N + {self.weights.diversity:g} D "
-                       f"- {self.weights.coherence:g} I")
-        ax_q.legend(fontsize=8, loc="best")
-        for key, color in (("novelty", "tab:blue"), ("diversity", "tab:orange"), ("incoherence", "tab:red")):
-            ax_c.plot(s, [getattr(lv, key) for lv in self.levels], "o-", color=color, label=key)
-            if key in self.fits:
-                f = self.fits[key]
-                ax_c.plot(grid, f(grid), "--", color=color, alpha=0.7,
-                          label=f"{f.coefficient:.3g} s^{f.exponent:.3g} (R² {f.r2:.2f})")
-        ax_c.axvline(self.s_star, color="tab:red")
-        over = self.s_min > 0 or self.s_max < 1
-        ax_c.set_xlabel("sparsity s" + (f" (grey: k_attn(s) > budget {self.compute_budget:g})" if over else ""))
-        ax_c.set_ylabel("component (0..1)")
-        ax_c.set_xlim(0, 1)
-        ax_c.legend(fontsize=7, loc="best", ncol=2)
-        fig.tight_layout()
-        fig.savefig(os.fspath(path), format="png")
-        self.plot_path = os.fspath(path)
+        self.plot_path = plot_sweep(self, path)
         return self.plot_path
 
 
@@ -420,12 +224,12 @@ def load_task(task_type: str) -> dict[str, Any]:
 class HFGenerator:
     """The default ``generate_fn``: samples a transformers causal LM at the control point
     M(s) of `control.SparsityController`, always through
-    `generation.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
+    `wrapper.CreativeSparseWrapper.generate_creative` (``sparsity_level=s,
     num_candidates=num_samples, return_best=False``): one generation path for the sweep and
     the wrapper (prompt encoding, padding, T / p_nuc / min-p / token pruning, MoE K(s), the
     published s).
 
-    - a `generation.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
+    - a `wrapper.CreativeSparseWrapper` (anything with ``generate_creative``): used as is;
     - a plain model with ``use_wrapper=True`` (default): a wrapper built here routes
       attention through ``creative_sparse`` so k_attn(s) applies, and scores nothing (the
       sweep scores). `close` restores the model's attention;
@@ -460,7 +264,7 @@ class HFGenerator:
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.use_chat_template = use_chat_template
         if self.wrapper is None:
-            from ..creative.generation import CreativeSparseWrapper
+            from ..creative.wrapper import CreativeSparseWrapper
 
             self.wrapper = CreativeSparseWrapper(model, tokenizer, config=sparsity_config, scorer=_no_scores,
                                                  batch_size=batch_size, progress=False, sparse_attention=use_wrapper,
@@ -531,7 +335,7 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
 
     Args:
         model_or_wrapper: a transformers causal LM (with ``tokenizer``), a
-            `generation.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
+            `wrapper.CreativeSparseWrapper`, or anything when ``generate_fn`` is given.
         task_type: "creative_writing", "poetry", "ad_copy" or "code": the built-in prompt
             set and its constraints (``prompts`` replaces the prompts).
         compute_budget: fraction of dense attention FLOPs allowed, in (0, 1]; levels whose
@@ -551,6 +355,8 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
             when given); default MiniLM embeddings, the generating model as scorer when it
             is a transformers model (else SmolLM2), and the task's constraints.
         output_dir: where ``sweep.json`` and ``sweep.png`` go (default: a new temp folder).
+        plot: draw ``sweep.png`` (needs matplotlib, the ``[plot]`` extra: checked before
+            generating).
 
     Returns:
         `SweepResult`; ``result.s_star`` is the recommended sparsity.
@@ -565,6 +371,8 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
         raise ValueError(f"compute_budget must be a fraction of dense attention FLOPs in (0, 1], got {compute_budget!r}")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if plot:
+        require_matplotlib()
     task = load_task(task_type)
     prompt_list = list(task["prompts"]) if prompts is None else [str(p) for p in prompts]
     if not prompt_list or any(not isinstance(p, str) for p in prompt_list):
@@ -595,7 +403,7 @@ def find_optimal_sparsity(model_or_wrapper: Any, task_type: str = "creative_writ
         if quality is None:
             scorer = None
             if generator is not None:
-                from .quality import LMScorer
+                from .scorers import LMScorer
 
                 scorer = LMScorer(generator.model, generator.tokenizer)
             quality = QualityFunctional(weights, scorer=scorer, constraints=constraints_from_spec(task.get("constraints")))
@@ -677,7 +485,7 @@ def _analyse(results: list[LevelResult], task_type: str, weights: QualityWeights
     s_fit, s_star, why = None, best, "best measured level (no fit)"
     if not notes:
         lo_range, hi_range = max(s[0], s_min, 1e-6), s[-1]
-        s_fit = _argmax_on(lambda x: fitted_quality(x, fits, weights), lo_range, hi_range)
+        s_fit = argmax_on(lambda x: fitted_quality(x, fits, weights), lo_range, hi_range)
         # the neighbours of the best level (the level itself at either end of the range)
         lo, hi = (s[k - 1] if k > 0 else s[k]), (s[k + 1] if k + 1 < len(s) else s[k])
         inside = (lo < s_fit < hi) or (k == 0 and s_fit == lo) or (k == len(s) - 1 and s_fit == hi) \

@@ -1,5 +1,8 @@
 """Decode-time KV-block sparsity (query-aware block selection in the manner of Quest).
 
+One file because it is one algorithm: the config, the per-layer state and the kernels of decode
+sparsity change together.
+
 At a decode step one new query row attends to the whole KV cache, and the cost is reading
 the cache: attention is memory-bound. Quest (Tang et al., 2024) keeps, per key block
 (``block_size`` consecutive keys), the per-channel minimum and maximum of its keys; for a

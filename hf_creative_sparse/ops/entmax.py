@@ -1,6 +1,9 @@
 """alpha-entmax attention: softmax replaced by a map with exact zeros, and the key blocks
 those zeros empty skipped without approximation.
 
+One file because it is one algorithm: entmax's reference, its block bounds and the compiled
+dispatch must agree to the last zero.
+
 Definition (Peters et al. 2019; AdaSplash, Goncalves et al. 2025): for the scaled scores
 s_c = scale * q . k_c of a query row over its attendable keys c,
 
