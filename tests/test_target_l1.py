@@ -210,7 +210,7 @@ def test_patched_layer_measures_budgets_in_warmup_step():
 
 
 def test_call_site_reuses_budgets_then_remeasures():
-    from hf_creative_sparse.ops import attention as attention_module
+    from hf_creative_sparse.ops import call_sites as attention_module
 
     q, k, v = make_inputs("local", 1, 2, 2048, 32)
     seen = []
@@ -252,7 +252,7 @@ def test_reused_budgets_leave_the_kept_fraction_on_the_device_until_read():
 
 
 def test_call_site_skips_the_fingerprint_only_for_the_same_unmodified_keys(monkeypatch):
-    from hf_creative_sparse.ops import attention as attention_module
+    from hf_creative_sparse.ops import call_sites as attention_module
 
     calls = []
     real = attention_module._key_fingerprint
@@ -288,7 +288,7 @@ def test_dense_decision_stays_with_its_input():
 
 
 def test_call_site_that_runs_dense_measures_less_often():
-    from hf_creative_sparse.ops import attention as attention_module
+    from hf_creative_sparse.ops import call_sites as attention_module
 
     q, k, v = (torch.randn(1, 2, 2048, 32, generator=torch.Generator().manual_seed(1)) for _ in range(3))
     measured = []
@@ -365,7 +365,8 @@ def test_call_site_whose_budgets_cannot_pay_reuses_dense(monkeypatch):
     """When the measured budgets, judged as the reuse calls will be (ranking and compensation
     included), cannot pay, the site stores "dense" and its next calls run dense at once,
     with the policy's reason, instead of ranking and then falling back."""
-    from hf_creative_sparse.ops import attention as attention_module
+    from hf_creative_sparse.ops import attention as attention_ops
+    from hf_creative_sparse.ops import call_sites as attention_module
 
     real = attention_module._early_fallback_reason
 
@@ -379,7 +380,7 @@ def test_call_site_whose_budgets_cannot_pay_reuses_dense(monkeypatch):
     scores_calls, stats = [], []
     for i in range(2):  # one call site: the same line
         if i == 1:
-            monkeypatch.setattr(attention_module, "block_scores", lambda *a, **kw: scores_calls.append(1))
+            monkeypatch.setattr(attention_ops, "block_scores", lambda *a, **kw: scores_calls.append(1))
         stats.append(hcs.sparse_attention(q, k, v, target_l1=0.03, min_seq_len=0, return_stats=True)[1])
     first, second = stats
     assert first.fallback_reason is None and first.head_budgets is not None  # measured, ran sparse
