@@ -95,3 +95,18 @@ def test_explicit_call_allocation_is_honoured_on_causal_calls():
     call, _, _ = _measure("causal_text", True, "call", 0.03, {})
     head, _, _ = _measure("causal_text", True, None, 0.03, {})
     assert not torch.equal(call.budgets, head.budgets)
+
+
+def test_scalar_keywords_are_validated_and_honoured_per_call():
+    """`sparse_attention` validates scalar keywords once per distinct set, yet a bad value
+    still raises every time, a bool never stands in for an int, and each value is used."""
+    q, k, v = make_inputs("local", 1, 2, 1024, 32)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="budget_allocation"):
+            hcs.sparse_attention(q, k, v, target_l1=0.03, budget_allocation="layer", min_seq_len=0)
+    hcs.sparse_attention(q, k, v, topk=0.5, attention_sink=True, min_seq_len=0)
+    with pytest.raises(TypeError, match="attention_sink"):
+        hcs.sparse_attention(q, k, v, topk=0.5, attention_sink=1, min_seq_len=0)
+    kept = [hcs.sparse_attention(q, k, v, topk=t, min_seq_len=0, backend="reference", return_stats=True)[1].kept_fraction
+            for t in (0.25, 0.75)]
+    assert kept[0] < kept[1]
