@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,21 +35,39 @@ def _env() -> dict:
     return env
 
 
+def _build_kernels_first() -> None:
+    """Build (or load) the CPU kernels in this process, so that the three processes below do
+    not build them at once inside their timeouts (a fresh checkout compiles for a minute)."""
+    from hf_creative_sparse.ops._ext import load_extension
+
+    try:
+        load_extension("cpu")
+    except Exception:  # no compiler here: the processes use the PyTorch reference
+        pass
+
+
 def test_two_processes_give_the_thresholds_of_one(tmp_path):
     pytest.importorskip("accelerate")
     launcher = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
     if launcher is None:
         pytest.skip("the accelerate launcher is not on PATH")
     one, two = tmp_path / "one", tmp_path / "two"
+    _build_kernels_first()
     # --multi_gpu selects accelerate's torchrun launcher, which starts gloo processes on a CPU-only
     # machine (accelerate's --cpu launcher starts several processes only through mpirun)
     launched = subprocess.Popen(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "hf_creative_sparse", *ARGS,
-         "--out", str(two)], env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, "-m", "hf_creative_sparse", *ARGS, "--out", str(one)], env=_env(),
-                            cwd=ROOT, capture_output=True, text=True, timeout=80)
-    out, _ = launched.communicate(timeout=85)
+         "--out", str(two)], env=_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)  # its own process group: a timeout kills the launcher's workers too
+    try:
+        single = subprocess.run([sys.executable, "-m", "hf_creative_sparse", *ARGS, "--out", str(one)], env=_env(),
+                                cwd=ROOT, capture_output=True, text=True, timeout=80)
+        out, _ = launched.communicate(timeout=85)
+    finally:
+        if launched.poll() is None:  # left running, a worker would hold the kernel build lock for later tests
+            os.killpg(launched.pid, signal.SIGKILL)
+            launched.wait()
     assert single.returncode == 0, single.stdout + single.stderr
     assert launched.returncode == 0, out
 
