@@ -51,6 +51,12 @@ def test_call_allocation_fits_and_is_near_the_brute_force_optimum():
         best = min(float(fractions[list(c)].sum()) for c in itertools.product(range(6), repeat=heads)
                    if float(err[list(c), 0, torch.arange(heads)].sum()) <= target * heads + 1e-6)
         assert cost <= best + 0.2 + 1e-6  # the Lagrangian's corner is at most one grid step from the optimum
+        # and the slack is spent: no head can step one grid point down and still fit
+        total = float(err[call, 0, torch.arange(heads)].sum())
+        for h in range(heads):
+            if call[h] > 0:
+                step = float(err[call[h] - 1, 0, h] - err[call[h], 0, h])
+                assert total + step > target * heads + 1e-9, (h, call.tolist())
 
 
 def test_sample_rows_cover_block_positions():

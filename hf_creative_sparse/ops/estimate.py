@@ -280,7 +280,33 @@ def allocate(fractions: torch.Tensor, err: torch.Tensor, ref: torch.Tensor, targ
         new_lo = log_lam.gather(0, (first - 1).clamp(min=0)[None])[0]
         lo, hi = torch.where(found, new_lo, lo), torch.where(found, new_hi, hi)
     head_cheaper = fractions[per_head].sum(-1) < fractions[best].sum(-1)
-    return torch.where(head_cheaper[:, None], per_head, best)
+    best = torch.where(head_cheaper[:, None], per_head, best)
+    return _spend_slack(fractions, share, best, target)
+
+
+def _spend_slack(fractions: torch.Tensor, share: torch.Tensor, idx: torch.Tensor, target: float) -> torch.Tensor:
+    """Greedy descent from a fitting choice: while some head can step one grid point down
+    (fewer blocks) and the group still fits, step the one that saves the most blocks per
+    unit of error. The Lagrangian stops at a corner of the convex hull, which can leave a
+    fifth of the target unused (Wan video at 0.03: L1 0.024, kept 0.188 -> 0.15 after this).
+    On the host: [F, G, H] is small, and the loop is short (at most H x F steps)."""
+    f = fractions.detach().cpu().double()
+    sh = share.detach().cpu().double()  # [F, G, H]
+    cur = idx.detach().cpu().clone()  # [G, H]
+    h_index = torch.arange(cur.shape[1])
+    for _ in range(cur.shape[1] * f.numel()):
+        total = sh.gather(0, cur[None])[0].sum(-1)  # [G]
+        down = (cur - 1).clamp(min=0)
+        d_err = sh.gather(0, down[None])[0] - sh.gather(0, cur[None])[0]  # [G, H], >= 0 mostly
+        d_cost = f[cur] - f[down]
+        fits = (cur > 0) & (total[:, None] + d_err <= target) & torch.isfinite(d_err)
+        if not bool(fits.any()):
+            break
+        gain = torch.where(fits, d_cost / d_err.clamp(min=1e-12), torch.full_like(d_cost, -1.0))
+        pick = gain.argmax(-1)  # [G]
+        step = fits.gather(1, pick[:, None])[:, 0]
+        cur = torch.where(step[:, None] & (h_index[None, :] == pick[:, None]), down, cur)
+    return cur.to(idx.device)
 
 
 def _choose(inp: AttentionInputs, fractions: torch.Tensor, err: torch.Tensor, ref: torch.Tensor,
