@@ -126,12 +126,13 @@ def _reason_category(reason: str) -> str:
 
 @dataclass
 class _Totals:
+    # the sums may be 0-d device tensors (`SparseStats.raw`): read when reported, not per call
     calls: int = 0
     sparse_calls: int = 0
-    kept_sum: float = 0.0
-    predicted_sum: float = 0.0
+    kept_sum: float | torch.Tensor = 0.0
+    predicted_sum: float | torch.Tensor = 0.0
     predicted_calls: int = 0
-    pv_skipped_sum: float = 0.0
+    pv_skipped_sum: float | torch.Tensor = 0.0
     masks_reused: int = 0
     time_s: float = 0.0
     backends: collections.Counter = field(default_factory=collections.Counter)

@@ -290,18 +290,18 @@ def sparse_attention(
         >>> out.shape, stats.kept_fraction <= 1.0
         (torch.Size([1, 2, 512, 64]), True)
     """
-    overrides = (simthreshd1, cdfthreshd, topk, pvthreshd, attention_sink, dense_prefix, dense_suffix, min_seq_len,
-                 max_kept_fraction, backend, target_l1, compensate, budget_allocation)
-    if config is None and all(x is None for x in overrides):
+    overrides = dict(simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
+                     attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
+                     min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend,
+                     target_l1=target_l1, compensate=compensate, budget_allocation=budget_allocation)
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if config is None and not given:
         cfg = _DEFAULT_CONFIG  # validating a fresh default costs as much as a short attention's launch
-    elif config is None and all(x is None or type(x) in _SCALAR_TYPES for x in overrides):
+    elif config is None and all(type(value) in _SCALAR_TYPES for value in given.values()):
         # the same keywords each call: validated once (typed key: True and 1 are different arguments)
-        cfg = _scalar_overrides_config(tuple((type(x), x) for x in overrides))
+        cfg = _scalar_overrides_config(tuple((name, type(value), value) for name, value in given.items()))
     else:
-        cfg = resolve_config(config, simthreshd1=simthreshd1, cdfthreshd=cdfthreshd, topk=topk, pvthreshd=pvthreshd,
-                             attention_sink=attention_sink, dense_prefix=dense_prefix, dense_suffix=dense_suffix,
-                             min_seq_len=min_seq_len, max_kept_fraction=max_kept_fraction, backend=backend,
-                             target_l1=target_l1, compensate=compensate, budget_allocation=budget_allocation)
+        cfg = resolve_config(config, **given)
     inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale, key_padding_mask=key_padding_mask)
     if cfg is not _DEFAULT_CONFIG:
         _check_head_counts(cfg, inp)
@@ -320,15 +320,12 @@ _SCALAR_TYPES = (bool, int, float, str)
 
 
 @functools.lru_cache(maxsize=256)
-def _scalar_overrides_config(typed: tuple[tuple[type, Any], ...]) -> SparseAttentionConfig:
-    """`sparse_attention`'s config for scalar keyword overrides ((type, value) in its
-    ``overrides`` order),
-    validated once per distinct tuple: at the Flux shape (0.5 ms calls) building and
+def _scalar_overrides_config(typed: tuple[tuple[str, type, Any], ...]) -> SparseAttentionConfig:
+    """`sparse_attention`'s config for scalar keyword overrides ((name, type, value) each),
+    validated once per distinct set: at the Flux shape (0.5 ms calls) building and
     validating a config per call cost ~7% of the call. Shared like `_DEFAULT_CONFIG` (the ops
     never modify a config)."""
-    names = ("simthreshd1", "cdfthreshd", "topk", "pvthreshd", "attention_sink", "dense_prefix", "dense_suffix",
-             "min_seq_len", "max_kept_fraction", "backend", "target_l1", "compensate", "budget_allocation")
-    return resolve_config(None, **dict(zip(names, (value for _, value in typed))))
+    return resolve_config(None, **{name: value for name, _, value in typed})
 
 
 def _check_head_counts(cfg: SparseAttentionConfig, inp: AttentionInputs) -> None:

@@ -21,7 +21,6 @@ import torch
 from .attention import (EARLY_FALLBACK_CACHE_SIZE, _dense, _early_fallback_reason, _mean_topk, early_fallback,
                         sparse_attention_inputs)
 from .config import SparseAttentionConfig, SparseStats
-from .dense import dense_attention_with
 from .inputs import AttentionInputs
 
 #: A call site re-measures its budgets every this many calls (`target_at_call_site`); a
@@ -50,10 +49,8 @@ def target_at_call_site(inp: AttentionInputs, cfg: SparseAttentionConfig,
     model calling from one line each find their own), and measures inputs it has not seen.
     Patched models keep budgets per layer instead (`state.LayerState`).
     """
-    early = early_fallback(inp, cfg, 1, True)
-    if early is not None:  # no budget can pay at this size: no site, no fingerprint (the hot dense path)
-        return dense_attention_with(early.cudnn_op, inp), SparseStats(kept_fraction=1.0, backend="sdpa",
-                                                                    fallback_reason=early.reason)
+    if early_fallback(inp, cfg, 1, True) is not None:
+        return sparse_attention_inputs(inp, cfg)  # no budget can pay at this size: no site, no fingerprint
     key = (site, inp.q.shape, inp.k.shape, inp.dtype, inp.device, inp.is_causal, inp.key_padding_mask is None,
            repr(sorted(cfg.to_dict().items())))
     entries = _SITE_BUDGETS.get(key)
