@@ -262,12 +262,69 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
     return out
 
 
+def sweep(dev: torch.device, contexts=(32768, 131072), budget: float = 0.25, iters: int = 50) -> None:
+    """Where a sparse step's time goes (statistics + scores, top-k, the kernel), and the
+    kernel under each launch configuration of `decode_triton.PARTIAL_LAUNCH`; the fastest
+    is printed as the one to make the default."""
+    import itertools
+
+    from hf_creative_sparse.ops import decode_triton as dt
+
+    b, hq, hkv, d, bs = 8, 32, 8, 128, 32
+    default = dict(dt.PARTIAL_LAUNCH)
+    for context in contexts:
+        g = torch.Generator(device=dev).manual_seed(0)
+        k = torch.randn(b, hkv, context, d, device=dev, dtype=torch.bfloat16, generator=g)
+        v = torch.randn_like(k)
+        q = torch.randn(b, hq, d, device=dev, dtype=torch.bfloat16, generator=g)
+        st = dm.KeyBlockStats(bs)
+        st.update_and_score(k, None, q, verify=False, sink_blocks=1, recent_blocks=2, fused=True)
+        nb = -(-context // bs)
+        keep = dm.kept_block_count(nb, budget, 1, 2)
+        stats_ms = cuda_time(lambda i: st.update_and_score(k, None, q, verify=False, sink_blocks=1, recent_blocks=2,
+                                                           fused=True), iters)
+        _, scores = st.update_and_score(k, None, q, verify=False, sink_blocks=1, recent_blocks=2, fused=True)
+        topk_ms = cuda_time(lambda i: dm.select_key_blocks(scores, keep, sort=False), iters)
+        idx = dm.select_key_blocks(scores, keep, sort=False)
+        dense_ms = cuda_time(lambda i: F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True), iters)
+        log(f"  sweep context {context}: dense {dense_ms:.3f} ms; statistics+scores {stats_ms:.3f} ms, "
+            f"top-k {topk_ms:.3f} ms (keep {keep} of {nb})")
+        ref = dm.decode_block_attention(q, k, v, idx, bs, None, d ** -0.5, "triton")[0].float()
+        results = []
+        for pps, step, warps, stages in itertools.product((2, 4, 8), (1, 2, 4), (4, 8), (2, 3, 4)):
+            dt.PARTIAL_LAUNCH.update(programs_per_sm=pps, step=step, num_warps=warps, num_stages=stages)
+            try:
+                out = dm.decode_block_attention(q, k, v, idx, bs, None, d ** -0.5, "triton")[0].float()
+                same = bool(torch.allclose(out, ref, atol=2e-2, rtol=2e-2))
+                ms = cuda_time(lambda i: dm.decode_block_attention(q, k, v, idx, bs, None, d ** -0.5, "triton"),
+                               iters)
+            except Exception as exc:  # noqa: BLE001 - a config the compiler refuses
+                log(f"    {pps=} {step=} {warps=} {stages=}: failed ({type(exc).__name__})")
+                continue
+            results.append((ms, pps, step, warps, stages, same))
+        dt.PARTIAL_LAUNCH.update(default)
+        results.sort()
+        for ms, pps, step, warps, stages, same in results[:6]:
+            log(f"    kernel {ms:.3f} ms: programs/SM {pps}, step {step}, warps {warps}, stages {stages}"
+                f"{'' if same else ' (OUTPUT DIFFERS)'}")
+        cur = [r for r in results if (r[1], r[2], r[3], r[4]) == tuple(default.values())]
+        if cur:
+            log(f"    default {default}: {cur[0][0]:.3f} ms")
+        k = v = None
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
         return 1
     dev = torch.device("cuda")
     import triton
+
+    if "--sweep" in sys.argv:
+        log(f"device {torch.cuda.get_device_name()}, triton {triton.__version__}")
+        sweep(dev)
+        return 0
 
     log(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     t0 = time.perf_counter()

@@ -33,7 +33,7 @@ def dense_scores(q, k, scale, causal, kpm):
     kk = k.double().repeat_interleave(group, 1)
     s = q.double() @ kk.transpose(-1, -2) * scale
     nq, nk = q.shape[2], k.shape[2]
-    allowed = torch.ones(nq, nk, dtype=torch.bool)
+    allowed = torch.ones(nq, nk, dtype=torch.bool, device=q.device)
     if causal:
         allowed = allowed.tril()
     allowed = allowed[None, None].expand(q.shape[0], 1, nq, nk)
@@ -393,6 +393,41 @@ def test_block_bounds_cover_every_score(causal, scale):
     finite = torch.isfinite(block_max)
     assert torch.equal(torch.isfinite(bounds), finite)
     assert (bounds[finite] >= block_max[finite] - 1e-4).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("d, causal, scale, dtype", [(64, True, None, torch.bfloat16), (128, False, -0.3, torch.float16),
+                                                     (96, False, None, torch.bfloat16)])
+def test_triton_bounds_cover_every_score_and_match_the_torch_bounds(monkeypatch, d, causal, scale, dtype):
+    """The Triton bounds (CUDA, 16-bit) are >= every attendable score of their block pair,
+    -inf exactly where the pair has none, and within the rounding margin of the PyTorch
+    path's (odd lengths, GQA, padding, a negative scale)."""
+    from hf_creative_sparse.ops import entmax_bounds_triton as eb
+    from hf_creative_sparse.ops.inputs import attention_inputs
+
+    if eb.unavailable_reason(attention_inputs(*(torch.zeros(1, 1, 4, 64, device="cuda", dtype=dtype),) * 3)):
+        pytest.skip("triton is not installed")
+    torch.manual_seed(13)
+    n = 700
+    q = torch.randn(2, 4, n, d, device="cuda", dtype=dtype) * 2
+    k, v = (torch.randn(2, 2, n, d, device="cuda", dtype=dtype) + 0.5 for _ in range(2))
+    kpm = torch.rand(2, n, device="cuda") > 0.3
+    kpm[1, :200] = False
+    inp = attention_inputs(q, k, v, is_causal=causal, scale=scale, key_padding_mask=kpm)
+    bounds = em.block_score_bounds(inp)
+    monkeypatch.setattr(eb, "unavailable_reason", lambda inp: "forced off by the test")
+    torch_bounds = em.block_score_bounds(inp)
+    s = dense_scores(q.float(), k.float(), inp.scale, causal, kpm)
+    mq, mk = -(-n // 128), -(-n // 64)
+    s = torch.nn.functional.pad(s, (0, mk * 64 - n, 0, mq * 128 - n), value=float("-inf"))
+    block_max = s.view(2, 4, mq, 128, mk, 64).amax((3, 5))
+    finite = torch.isfinite(block_max)
+    assert torch.equal(torch.isfinite(bounds), finite)
+    assert (bounds[finite] >= block_max[finite] - 1e-3).all()
+    # both differ from the exact product by 16-bit rounding, which the margin covers
+    allowance = 3 * em.BOUND_MARGIN * abs(inp.scale) * q.float().norm(dim=-1).max() * k.float().norm(dim=-1).max()
+    assert (bounds[finite] - torch_bounds[finite]).abs().max() <= allowance
 
 
 @pytest.mark.cuda

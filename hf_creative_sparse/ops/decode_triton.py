@@ -57,7 +57,7 @@ if triton is not None:
         stride_valid_b,
         scale_log2,
         HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-        IEEE: tl.constexpr,
+        STEP: tl.constexpr, IEEE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -65,7 +65,8 @@ if triton is not None:
         h = bh % HKV
         rows = tl.arange(0, BLOCK_G)
         dims = tl.arange(0, BLOCK_D)
-        toks = tl.arange(0, BS)
+        toks = tl.arange(0, BS * STEP)  # STEP kept blocks per iteration: more loads in flight
+        slot = toks // BS
         row_ok = rows < G
         dim_ok = dims < D
         q_ptrs = Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :]
@@ -76,11 +77,12 @@ if triton is not None:
         first = split * BLOCKS_PER_SPLIT
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        for jj in range(0, BLOCKS_PER_SPLIT):
-            j = first + jj
-            live = j < NUM_KEPT  # the last split may have fewer blocks: masked loads read nothing
+        for jj in range(0, BLOCKS_PER_SPLIT, STEP):
+            j = first + jj + slot
+            # the split's last step may reach past its share (or the kept list): masked loads read nothing
+            live = (j < NUM_KEPT) & (jj + slot < BLOCKS_PER_SPLIT)
             blk = tl.load(IDX + bh * NUM_KEPT + j, mask=live, other=0)
-            t = blk * BS + toks
+            t = blk * BS + toks % BS
             ok = (t >= 0) & (t < N) & live  # an out-of-range block index reads nothing
             if HAS_VALID:
                 ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
@@ -176,9 +178,10 @@ if triton is not None:
                 hi = tl.where(n > 0, hi, 0.0)
                 tl.store(KMIN + (bh * CAP + j) * D + dims, lo, mask=dim_ok)
                 tl.store(KMAX + (bh * CAP + j) * D + dims, hi, mask=dim_ok)
-                if h == 0:
-                    tl.store(COUNT + b * CAP + j, n)
-        tl.debug_barrier()  # the stores above are read back below by other threads
+                # Every head's program writes its batch's (identical) count: step 2 reads it
+                # back, and only this program's own stores are ordered before that read.
+                tl.store(COUNT + b * CAP + j, n)
+        tl.debug_barrier()  # the stores above are read back below by other threads of this program
         # 2. Quest's bound summed over the group: (sum_g relu(q_g)) . max + (sum_g min(q_g, 0)) . min
         rows = tl.arange(0, BLOCK_G)
         q = tl.load(Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :],
@@ -199,11 +202,16 @@ if triton is not None:
         tl.store(SCORES + bh * NB + blocks, score, mask=live)
 
 
+#: Launch parameters of the partial kernel (programs per SM, kept blocks per loop step,
+#: warps, pipeline stages); `benchmarks/gpu_decode.py --sweep` measures the alternatives.
+PARTIAL_LAUNCH = {"programs_per_sm": 4, "step": 1, "num_warps": 4, "num_stages": 3}
+
+
 def _num_splits(items: int, kept: int, device: torch.device) -> int:
-    """Splits per (batch, kv head): about four programs per SM (enough loads in flight to
-    keep HBM busy), at least 4 blocks a split."""
+    """Splits per (batch, kv head): about ``programs_per_sm`` programs per SM (enough loads
+    in flight to keep HBM busy), at least 4 blocks a split."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    want = max(1, math.ceil(4 * sms / max(items, 1)))
+    want = max(1, math.ceil(PARTIAL_LAUNCH["programs_per_sm"] * sms / max(items, 1)))
     return max(1, min(want, math.ceil(kept / 4), 64))
 
 
@@ -244,7 +252,8 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         valid.stride(0) if key_valid is not None else 0,
         scale * 1.4426950408889634,
         HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=block_d, BS=block_size,
-        IEEE=q.dtype == torch.float32, num_warps=4, num_stages=3,
+        STEP=PARTIAL_LAUNCH["step"], IEEE=q.dtype == torch.float32,
+        num_warps=PARTIAL_LAUNCH["num_warps"], num_stages=PARTIAL_LAUNCH["num_stages"],
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)

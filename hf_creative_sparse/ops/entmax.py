@@ -23,7 +23,8 @@ Backends:
 * ``cpu`` (csrc/cpu/entmax_fwd.cpp) and ``cuda`` (csrc/cuda/entmax_fwd*.cu): the compiled
   forward, block-sparse in three steps, all exact:
 
-  1. Bounds (`block_score_bounds`, here in PyTorch): every key block's centroid mu and
+  1. Bounds (`block_score_bounds`: PyTorch, or two Triton kernels on CUDA in
+     ops/entmax_bounds_triton.py): every key block's centroid mu and
      radius r (max distance of its attendable keys from mu) bound each score,
      q . k <= q . mu + |q| r (Cauchy-Schwarz); the max over a query block's rows gives
      an upper bound U[i, j] for the (query block, key block) pair.
@@ -78,6 +79,8 @@ CUDA_NEWTON_TOL = 1e-4
 NEWTON_MAX_ITERS = 60
 #: Head dims of the CUDA kernel.
 CUDA_HEAD_DIMS = (64, 128)
+#: Relative allowance of the GPU bounds for 16-bit rounding (see `block_score_bounds`).
+BOUND_MARGIN = 2.0 ** -6
 #: Elements of one score chunk in the reference and the bounds (memory cap, float32).
 _CHUNK_ELEMS = 1 << 25
 
@@ -291,6 +294,11 @@ def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
     attendable key. The smaller of two bounds over a key block's attendable keys: the ball
     (centroid mu, radius r: s <= scale q . mu + |scale| |q| r) and the per-dimension box
     (s <= |scale| sum_d max(q_d hi_d, q_d lo_d)). Causal pairs above the diagonal are -inf."""
+    from . import entmax_bounds_triton
+
+    if entmax_bounds_triton.unavailable_reason(inp) is None:  # CUDA, 16-bit: two kernels, no score-sized temporaries
+        bounds = entmax_bounds_triton.block_score_bounds_triton(inp, BOUND_MARGIN)
+        return bounds.masked_fill(~_attendable_blocks(inp), float("-inf"))
     b, hq, nq, d = inp.q.shape
     hkv, nk = inp.heads_kv, inp.len_k
     mq, mk = inp.num_q_blocks, inp.num_k_blocks
@@ -346,7 +354,7 @@ def block_score_bounds(inp: AttentionInputs) -> torch.Tensor:
             3, keepdim=True)
     if half:
         size = mu_q.norm(dim=-1) + rad_q + torch.maximum(hi_q.abs(), lo_q.abs()).norm(dim=-1)  # [B, Hq, Mk]
-        bounds += 2.0 ** -6 * abs(scale) * q_norm_max * size.unsqueeze(2)
+        bounds += BOUND_MARGIN * abs(scale) * q_norm_max * size.unsqueeze(2)
     return bounds.masked_fill(~_attendable_blocks(inp), float("-inf"))
 
 
