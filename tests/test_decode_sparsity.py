@@ -140,13 +140,14 @@ def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_o
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1 with triton")
-@pytest.mark.parametrize("padded", [False, True])
-def test_fused_triton_statistics_and_scores_equal_recomputation(padded):
+@pytest.mark.parametrize("padded, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+def test_fused_triton_statistics_and_scores_equal_recomputation(padded, dtype):
+    """16-bit keys keep 16-bit statistics (exact: min and max are keys)."""
     dev = _device("triton")
     g = torch.Generator().manual_seed(9)
     b, hq, hkv, n0, d, bs = 2, 6, 2, 90, 24, 16
-    keys = torch.randn(b, hkv, n0 + 20, d, generator=g)
-    q = torch.randn(b, hq, d, generator=g)
+    keys = torch.randn(b, hkv, n0 + 20, d, generator=g).to(dtype)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
     valid = torch.ones(b, n0 + 20, dtype=torch.bool)
     if padded:
         valid[1, :37] = False
@@ -166,6 +167,7 @@ def test_fused_triton_statistics_and_scores_equal_recomputation(padded):
         assert torch.equal(torch.isfinite(scores.cpu()), finite)
         assert torch.allclose(scores.cpu()[finite], ref[finite], atol=1e-4)
     assert kinds == ["rebuilt", "incremental", "incremental", "incremental"]
+    assert stats._min.dtype == dtype and stats._max.dtype == dtype  # half the bytes the scores read
 
 
 def test_changed_cache_is_rebuilt_not_updated():

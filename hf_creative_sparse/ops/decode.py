@@ -173,7 +173,7 @@ class KeyBlockStats:
         self.length = 0
         self.updates = 0
         self.rebuilds = 0
-        self._min: torch.Tensor | None = None  # [B, H, capacity, D] float32
+        self._min: torch.Tensor | None = None  # [B, H, capacity, D] float32 (fused CUDA path: the keys' 16-bit dtype)
         self._max: torch.Tensor | None = None
         self._count: torch.Tensor | None = None  # [B, capacity] int32
         self._last_row: torch.Tensor | None = None  # [B, H, D]: the last key described
@@ -185,16 +185,16 @@ class KeyBlockStats:
 
     @property
     def kmin(self) -> torch.Tensor:
-        """float32 [B, H, num_blocks, D] (a view)."""
+        """float32 [B, H, num_blocks, D] (a view, or a float32 copy of 16-bit statistics)."""
         if self._min is None:
             raise RuntimeError("KeyBlockStats.update has not been called")
-        return self._min[:, :, :self.num_blocks]
+        return self._min[:, :, :self.num_blocks].float()
 
     @property
     def kmax(self) -> torch.Tensor:
         if self._max is None:
             raise RuntimeError("KeyBlockStats.update has not been called")
-        return self._max[:, :, :self.num_blocks]
+        return self._max[:, :, :self.num_blocks].float()
 
     @property
     def counts(self) -> torch.Tensor:
@@ -208,9 +208,9 @@ class KeyBlockStats:
         self.length = 0
         self._min = self._max = self._count = self._last_row = None
 
-    def _matches(self, keys: torch.Tensor, padded: bool, verify: bool) -> bool:
+    def _matches(self, keys: torch.Tensor, padded: bool, verify: bool, dtype: torch.dtype) -> bool:
         b, h, n, d = keys.shape
-        if self._min is None or n <= self.length or padded != self._padded:
+        if self._min is None or n <= self.length or padded != self._padded or self._min.dtype != dtype:
             return False
         if tuple(self._min.shape[:2]) != (b, h) or self._min.shape[3] != d or self._min.device != keys.device:
             return False
@@ -240,7 +240,7 @@ class KeyBlockStats:
         if padded and (key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (b, n)):
             raise ValueError(f"key_padding_mask must be bool [B, N] = [{b}, {n}], got "
                              f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-        first, kind = self._prepare(keys, padded, verify)
+        first, kind = self._prepare(keys, padded, verify, torch.float32)
         op = _cpu_ops("decode_block_stats") if keys.device.type == "cpu" and keys.dtype == torch.float32 \
             and keys.stride(3) == 1 else None
         bs, blocks = self.block_size, -(-n // self.block_size)
@@ -266,23 +266,26 @@ class KeyBlockStats:
             return kind, force_blocks(self.scores(q, key_padding_mask is not None), sink_blocks, recent_blocks)
         from .decode_triton import stats_and_scores_triton
 
-        first, kind = self._prepare(keys, key_padding_mask is not None, verify)
+        # 16-bit keys: min and max are keys themselves, exact in their dtype, and the scores
+        # kernel then reads half the bytes (the statistics are 1/16 of K at block size 32)
+        dtype = keys.dtype if keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        first, kind = self._prepare(keys, key_padding_mask is not None, verify, dtype)
         scores = stats_and_scores_triton(q, keys, key_padding_mask, self._min, self._max, self._count,
                                          self.block_size, first, sink_blocks, recent_blocks,
                                          key_padding_mask is not None)
         self._finish(keys, verify)
         return kind, scores
 
-    def _prepare(self, keys: torch.Tensor, padded: bool, verify: bool) -> tuple[int, str]:
-        """(first block to recompute, "incremental" | "rebuilt"), buffers sized for the cache."""
+    def _prepare(self, keys: torch.Tensor, padded: bool, verify: bool, dtype: torch.dtype) -> tuple[int, str]:
+        """(first block to recompute, "incremental" | "rebuilt"), buffers of ``dtype`` sized for the cache."""
         b, h, n, d = keys.shape
         blocks = -(-n // self.block_size)
-        if self._matches(keys, padded, verify):
+        if self._matches(keys, padded, verify, dtype):
             self._ensure_capacity(blocks)
             self.updates += 1
             return self.length // self.block_size, "incremental"  # the partly filled block whole
         capacity = blocks + _SPARE_BLOCKS
-        self._min = torch.empty(b, h, capacity, d, dtype=torch.float32, device=keys.device)
+        self._min = torch.empty(b, h, capacity, d, dtype=dtype, device=keys.device)
         self._max = torch.empty_like(self._min)
         self._count = torch.zeros(b, capacity, dtype=torch.int32, device=keys.device)
         self._padded = padded

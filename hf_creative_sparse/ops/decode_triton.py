@@ -176,8 +176,8 @@ if triton is not None:
                 hi = tl.max(tl.where(ok[:, None], k, float("-inf")), 0)
                 lo = tl.where(n > 0, lo, 0.0)
                 hi = tl.where(n > 0, hi, 0.0)
-                tl.store(KMIN + (bh * CAP + j) * D + dims, lo, mask=dim_ok)
-                tl.store(KMAX + (bh * CAP + j) * D + dims, hi, mask=dim_ok)
+                tl.store(KMIN + (bh * CAP + j) * D + dims, lo.to(KMIN.dtype.element_ty), mask=dim_ok)
+                tl.store(KMAX + (bh * CAP + j) * D + dims, hi.to(KMAX.dtype.element_ty), mask=dim_ok)
                 # Every head's program writes its batch's (identical) count: step 2 reads it
                 # back, and only this program's own stores are ordered before that read.
                 tl.store(COUNT + b * CAP + j, n)
@@ -191,8 +191,8 @@ if triton is not None:
         blocks = start + tl.arange(0, TILE)
         live = blocks < NB
         offs = (bh * CAP + blocks)[:, None] * D + dims[None, :]
-        hi = tl.load(KMAX + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
-        lo = tl.load(KMIN + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        hi = tl.load(KMAX + offs, mask=live[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        lo = tl.load(KMIN + offs, mask=live[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
         score = tl.sum(hi * pos[None, :] + lo * neg[None, :], 1)
         if USE_COUNTS:
             cnt = tl.load(COUNT + b * CAP + blocks, mask=live, other=0)
@@ -204,7 +204,7 @@ if triton is not None:
 
 #: Launch parameters of the partial kernel (programs per SM, kept blocks per loop step,
 #: warps, pipeline stages); `benchmarks/gpu_decode.py --sweep` measures the alternatives.
-PARTIAL_LAUNCH = {"programs_per_sm": 4, "step": 1, "num_warps": 4, "num_stages": 3}
+PARTIAL_LAUNCH = {"programs_per_sm": 8, "step": 2, "num_warps": 4, "num_stages": 2}
 
 
 def _num_splits(items: int, kept: int, device: torch.device) -> int:
@@ -273,7 +273,8 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
                             first_block: int, sink_blocks: int, recent_blocks: int, use_counts: bool) -> torch.Tensor:
     """One launch per decode step for `KeyBlockStats` on CUDA: recompute the per-block
     min/max (and attendable counts) of blocks [first_block, ceil(N / block_size)) of
-    ``keys`` [B, Hkv, N, D] into ``kmin``/``kmax`` (float32 [B, Hkv, capacity, D]) and
+    ``keys`` [B, Hkv, N, D] into ``kmin``/``kmax`` ([B, Hkv, capacity, D], float32 or the
+    keys' 16-bit dtype, which holds them exactly) and
     ``count`` (int32 [B, capacity]), then score every block for the decode rows q
     [B, Hq, D] (`ops.decode.block_scores`), with the sink and recent blocks at +inf so a
     top-k keeps them. Returns float32 [B, Hkv, num_blocks]."""

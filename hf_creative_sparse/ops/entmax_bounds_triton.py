@@ -104,9 +104,8 @@ if triton is not None:
                     mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         qf = q.to(tl.float32)
         q_norm = tl.sqrt(tl.sum(qf * qf, 1))  # [BLOCK_M]
-        zero = tl.zeros_like(q)
-        q_pos = tl.maximum(q, zero)
-        q_neg = tl.minimum(q, zero)
+        q_pos = tl.where(q > 0, q, 0.0).to(q.dtype)  # exact in 16 bits
+        q_neg = tl.where(q < 0, q, 0.0).to(q.dtype)
         blocks = t * TN + tl.arange(0, TN)
         b_ok = blocks < MK
         offs = (bkv * MK + blocks)[None, :] * BLOCK_D + dims[:, None]  # [BLOCK_D, TN]
