@@ -38,7 +38,8 @@ numbers are reported):
   ``_native_cudnn``;
 * N-GPU sparse: the same with ``creative_sparse`` (each rank: its heads, whole sequence).
 
-Timing: ``--warmup`` untimed forwards, then ``--iters`` forwards, each bracketed by a
+Timing: one denoising loop per variant (decreasing timesteps, `loop_timesteps`): ``--warmup``
+untimed forwards, then ``--iters`` forwards, each bracketed by a
 device synchronize and a barrier; per forward the slowest rank's wall time; the median is
 reported. Attention ms is the backend's own per-layer time (CUDA events, `sparsity_report`)
 summed over layers, per forward (creative_sparse variants only). Checks (exit code 1 when
@@ -156,13 +157,22 @@ def build_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     g = torch.Generator().manual_seed(2)
     text_dim = 32 if args.tiny else 4096
     text = torch.randn(1, 64 if args.tiny else 512, text_dim, generator=g).to(device, dtype)
-    return dict(hidden_states=latent, encoder_hidden_states=text, timestep=torch.tensor([500.0], device=device),
-                return_dict=False)
+    return dict(hidden_states=latent, encoder_hidden_states=text, return_dict=False)  # timestep: loop_timesteps
 
 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def loop_timesteps(args: argparse.Namespace) -> list[torch.Tensor]:
+    """One denoising loop's decreasing timesteps: the warm-up forwards, the timed ones, and
+    one more for the error measurement. A bare transformer's step clock reads them (a smaller
+    timestep is the next step), so a variant with an error target measures its budgets in
+    its first (dense) step and reuses them after, as in a pipeline; with one repeated
+    timestep every forward would be step 0."""
+    n = args.warmup + args.iters + 1
+    return [torch.tensor([999.0 - 998.0 * i / (n - 1)]) for i in range(n)]
 
 
 def time_forwards(model: torch.nn.Module, inputs: dict, args: argparse.Namespace, device: torch.device,
@@ -171,18 +181,19 @@ def time_forwards(model: torch.nn.Module, inputs: dict, args: argparse.Namespace
     the output of the last forward. ``group`` None: this rank alone. ``after_warmup`` runs
     between the warm-up and the timed forwards (e.g. to reset statistics)."""
     out = None
+    schedule = [t.to(device) for t in loop_timesteps(args)]
     with torch.no_grad():
-        for _ in range(args.warmup):
-            out = model(**inputs)[0]
+        for i in range(args.warmup):
+            out = model(**inputs, timestep=schedule[i])[0]
         if after_warmup is not None:
             after_warmup()
         times = []
-        for _ in range(args.iters):
+        for i in range(args.warmup, args.warmup + args.iters):
             sync(device)
             if group is not None:
                 dist.barrier(group=group)
             start = time.perf_counter()
-            out = model(**inputs)[0]
+            out = model(**inputs, timestep=schedule[i])[0]
             sync(device)
             elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
             if group is not None:
@@ -201,7 +212,7 @@ def attention_ms(model: torch.nn.Module, forwards: int) -> tuple[float, float]:
     return total, sum(kept) / len(kept)
 
 
-def measure_l1(model: torch.nn.Module, inputs: dict) -> list[float]:
+def measure_l1(model: torch.nn.Module, inputs: dict, args: argparse.Namespace) -> list[float]:
     """One forward with a hook on every video self-attention: relative L1 of its output
     against dense attention on the same inputs (this rank's heads)."""
     from hf_creative_sparse.ops.dense import dense_attention
@@ -215,7 +226,8 @@ def measure_l1(model: torch.nn.Module, inputs: dict) -> list[float]:
     removers = [layer.active_state().add_hook(hook) for name, layer in db.backend_layers(model).items()
                 if name.endswith("attn1")]
     with torch.no_grad():
-        model(**inputs)
+        last = loop_timesteps(args)[-1].to(next(model.parameters()).device)
+        model(**inputs, timestep=last)  # the loop's next step: sparse, as timed
     for remove in removers:
         remove()
     return errors
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                                    budget=name.split(" ", 2)[2] if sparse else None)
         if sparse:
             row["attention_ms"], row["kept"] = attention_ms(model, args.iters)
-            errors = measure_l1(model, inputs)
+            errors = measure_l1(model, inputs, args)
             if gpus > 1:
                 errors = gather_floats(errors, device)
                 row["kept"] = statistics.mean(gather_floats([row["kept"]], device))
