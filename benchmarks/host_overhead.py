@@ -72,7 +72,14 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=None, help="calls a batch (CUDA 200, CPU 400)")
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved CUDA-event rounds")
+    parser.add_argument("--layer", action="store_true",
+                        help="Flux shape (B1 H24 N4608 D128, 512 text tokens) through a patched layer's "
+                             "`LayerState.attend` (default config and target 0.03, a denoising loop past its "
+                             "warm-up), with a cProfile of its calls")
     args = parser.parse_args()
+    if args.layer:
+        layer_main(args)
+        return
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     calls = args.calls or (200 if cuda else 400)
@@ -136,6 +143,67 @@ def main() -> None:
         ratio = statistics.median(r["cuDNN SDPA"] / r[name] for r in per_round)
         median = statistics.median(r[name] for r in per_round)
         print(f"  {name:24s} {median:7.1f} us   speed {ratio:.3f}x of cuDNN SDPA")
+
+
+def layer_main(args: argparse.Namespace) -> None:
+    """Host and CUDA-event time per call of `LayerState.attend` at the Flux shape against
+    cuDNN SDPA and `dense_attention`, then where the layer's host time goes (cProfile)."""
+    import cProfile
+    import pstats
+
+    from hf_creative_sparse.integrations.state import LayerState, PatchOptions, StepClock
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    b, h, n, d, text = 1, 24, 4608, 128, 512
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
+    inp = attention_inputs(q, k, v)
+    sync: Fn = torch.cuda.synchronize if cuda else (lambda: None)
+    cudnn_ctx: Callable = (lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION)) if cuda else contextlib.nullcontext
+    layers = {}
+    for name, cfg in (("default", SparseAttentionConfig()), ("target 0.03", SparseAttentionConfig(target_l1=0.03))):
+        clock = StepClock(10_000, source="scheduler")
+        layer = LayerState(f"flux.{name}", cfg, clock=clock, options=PatchOptions())
+        clock.begin(10_000)
+
+        def call(layer: LayerState = layer, clock: StepClock = clock) -> object:
+            clock.on_forward()
+            out = layer.attend(q, k, v, dense_prefix=text)
+            clock.advance()
+            return out
+
+        for _ in range(3):  # past the dense warm-up step and its measurement
+            call()
+        sync()
+        layers[name] = (layer, call)
+        st = layer.last_stats
+        print(f"layer {name}: backend={st.backend!r} kept={float(st.kept_fraction):.3f} reason={st.fallback_reason!r}")
+    rows = [("F.sdpa (cuDNN)", lambda: F.scaled_dot_product_attention(q, k, v), cudnn_ctx),
+            ("dense_attention(inp)", lambda: dense_attention(inp), contextlib.nullcontext)]
+    rows += [(f"LayerState.attend ({name})", call, contextlib.nullcontext) for name, (_, call) in layers.items()]
+    calls = args.calls or 100
+    print(f"\n{'call':44s} {'host us/call':>13s}")
+    for name, fn, ctx in rows:
+        print(f"{name:44s} {host_us(fn, calls, args.batches, sync, ctx):13.2f}")
+    if cuda:
+        fns = {name: (fn, ctx) for name, fn, ctx in rows}
+        per_round = event_us(fns, device, args.rounds)
+        print(f"\nCUDA events, per call (median of {args.rounds} interleaved rounds of 200 calls):")
+        for name in fns:
+            ratio = statistics.median(r["F.sdpa (cuDNN)"] / r[name] for r in per_round)
+            print(f"  {name:40s} {statistics.median(r[name] for r in per_round):8.1f} us   "
+                  f"speed {ratio:.3f}x of cuDNN SDPA")
+    for name, (_, call) in layers.items():
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            call()
+        sync()
+        prof.disable()
+        print(f"\ncProfile of {calls} calls of LayerState.attend ({name}), by own time:")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":
