@@ -322,6 +322,116 @@ def sweep(dev: torch.device, contexts=(32768, 131072), budget: float = 0.25, ite
         torch.cuda.empty_cache()
 
 
+def host_profile(run, steps: int, top: int = 14) -> None:
+    """cProfile of ``run`` (``steps`` decode steps): the host functions that issue a step."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    run()
+    prof.disable()
+    torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    log(f"    host profile over {steps} steps (tottime order):")
+    for line in buf.getvalue().splitlines():
+        if line.strip() and ("/" in line or "{" in line or "ncalls" in line):
+            log("      " + line.strip()[:150])
+
+
+def kernel_gpu_us(fn, iters: int) -> dict[str, float]:
+    """GPU microseconds per call of each CUDA kernel ``fn`` launches (torch.profiler), so a
+    launch-bound loop still shows the kernels' own time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(iters):
+            fn(i)
+        torch.cuda.synchronize()
+    out: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            out[ev.name[:60]] = out.get(ev.name[:60], 0.0) + ev.device_time / iters
+    return out
+
+
+def stats_launch_sweep(q: torch.Tensor, kbuf: torch.Tensor, context: int, iters: int) -> None:
+    """The statistics + scores kernel's GPU time (one new key a step) under each
+    `decode_triton.STATS_LAUNCH`."""
+    from hf_creative_sparse.ops import decode_triton as dt
+
+    default = dict(dt.STATS_LAUNCH)
+    for tile in (8, 16, 32, 64):
+        for warps in (1, 2, 4, 8):
+            dt.STATS_LAUNCH.update(tile=tile, num_warps=warps)
+            st = dm.KeyBlockStats(32)
+            grown = [context]
+
+            def grow(i: int) -> None:
+                grown[0] += 1
+                st.update_and_score(kbuf[:, :, :grown[0]], None, q, verify=False, sink_blocks=1, recent_blocks=2,
+                                    fused=True)
+            grow(0)
+            grow(0)
+            us = kernel_gpu_us(grow, iters).get("_stats_scores_kernel", math.nan)
+            log(f"    stats+scores tile {tile} warps {warps}: {us:.1f} us GPU")
+    dt.STATS_LAUNCH.update(default)
+
+
+def profile_step(dev: torch.device, contexts=(32768, 131072), budget: float = 0.25, steps: int = 30) -> None:
+    """Where one sparse decode step's time goes: GPU time per kernel (torch.profiler), the
+    whole step (CUDA events) and the host's time to issue it, with the one-launch Triton
+    selection and with torch.topk, against SDPA on the same cache."""
+    b, hq, hkv, d = 8, 32, 8, 128
+    for context in contexts:
+        g = torch.Generator(device=dev).manual_seed(0)
+        grow = 32 * steps + 64
+        kbuf = torch.randn(b, hkv, context + grow, d, device=dev, dtype=torch.bfloat16, generator=g)
+        vbuf = torch.randn(b, hkv, context + grow, d, device=dev, dtype=torch.bfloat16, generator=g)
+        q = torch.randn(b, hq, 1, d, device=dev, dtype=torch.bfloat16, generator=g)
+        k, v = kbuf[:, :, :context], vbuf[:, :, :context]
+        dense_ms = cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps)
+        dense_ms = min(dense_ms, cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps))
+        for select in ("triton", "topk"):
+            st = dm.DecodeState(dm.DecodeSparsityConfig(budget=budget, min_context=0, verify_cache=False,
+                                                        backend="triton"))
+            length = [context]
+            saved = dm._triton_select_max
+            if select == "topk":
+                dm._triton_select_max = lambda: 0
+            try:
+                def step(i):
+                    length[0] += 1
+                    st.attend(q, kbuf[:, :, :length[0]], vbuf[:, :, :length[0]])
+                for i in range(steps):  # the first builds the statistics
+                    step(i)
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for i in range(steps):
+                    step(i)
+                host_ms = (time.perf_counter() - t0) * 1e3 / steps  # issue time (the queue absorbs it)
+                torch.cuda.synchronize()
+                step_ms = min(cuda_time(step, steps) for _ in range(3))
+                kernels = {name: us / 1e3 for name, us in kernel_gpu_us(step, steps).items()}
+            finally:
+                dm._triton_select_max = saved
+            gpu_ms = sum(kernels.values())
+            log(f"  profile context {context} select={select}: step {step_ms:.3f} ms (SDPA {dense_ms:.3f} ms, "
+                f"{dense_ms / step_ms:.2f}x), GPU busy {gpu_ms:.3f} ms, host issue {host_ms:.3f} ms")
+            for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
+                log(f"    {ms * 1e3:8.1f} us  {name}")
+            if select == "triton":
+                host_profile(lambda: [step(i) for i in range(steps)], steps)
+        if "--stats-sweep" in sys.argv:
+            stats_launch_sweep(q[:, :, 0], kbuf, context, steps)
+        kbuf = vbuf = k = v = None
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device")
@@ -329,6 +439,10 @@ def main() -> int:
     dev = torch.device("cuda")
     import triton
 
+    if "--profile" in sys.argv:
+        log(f"device {torch.cuda.get_device_name()}, triton {triton.__version__}")
+        profile_step(dev)
+        return 0
     if "--sweep" in sys.argv:
         log(f"device {torch.cuda.get_device_name()}, triton {triton.__version__}")
         sweep(dev)

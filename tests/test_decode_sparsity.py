@@ -170,6 +170,42 @@ def test_fused_triton_statistics_and_scores_equal_recomputation(padded, dtype):
     assert stats._min.dtype == dtype and stats._max.dtype == dtype  # half the bytes the scores read
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1 with triton")
+@pytest.mark.parametrize("nb, keep", [(1, 1), (37, 10), (300, 75), (1024, 256)])
+def test_triton_block_selection_keeps_the_top_scores(nb, keep):
+    """The one-launch selection keeps a set of `keep` blocks whose scores are the `keep`
+    largest (as torch.topk), in ascending block order, with ties, +-inf and negatives."""
+    from hf_creative_sparse.ops.decode_triton import select_blocks_triton
+
+    dev = _device("triton")
+    g = torch.Generator().manual_seed(nb)
+    scores = torch.randn(2, 3, nb, generator=g)
+    scores[0, 0] = torch.randint(-3, 3, (nb,), generator=g).float()  # many ties at the cut
+    scores[0, 1, :nb // 3] = -math.inf  # empty blocks
+    scores[1, 0, -2:] = math.inf  # forced blocks
+    scores[1, 1] = -scores[1, 1].abs() - 1e-30  # all negative, one tiny
+    idx = select_blocks_triton(scores.to(dev), keep).cpu()
+    assert idx.shape == (2, 3, keep) and idx.dtype == torch.int64
+    assert torch.equal(idx, idx.sort(-1).values) and bool((idx[..., 1:] > idx[..., :-1]).all())
+    kept = torch.gather(scores, 2, idx).sort(-1, descending=True).values
+    assert torch.equal(kept, scores.topk(keep, -1).values)
+    with pytest.raises(ValueError, match="keep"):
+        select_blocks_triton(scores.to(dev), nb + 1)
+
+
+def test_sparse_step_checks_its_operands_before_any_kernel():
+    state = dm.DecodeState(dm.DecodeSparsityConfig(budget=0.25, min_context=0, backend="torch"))
+    q = torch.randn(1, 4, 1, 16)
+    k = torch.randn(1, 2, 300, 16)
+    with pytest.raises(ValueError, match="k and v must be"):
+        state.attend(q, k, torch.randn(1, 2, 299, 16))
+    with pytest.raises(TypeError, match="share a dtype"):
+        state.attend(q, k, k.double())
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        state.attend(q, k, k, key_padding_mask=torch.ones(1, 299, dtype=torch.bool))
+    assert state.report()["calls"] == 0
+
+
 def test_changed_cache_is_rebuilt_not_updated():
     g = torch.Generator().manual_seed(6)
     keys = torch.randn(2, 2, 70, 8, generator=g)

@@ -517,6 +517,21 @@ def _check_decode_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bl
                          f"got {key_valid.dtype} {tuple(key_valid.shape)}")
 
 
+def _check_step_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> None:
+    """A decode step's q [B, Hq, D] against its cache k, v [B, Hkv, N, D] (the cheap part of
+    `_check_decode_operands`: the block indices are made by the step itself)."""
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[3] != q.shape[2] \
+            or q.shape[1] % k.shape[1]:
+        raise ValueError(f"k and v must be [B, Hkv, N, D] matching q [B, Hq, 1, D] with Hkv dividing Hq, got "
+                         f"q={tuple(q.shape)}, k={tuple(k.shape)}, v={tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.device != k.device or v.device != k.device:
+        raise TypeError(f"q, k, v must share a dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                        f"{q.device}/{k.device}/{v.device}")
+    if key_valid is not None and (key_valid.dtype != torch.bool or key_valid.shape != (k.shape[0], k.shape[2])):
+        raise ValueError(f"key_padding_mask must be bool [B, N] = [{k.shape[0]}, {k.shape[2]}], "
+                         f"got {key_valid.dtype} {tuple(key_valid.shape)}")
+
+
 # -- one layer's policy ---------------------------------------------------------------------
 
 
@@ -621,14 +636,27 @@ class DecodeState:
             keep, nb = plan
             c = self.config
             q3 = q[:, :, 0]
+            _check_step_operands(q3, k, v, key_padding_mask)  # before any kernel reads them
             backend = resolve_decode_backend(c.backend, q3)
             fused = backend == "triton" and _pow2(c.block_size) and c.block_size >= 16
             kind, scores = self.stats.update_and_score(k, key_padding_mask, q3, verify=c.verify_cache,
                                                        sink_blocks=c.sink_blocks, recent_blocks=c.recent_blocks,
                                                        fused=fused)
-            idx = select_key_blocks(scores, keep, sort=not fused)
-            out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale,
-                                                  backend if fused or backend != "triton" else "torch")
+            if fused and nb <= _triton_select_max():
+                from .decode_triton import select_blocks_triton
+
+                idx = select_blocks_triton(scores, keep)  # one launch; torch.topk takes several
+            else:
+                idx = select_key_blocks(scores, keep, sort=not fused)
+            if fused:  # operands checked above; the public entry point's checks cost host time per step
+                from .decode_triton import decode_block_attention_triton
+
+                out3, _ = decode_block_attention_triton(q3, k, v, idx, c.block_size, key_padding_mask,
+                                                        float(scale) if scale is not None else q.shape[-1] ** -0.5)
+                ran = "triton"
+            else:
+                out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale,
+                                                      "torch" if backend == "triton" else backend)
             out = out3[:, :, None]
             stats = DecodeStats(kept_fraction=keep / nb, backend=ran, num_blocks=nb, kept_blocks=keep,
                                 stats_update=kind, block_idx=idx)
@@ -669,6 +697,12 @@ class DecodeState:
             "stats_updates": self.stats.updates,
             "stats_rebuilds": self.stats.rebuilds,
         }
+
+
+def _triton_select_max() -> int:
+    from .decode_triton import SELECT_MAX_BLOCKS
+
+    return SELECT_MAX_BLOCKS
 
 
 def _pow2(x: int) -> bool:

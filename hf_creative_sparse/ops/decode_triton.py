@@ -47,7 +47,9 @@ def unavailable_reason(q: torch.Tensor) -> str | None:
 
 if triton is not None:
 
-    @triton.jit
+    # Lengths and counts change every decode step: specializing on them (divisibility by 16,
+    # equality to 1) would compile a new variant inside the decode loop.
+    @triton.jit(do_not_specialize=["N", "NUM_KEPT", "BLOCKS_PER_SPLIT", "SPLITS"])
     def _decode_partial_kernel(
         Q, K, V, IDX, VALID, PART_O, PART_M, PART_L,
         N, G, D, NUM_KEPT, BLOCKS_PER_SPLIT, SPLITS, HKV,
@@ -56,8 +58,8 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn,
         stride_valid_b,
         scale_log2,
-        HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-        STEP: tl.constexpr, IEEE: tl.constexpr,
+        HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, GP: tl.constexpr, BLOCK_D: tl.constexpr,
+        BS: tl.constexpr, STEP: tl.constexpr, IEEE: tl.constexpr,
     ):
         bh = tl.program_id(0)
         split = tl.program_id(1)
@@ -106,45 +108,47 @@ if triton is not None:
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * corr[:, None] + pv.to(tl.float32)
             m_i = m_new
-        base = (bh * SPLITS + split) * BLOCK_G
-        tl.store(PART_O + (base + rows)[:, None] * BLOCK_D + dims[None, :], acc)
-        tl.store(PART_M + base + rows, m_i)
-        tl.store(PART_L + base + rows, l_i)
+        # only the group's GP real rows (of BLOCK_G padded for tl.dot) go to the merge
+        base = (bh * SPLITS + split) * GP
+        store = rows < GP
+        tl.store(PART_O + (base + rows)[:, None] * BLOCK_D + dims[None, :], acc, mask=store[:, None])
+        tl.store(PART_M + base + rows, m_i, mask=store)
+        tl.store(PART_L + base + rows, l_i, mask=store)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["SPLITS"])
     def _decode_merge_kernel(
         PART_O, PART_M, PART_L, OUT, LSE, G, D, SPLITS, HKV, stride_ob, stride_oh,
-        BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+        GP: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, CHUNK_D: tl.constexpr,
     ):
+        # One program per (batch, kv head, CHUNK_D dims): every split's partial loaded at once
+        # ([splits, rows, dims]), not a loop over splits (a chain of dependent loads).
         bh = tl.program_id(0)
+        chunk = tl.program_id(1)
         b = bh // HKV
         h = bh % HKV
         splits = tl.arange(0, BLOCK_S)
-        rows = tl.arange(0, BLOCK_G)
-        dims = tl.arange(0, BLOCK_D)
+        rows = tl.arange(0, GP)
+        dims = chunk * CHUNK_D + tl.arange(0, CHUNK_D)
         s_ok = splits < SPLITS
-        idx = (bh * SPLITS + splits)[:, None] * BLOCK_G + rows[None, :]  # [S, G]
+        idx = (bh * SPLITS + splits)[:, None] * GP + rows[None, :]  # [S, GP]
         m = tl.load(PART_M + idx, mask=s_ok[:, None], other=float("-inf"))
         l = tl.load(PART_L + idx, mask=s_ok[:, None], other=0.0)
-        m_all = tl.max(m, 0)  # [G]
+        m_all = tl.max(m, 0)  # [GP]
         m_safe = tl.where(m_all == float("-inf"), 0.0, m_all)
-        w = tl.exp2(m - m_safe[None, :])  # [S, G]; 0 for splits that saw nothing
+        w = tl.exp2(m - m_safe[None, :])  # [S, GP]; 0 for splits that saw nothing
         l_all = tl.sum(l * w, 0)
-        out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for s in range(0, SPLITS):
-            o = tl.load(PART_O + ((bh * SPLITS + s) * BLOCK_G + rows)[:, None] * BLOCK_D + dims[None, :])
-            ms = tl.load(PART_M + (bh * SPLITS + s) * BLOCK_G + rows)
-            out += o * tl.exp2(ms - m_safe)[:, None]
+        o = tl.load(PART_O + idx[:, :, None] * BLOCK_D + dims[None, None, :], mask=s_ok[:, None, None], other=0.0)
+        out = tl.sum(o * w[:, :, None], 0)  # [GP, CHUNK_D]
         inv = tl.where(l_all > 0, 1.0 / l_all, 0.0)
         out = out * inv[:, None]
         row_ok = rows < G
         o_ptrs = OUT + b * stride_ob + (h * G + rows)[:, None] * stride_oh + dims[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & (dims < D)[None, :])
-        lse = tl.where(l_all > 0, (m_all + tl.log2(l_all)) * 0.6931471805599453, float("-inf"))
-        tl.store(LSE + b * (HKV * G) + h * G + rows, lse, mask=row_ok)
+        if chunk == 0:
+            lse = tl.where(l_all > 0, (m_all + tl.log2(l_all)) * 0.6931471805599453, float("-inf"))
+            tl.store(LSE + b * (HKV * G) + h * G + rows, lse, mask=row_ok)
 
-
-    @triton.jit
+    @triton.jit(do_not_specialize=["N", "NB", "FIRST", "CAP"])
     def _stats_scores_kernel(
         Q, K, VALID, KMIN, KMAX, COUNT, SCORES,
         N, G, D, NB, FIRST, CAP, HKV, SINK, RECENT,
@@ -201,16 +205,55 @@ if triton is not None:
         score = tl.where(forced, float("inf"), score)
         tl.store(SCORES + bh * NB + blocks, score, mask=live)
 
+    @triton.jit(do_not_specialize=["NB", "KEEP"])
+    def _select_blocks_kernel(SCORES, IDX, NB, KEEP, BLOCK: tl.constexpr):
+        # One program per row: the KEEP-th largest score by bisection on an order-preserving
+        # int32 image of the floats, then the rows' kept indices compacted by a prefix sum.
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < NB
+        bits = tl.load(SCORES + row * NB + offs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # negative floats: lower bits flipped
+        key = tl.where(ok, key, -4294967296)  # below every float's image (-inf's is -2139095041)
+        lo = tl.min(tl.where(ok, key, 4294967296), 0)
+        hi = tl.max(key, 0)
+        for _ in range(32):  # invariant: count(key >= lo) >= KEEP, count(key > hi) < KEEP
+            mid = (lo + hi + 1) >> 1
+            enough = tl.sum((key >= mid).to(tl.int32), 0) >= KEEP
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        thr = lo
+        above = key > thr
+        ties = key == thr
+        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= KEEP - tl.sum(above.to(tl.int32), 0)))
+        pos = tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(IDX + row * KEEP + pos, offs.to(tl.int64), mask=take)
+
 
 #: Launch parameters of the partial kernel (programs per SM, kept blocks per loop step,
 #: warps, pipeline stages); `benchmarks/gpu_decode.py --sweep` measures the alternatives.
 PARTIAL_LAUNCH = {"programs_per_sm": 8, "step": 2, "num_warps": 4, "num_stages": 2}
 
 
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (8 off CUDA), cached: a decode step's host
+    time is part of its cost."""
+    if device.type != "cuda":
+        return 8
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    count = _SM_COUNT.get(index)
+    if count is None:
+        count = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return count
+
+
 def _num_splits(items: int, kept: int, device: torch.device) -> int:
     """Splits per (batch, kv head): about ``programs_per_sm`` programs per SM (enough loads
     in flight to keep HBM busy), at least 4 blocks a split."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    sms = _sm_count(device)
     want = max(1, math.ceil(PARTIAL_LAUNCH["programs_per_sm"] * sms / max(items, 1)))
     return max(1, min(want, math.ceil(kept / 4), 64))
 
@@ -239,9 +282,10 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     splits = _num_splits(b * hkv, kept, q.device)
     per_split = max(1, math.ceil(kept / splits))
     splits = max(1, math.ceil(kept / per_split))
-    part_o = torch.empty(b * hkv * splits * block_g, block_d, dtype=torch.float32, device=q.device)
-    part_m = torch.empty(b * hkv * splits * block_g, dtype=torch.float32, device=q.device)
-    part_l = torch.empty_like(part_m)
+    gp = max(2, triton.next_power_of_2(g))  # rows the merge reads
+    part_o = torch.empty(b * hkv * splits * gp, block_d, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(2, b * hkv * splits * gp, dtype=torch.float32, device=q.device)
+    part_m, part_l = part_ml[0], part_ml[1]
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else part_m  # dummy when unused
     _decode_partial_kernel[(b * hkv, splits)](
         q, k, v, idx, valid, part_o, part_m, part_l,
@@ -251,21 +295,53 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         v.stride(0), v.stride(1), v.stride(2),
         valid.stride(0) if key_valid is not None else 0,
         scale * 1.4426950408889634,
-        HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=block_d, BS=block_size,
+        HAS_VALID=key_valid is not None, BLOCK_G=block_g, GP=gp, BLOCK_D=block_d, BS=block_size,
         STEP=PARTIAL_LAUNCH["step"], IEEE=q.dtype == torch.float32,
         num_warps=PARTIAL_LAUNCH["num_warps"], num_stages=PARTIAL_LAUNCH["num_stages"],
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    _decode_merge_kernel[(b * hkv,)](
+    block_s = max(2, triton.next_power_of_2(splits))
+    # about 4k partial values per merge program
+    chunk_d = max(16, min(block_d, triton.next_power_of_2(max(1, 4096 // (block_s * gp)))))
+    _decode_merge_kernel[(b * hkv, block_d // chunk_d)](
         part_o, part_m, part_l, out, lse, g, d, splits, hkv, out.stride(0), out.stride(1),
-        BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(splits)), num_warps=4,
+        GP=gp, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK_D=chunk_d, num_warps=4,
     )
     return out, lse
 
 
-#: Key blocks per program of the statistics + scores kernel.
-_SCORE_TILE = 16
+#: Largest number of blocks per row the selection kernel holds in registers.
+SELECT_MAX_BLOCKS = 32768
+
+
+def select_blocks_triton(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The indices of the ``keep`` largest of ``scores`` [B, H, NB] (float32) per row, as
+    `ops.decode.select_key_blocks` with ``sort=False`` but in one launch (torch.topk takes
+    several): int64 [B, H, keep] in ascending block order; of blocks tied at the cut, the
+    first ones. Rows of more than `SELECT_MAX_BLOCKS` blocks raise ValueError."""
+    reason = unavailable_reason(scores)
+    if reason is not None:
+        raise ValueError(reason)
+    if scores.dtype != torch.float32 or scores.dim() != 3:
+        raise ValueError(f"scores must be float32 [B, H, NB], got {scores.dtype} {tuple(scores.shape)}")
+    nb = scores.shape[2]
+    if not 1 <= keep <= nb:
+        raise ValueError(f"keep must be in [1, {nb}], got {keep}")
+    if nb > SELECT_MAX_BLOCKS:
+        raise ValueError(f"the triton selection holds at most {SELECT_MAX_BLOCKS} blocks a row, got {nb}")
+    scores = scores.contiguous()
+    idx = torch.empty(*scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
+    block = max(16, triton.next_power_of_2(nb))
+    _select_blocks_kernel[(scores.shape[0] * scores.shape[1],)](
+        scores, idx, nb, keep, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    return idx
+
+
+#: Launch parameters of the statistics + scores kernel (key blocks per program, warps):
+#: `benchmarks/gpu_decode.py --profile` measures the alternatives (H100, 8 x 8 heads x D128:
+#: one warp is 2x faster than four, 51 vs 101 us at 128k keys).
+STATS_LAUNCH = {"tile": 16, "num_warps": 1}
 
 
 def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
@@ -293,13 +369,14 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
             raise ValueError(f"{name} must be contiguous")
     scores = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else scores
-    _stats_scores_kernel[(b * hkv, triton.cdiv(nb, _SCORE_TILE))](
+    tile = STATS_LAUNCH["tile"]
+    _stats_scores_kernel[(b * hkv, triton.cdiv(nb, tile))](
         q, keys, valid, kmin, kmax, count, scores,
         n, hq // hkv, d, nb, first_block, kmin.shape[2], hkv, sink_blocks, recent_blocks,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0) if key_valid is not None else 0,
         HAS_VALID=key_valid is not None, USE_COUNTS=use_counts,
         BLOCK_G=max(2, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
-        BS=block_size, TILE=_SCORE_TILE, num_warps=4,
+        BS=block_size, TILE=tile, num_warps=STATS_LAUNCH["num_warps"],
     )
     return scores
