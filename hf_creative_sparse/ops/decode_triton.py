@@ -30,6 +30,11 @@ except ImportError:  # pragma: no cover - depends on the install
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+def _pow2_ceil(x: int) -> int:
+    """The smallest power of two >= x (x >= 1); plain Python, as the launch path runs every step."""
+    return 1 << (x - 1).bit_length()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -277,12 +282,12 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         k, v = k.contiguous(), v.contiguous()
     q = q.contiguous()
     idx = block_idx.contiguous()
-    block_g = max(16, triton.next_power_of_2(g))
-    block_d = max(16, triton.next_power_of_2(d))
+    block_g = max(16, _pow2_ceil(g))
+    block_d = max(16, _pow2_ceil(d))
     splits = _num_splits(b * hkv, kept, q.device)
     per_split = max(1, math.ceil(kept / splits))
     splits = max(1, math.ceil(kept / per_split))
-    gp = max(2, triton.next_power_of_2(g))  # rows the merge reads
+    gp = max(2, _pow2_ceil(g))  # rows the merge reads
     part_o = torch.empty(b * hkv * splits * gp, block_d, dtype=torch.float32, device=q.device)
     part_ml = torch.empty(2, b * hkv * splits * gp, dtype=torch.float32, device=q.device)
     part_m, part_l = part_ml[0], part_ml[1]
@@ -301,9 +306,9 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     )
     out = torch.empty(b, hq, d, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, dtype=torch.float32, device=q.device)
-    block_s = max(2, triton.next_power_of_2(splits))
+    block_s = max(2, _pow2_ceil(splits))
     # about 4k partial values per merge program
-    chunk_d = max(16, min(block_d, triton.next_power_of_2(max(1, 4096 // (block_s * gp)))))
+    chunk_d = max(16, min(block_d, _pow2_ceil(max(1, 4096 // (block_s * gp)))))
     _decode_merge_kernel[(b * hkv, block_d // chunk_d)](
         part_o, part_m, part_l, out, lse, g, d, splits, hkv, out.stride(0), out.stride(1),
         GP=gp, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK_D=chunk_d, num_warps=4,
@@ -332,7 +337,7 @@ def select_blocks_triton(scores: torch.Tensor, keep: int) -> torch.Tensor:
         raise ValueError(f"the triton selection holds at most {SELECT_MAX_BLOCKS} blocks a row, got {nb}")
     scores = scores.contiguous()
     idx = torch.empty(*scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
-    block = max(16, triton.next_power_of_2(nb))
+    block = max(16, _pow2_ceil(nb))
     _select_blocks_kernel[(scores.shape[0] * scores.shape[1],)](
         scores, idx, nb, keep, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return idx
@@ -376,7 +381,7 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0) if key_valid is not None else 0,
         HAS_VALID=key_valid is not None, USE_COUNTS=use_counts,
-        BLOCK_G=max(2, triton.next_power_of_2(hq // hkv)), BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_G=max(2, _pow2_ceil(hq // hkv)), BLOCK_D=max(16, _pow2_ceil(d)),
         BS=block_size, TILE=tile, num_warps=STATS_LAUNCH["num_warps"],
     )
     return scores
