@@ -232,6 +232,49 @@ def test_layer_state_dense_steps_then_sparse():
     assert row["mean_kept_fraction"] == pytest.approx((2 + state.last_stats.kept_fraction) / 3)
 
 
+def test_layer_state_dense_decision_is_remembered_per_slot_and_dropped_when_its_inputs_change(monkeypatch):
+    """A call slot decided dense from shapes and config alone (a short sequence) skips
+    validation and the policy on later calls, with the same output and stats; other
+    shapes, a bad argument, a hook or another dial value take the full path."""
+    from hf_creative_sparse.integrations import state as state_mod
+
+    cfg = SparseAttentionConfig(topk=0.3, min_seq_len=256)
+    clock = StepClock(8)
+    layer = LayerState("l", cfg, clock=clock)
+    validated = []
+    real = state_mod.attention_inputs
+    monkeypatch.setattr(state_mod, "attention_inputs", lambda *a, **kw: validated.append(1) or real(*a, **kw))
+    q, k, v = (torch.randn(2, 3, 100, 16, dtype=torch.float64).float() for _ in range(3))
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    for _ in range(3):
+        out = layer.attend(q, k, v, layout="HND", dense_prefix=4)
+        torch.testing.assert_close(out, dense, atol=1e-6, rtol=0)
+        assert layer.last_stats.fallback_reason.startswith("short sequence")
+    assert len(validated) == 1  # the first call decided; the next two reused the decision
+    nhd = layer.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD", dense_prefix=4)
+    layer.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), layout="NHD", dense_prefix=4)
+    torch.testing.assert_close(nhd, dense.transpose(1, 2), atol=1e-6, rtol=0)
+    assert len(validated) == 2
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        layer.attend(q, k, v[:, :, :99])
+    with pytest.raises(ValueError, match="dense_prefix"):
+        layer.attend(q, k, v, dense_prefix=-1)
+    long_q, long_k, long_v = (torch.randn(1, 2, 512, 16) for _ in range(3))
+    layer.attend(long_q, long_k, long_v, dense_prefix=4)
+    reason = layer.last_stats.fallback_reason  # a new shape: validated, and the policy ran
+    assert len(validated) == 5 and (reason is None or not reason.startswith("short sequence"))
+    calls = []
+    remove = layer.add_hook(calls.append)
+    layer.attend(q, k, v, dense_prefix=4)
+    remove()
+    assert len(calls) == 1 and calls[0].inputs is not None
+    row = layer.report_row()
+    assert row["calls"] == 7 and row["fallback_reasons"]["short sequence"] == 6
+    layer.clear_cache()
+    layer.attend(q, k, v, dense_prefix=4)
+    assert len(validated) == 7
+
+
 def test_layer_state_mask_refresh_and_new_loop():
     clock = StepClock(6)
     state = LayerState("l", SPARSE, clock=clock, options=PatchOptions(mask_refresh=3))

@@ -42,11 +42,11 @@ from typing import Any, Callable
 import torch
 
 from ..ops.config import SparseAttentionConfig, SparseStats
-from ..ops.attention import path_seconds_for, sparse_attention_inputs
+from ..ops.attention import early_fallback, path_seconds_for, sparse_attention_inputs
 from ..ops.estimate import estimate_budgets
 from ..ops.gpu_policy import explicit_budget_reason
 from ..ops.masks import block_scores
-from ..ops.dense import dense_attention
+from ..ops.dense import dense_attention, run_cudnn_direct
 from ..ops.inputs import AttentionInputs, attention_inputs
 from .options import PatchOptions, StepClock  # noqa: F401  (StepClock re-exported: the patches import it here)
 
@@ -105,6 +105,19 @@ class _Budgets:
     step: int
     estimated_l1: float | None
     target_l1: float
+
+
+@dataclass
+class _DenseSlot:
+    """A call slot's dense decision (`LayerState._dense_slot_key`): the config it was made
+    with, the cuDNN op to run (or None: `dense_attention`), the warm-up it applies after,
+    whether budgets were to be measured, and the stats every such call reports."""
+
+    config: SparseAttentionConfig
+    op: Any
+    warmup: int
+    measuring: bool
+    stats: SparseStats
 
 
 @dataclass
@@ -171,6 +184,7 @@ class LayerState:
         self.last_s: float | None = None
         self._hooks: list[Hook] = []
         self._masks: dict[int, _CachedMask] = {}
+        self._dense_slots: dict[tuple, _DenseSlot] = {}
         self._budgets: dict[int, _Budgets] = {}
         self._resolved: dict[tuple, SparseAttentionConfig] = {}
         self._controller = self.options.controller
@@ -243,6 +257,11 @@ class LayerState:
             dense_prefix, dense_suffix: text tokens at the start / end of the sequence;
                 they attend and are attended densely.
         """
+        fast = self._dense_slot_key(q, k, v, layout, is_causal, scale, key_padding_mask, dense_prefix, dense_suffix)
+        if fast is not None:
+            entry = self._dense_slots.get(fast[0])
+            if entry is not None and self._dense_slot_valid(entry, fast[1], dense_prefix, dense_suffix):
+                return self._attend_dense_slot(entry, q, k, v, layout, is_causal, scale, fast[1])
         inp = attention_inputs(q, k, v, layout=layout, is_causal=is_causal, scale=scale,
                                key_padding_mask=key_padding_mask)
         for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
@@ -279,6 +298,11 @@ class LayerState:
             cached = self._cached_mask(inp, cfg, step) if refresh > 1 else None
             reused = cached is not None
             out, stats = sparse_attention_inputs(inp, cfg, block_mask=cached, mask_uses=refresh)
+            if fast is not None and stats.fallback_reason is not None and not reused and stats.head_budgets is None \
+                    and stats.backend == "sdpa":
+                early = early_fallback(inp, cfg, refresh, True)
+                if early is not None and early[0] == stats.fallback_reason:  # decided from shapes and config alone
+                    self._remember_dense_slot(fast[0], _DenseSlot(cfg, early[1], warmup, measuring, stats))
             if stats.head_budgets is not None:  # an inline measurement (first call or re-measure)
                 self._store_budgets(stats.head_budgets, stats.estimated_l1, cfg.effective_target_l1, step)
             if refresh > 1 and not reused and stats.block_mask is not None:
@@ -292,6 +316,54 @@ class LayerState:
             for hook in list(self._hooks):
                 hook(call)
         return inp.to_layout(out)
+
+    # -- the dense fast path -----------------------------------------------------------
+
+    def _dense_slot_key(self, q: Any, k: Any, v: Any, layout: str, is_causal: bool, scale: Any,
+                        key_padding_mask: Any, dense_prefix: Any, dense_suffix: Any) -> tuple[tuple, float | None] | None:
+        """(key, s) of a call that may take the dense fast path, or None. A call slot whose
+        policy ran dense for its shapes and config alone (`early_fallback`: a short
+        sequence, or on the GPU "prediction cannot pay") runs dense again while nothing it
+        was decided from changes; the key holds all of that, so the call skips validation
+        (the same shapes, dtypes and devices passed it) and the policy: at the Flux shape
+        these were ~60 us of host time before a ~460 us launch."""
+        if (self._hooks or self.options.entmax_alpha is not None or key_padding_mask is not None
+                or type(dense_prefix) is not int or type(dense_suffix) is not int
+                or not (scale is None or type(scale) is float)
+                or not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and isinstance(v, torch.Tensor))):
+            return None
+        s = self.current_s()
+        key = (self.clock.call_in_step, s, dense_prefix, dense_suffix, q.shape, k.shape, v.shape, q.dtype, k.dtype,
+               v.dtype, q.device, k.device, v.device, layout, is_causal, scale)
+        return key, s
+
+    def _dense_slot_valid(self, entry: "_DenseSlot", s: float | None, dense_prefix: int, dense_suffix: int) -> bool:
+        if self.clock.step < entry.warmup or self.config_for(s, dense_prefix, dense_suffix) is not entry.config:
+            return False
+        # measured budgets replace the config: the slow path decides with them
+        return not (entry.measuring and self._budgets.get(self.clock.call_in_step) is not None)
+
+    def _remember_dense_slot(self, key: tuple, entry: "_DenseSlot") -> None:
+        if len(self._dense_slots) >= 64:  # shapes that keep changing: keep the memo bounded
+            self._dense_slots.clear()
+        self._dense_slots[key] = entry
+
+    def _attend_dense_slot(self, entry: "_DenseSlot", q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           layout: str, is_causal: bool, scale: float | None, s: float | None) -> torch.Tensor:
+        if layout == "NHD":
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        timer = self._start_timer(q.device)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        out = None
+        if entry.op is not None and q.is_contiguous() and k.is_contiguous() and v.is_contiguous():
+            out = run_cudnn_direct(entry.op, q, k, v, is_causal, scale)
+        if out is None:
+            out = dense_attention(AttentionInputs(q=q, k=k, v=v, layout="HND", is_causal=is_causal, scale=scale,
+                                                  key_padding_mask=None))
+        self._stop_timer(timer)
+        self.last_stats, self.last_s = entry.stats, s
+        self._record(entry.stats, False)
+        return out.transpose(1, 2) if layout == "NHD" else out
 
     def _measure_budgets(self, inp: AttentionInputs, cfg: SparseAttentionConfig, step: int) -> None:
         """Measure per-head budgets for ``cfg``'s error target on this call's inputs (a dense
@@ -408,9 +480,11 @@ class LayerState:
         self.last_stats = None
 
     def clear_cache(self) -> None:
-        """Forget the cached block masks (the next call predicts) and measured budgets."""
+        """Forget the cached block masks (the next call predicts), measured budgets and
+        remembered dense decisions."""
         self._masks.clear()
         self._budgets.clear()
+        self._dense_slots.clear()
 
     def report_row(self) -> dict[str, Any]:
         """This layer's statistics.
