@@ -15,14 +15,24 @@ Policies (``--policies``, comma-separated fields ``key=value``; defaults in brac
     budget [0.25]: kept fraction of the blocks (forced blocks included unless forced_out=1).
     bs [32]: block size. sink [1], recent [2]: forced leading / trailing blocks.
     score [quest_sum]: ESTIMATE_GROUP. ESTIMATE: quest (the min/max bound on q . k), mean
-        (q . mean key), gauss (log E exp(scale q . k) for the block's keys as a Gaussian with
+        (q . mean key), rem (gauss, but the log-sum-exp of n Gaussian logits of variance v
+        is n's: log n + v/2 while v <= 2 ln n, then sqrt(2 v ln n), the random energy
+        model's law: the variance term no longer exceeds the largest of n draws), gauss (log E exp(scale q . k) for the block's keys as a Gaussian with
         their per-channel mean and variance: scale q . mean + scale^2 / 2 (q*q) . var),
-        oracle (the true attention mass of the block). GROUP: sum (summed over the kv
+        oracle (the true attention mass of the block), union (per block the larger of the
+        gauss_sm and quest_sm group scores: a block either ranks high is kept), rankmix (the
+        better of the two rank positions, a block's rank being its best rank in either
+        list). GROUP: sum (summed over the kv
         head's query heads, the package's rule), sm (each head's estimates turned into
-        masses by a softmax over the blocks, summed over the group), head (each query head
+        masses by a softmax over the blocks, summed over the group), max (those masses, the
+        largest over the group), pN (those masses, the power mean of order N/10 over the
+        group: p20 = root of the summed squares), head (each query head
         selects its own blocks; the kept fraction is per query head, the union read per kv
         head is larger). oracle alone is oracle_mass.
     dense_layers [0]: first layers decoded dense. min_context [start]: shorter caches dense.
+    vscale [1.0]: the factor on the gauss variance term (0 = mean key only).
+    temp [1.0]: the factor on the logit estimates before the per-head softmax (sm, max, pN).
+    recent_tok [0]: also keep every block holding one of the last recent_tok keys (counted).
     forced_out [0]: 1 = the budget counts only the selected blocks, the forced ones on top.
     pool [0]: 1 = every skipped block enters the softmax as one pooled key (mean key, mean
         value, logit + log of its key count).
@@ -60,6 +70,9 @@ class Policy:
     min_context: int | None = None
     forced_out: bool = False
     pool: bool = False
+    vscale: float = 1.0
+    temp: float = 1.0
+    recent_tok: int = 0
 
     @classmethod
     def parse(cls, text: str) -> "Policy":
@@ -70,7 +83,7 @@ class Policy:
             key, value = part.split("=", 1)
             if key not in cls.__dataclass_fields__ or key == "dense":
                 raise ValueError(f"unknown policy field {key!r} in {text!r}")
-            if key in ("budget",):
+            if key in ("budget", "vscale", "temp"):
                 kw[key] = float(value)
             elif key in ("score", "name"):
                 kw[key] = value
@@ -79,7 +92,8 @@ class Policy:
             else:
                 kw[key] = int(value)
         est, _, agg = kw.get("score", "quest_sum").partition("_")
-        if est not in ("quest", "mean", "gauss", "oracle") or agg not in ("", "sum", "sm", "head", "mass"):
+        if est not in ("quest", "mean", "gauss", "rem", "oracle", "union", "rankmix") or not (
+                agg in ("", "sum", "sm", "head", "mass", "max") or (agg.startswith("p") and agg[1:].isdigit())):
             raise ValueError(f"unknown score {kw['score']!r}")
         return cls(**kw)
 
@@ -118,35 +132,65 @@ class Emulator:
         logits = (qg @ key[:, :, None].transpose(-1, -2)) * scale  # [B, Hkv, G, C, N]
         blk = pos // bs  # the block of each row's own key
         nbt = blk + 1
-        forced = torch.clamp(torch.full_like(nbt, p.sink + p.recent), max=nbt)
-        want = torch.ceil(p.budget * nbt - 1e-9).long()
-        keep = torch.minimum(nbt, forced + want if p.forced_out else torch.maximum(forced, want))
         j = torch.arange(nb)
         allowed = j[None, :] <= blk[:, None]  # [C, nb]
-        force = allowed & ((j[None, :] < p.sink) | (j[None, :] > (blk - p.recent)[:, None]))
+        recent_first = torch.minimum(blk - p.recent + 1, (pos - p.recent_tok + 1).clamp_min(0) // bs)
+        force = allowed & ((j[None, :] < p.sink) | (j[None, :] >= recent_first[:, None]))
+        forced = force.sum(-1)
+        want = torch.ceil(p.budget * nbt - 1e-9).long()
+        keep = torch.minimum(nbt, forced + want if p.forced_out else torch.maximum(forced, want))
         min_ctx = p.min_context if p.min_context is not None else 0
         dense_row = (pos + 1 < min_ctx) | (keep > 0.9 * nbt)
         est, _, agg = p.score.partition("_")
         agg = agg or ("mass" if est == "oracle" else "sum")
+
+        def estimate(est: str) -> torch.Tensor:  # per query head, in logit units [B, Hkv, G, C, nb]
+            if est == "quest":
+                kmin, kmax = kp.amin(3)[:, :, None], kp.amax(3)[:, :, None]
+                return (qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)) * scale
+            if est == "mean":
+                return (qg @ kp.mean(3)[:, :, None].transpose(-1, -2)) * scale
+            # gauss: log E exp(s q.k) for keys ~ N(mean, diag(var)) of the block
+            mu, var = kp.mean(3)[:, :, None], kp.var(3, unbiased=False)[:, :, None]
+            v = p.vscale * scale ** 2 * (qg * qg) @ var.transpose(-1, -2)  # variance of the logits
+            if est == "rem":  # n Gaussian logits: sigma^2/2 below sigma = sqrt(2 ln n), then the max
+                lim = 2 * math.log(bs)
+                return (qg @ mu.transpose(-1, -2)) * scale + torch.where(
+                    v <= lim, 0.5 * v, (v * lim).sqrt() - 0.5 * lim)
+            return (qg @ mu.transpose(-1, -2)) * scale + 0.5 * v
+
+        def shares(x: torch.Tensor) -> torch.Tensor:  # per-head softmax over the allowed blocks
+            return torch.softmax((p.temp * x).masked_fill(~allowed, -math.inf), -1)
+
+        def ranks(x: torch.Tensor) -> torch.Tensor:
+            order = x.masked_fill(~allowed, -math.inf).argsort(-1, descending=True)
+            return torch.empty_like(order).scatter_(-1, order, torch.arange(nb).expand_as(order))
+
         if est == "oracle":  # true attention mass of each block, per query head
             mass = torch.softmax(logits.masked_fill(~causal, -math.inf), -1)
             score = F.pad(mass, (0, nb * bs - n)).view(b, hkv, g, c, nb, bs).sum(-1)
-        else:  # per query head, in logit units [B, Hkv, G, C, nb]
-            if est == "quest":
-                kmin, kmax = kp.amin(3)[:, :, None], kp.amax(3)[:, :, None]
-                score = (qg.clamp_min(0) @ kmax.transpose(-1, -2) + qg.clamp_max(0) @ kmin.transpose(-1, -2)) * scale
-            elif est == "mean":
-                score = (qg @ kp.mean(3)[:, :, None].transpose(-1, -2)) * scale
-            else:  # gauss: log E exp(s q.k) for keys ~ N(mean, diag(var)) of the block
-                mu, var = kp.mean(3)[:, :, None], kp.var(3, unbiased=False)[:, :, None]
-                score = (qg @ mu.transpose(-1, -2)) * scale + 0.5 * scale ** 2 * (qg * qg) @ var.transpose(-1, -2)
+        elif est == "union":
+            score = torch.maximum(shares(estimate("gauss")).sum(2, keepdim=True),
+                                  shares(estimate("quest")).sum(2, keepdim=True))
+            agg = "done"
+        elif est == "rankmix":
+            score = -torch.minimum(ranks(shares(estimate("gauss")).sum(2, keepdim=True)),
+                                   ranks(estimate("quest").sum(2, keepdim=True))).float()
+            agg = "done"
+        else:
+            score = estimate(est)
         if agg == "sum":  # the package's rule: summed over the group
             score = score.sum(2, keepdim=True)
         elif agg in ("sm", "mass"):  # estimated attention mass of each head, summed over the group
             if agg == "sm":
-                score = torch.softmax(score.masked_fill(~allowed, -math.inf), -1)
+                score = shares(score)
             score = score.sum(2, keepdim=True)
-        elif agg != "head":
+        elif agg == "max":
+            score = (shares(score) if est != "oracle" else score).amax(2, keepdim=True)
+        elif agg.startswith("p") and agg[1:].isdigit():
+            e = int(agg[1:]) / 10
+            score = ((shares(score) if est != "oracle" else score) ** e).sum(2, keepdim=True)
+        elif agg not in ("head", "done"):
             raise ValueError(f"unknown aggregation in score {p.score!r}")
         score = score.masked_fill(~allowed, -math.inf).masked_fill(force, math.inf)
         order = score.argsort(-1, descending=True)

@@ -298,6 +298,31 @@ def test_mass_score_is_the_true_attention_mass_for_blocks_of_equal_keys():
     assert torch.allclose(stats.scores(q, False, 0.5).double(), p, atol=1e-5)
 
 
+def test_score_option_changes_the_selection_to_the_block_of_most_mass():
+    """A block of diverse keys (each large in one channel) has the larger min/max box and the
+    larger bound; a block of keys moderately aligned with the query holds most of the
+    attention. "bound" keeps the first, "mass" the second (the option is not ignored)."""
+    g = torch.Generator().manual_seed(13)
+    b, hq, hkv, d, bs, nb = 1, 2, 1, 8, 16, 8
+    k = torch.randn(b, hkv, nb * bs, d, generator=g) * 0.1
+    v = torch.randn(b, hkv, nb * bs, d, generator=g)
+    diverse, aligned = 3, 5
+    k[0, 0, diverse * bs:(diverse + 1) * bs] = 4.0 * torch.eye(d).repeat(2, 1)  # key i: 4 e_(i mod 8)
+    k[0, 0, aligned * bs:(aligned + 1) * bs] = 2.0
+    q = torch.ones(b, hq, 1, d)
+    mass = torch.softmax((q[0, :, 0] @ k[0, 0].T) * d ** -0.5, -1).view(hq, nb, bs).sum((0, 2))
+    assert int(mass[1:-1].argmax()) + 1 == aligned
+    picked = {}
+    for score in ("bound", "mass"):
+        cfg = dm.DecodeSparsityConfig(budget=3 / nb, min_context=0, block_size=bs, sink_blocks=1, recent_blocks=1,
+                                      score=score)
+        state = dm.DecodeState(cfg)
+        out, stats = state.attend(q, k, v)
+        assert stats.kept_blocks == 3 and state.stats.score == score
+        picked[score] = set(stats.block_idx[0, 0].tolist()) - {0, nb - 1}
+    assert picked == {"bound": {diverse}, "mass": {aligned}}
+
+
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
 @pytest.mark.parametrize("score", ["mass", "bound"])
 def test_budget_honoured_and_selection_keeps_the_hot_block(budget, score):
