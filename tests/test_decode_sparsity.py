@@ -241,9 +241,11 @@ def test_quest_bound_is_an_upper_bound_summed_over_the_group():
 
 
 def mass_reference_f64(q, keys, valid, bs, scale):
-    """The "mass" score by its definition, per query head and block in float64: the
-    Gaussian estimate log n + s q.mu + s^2/2 (q*q).var of log sum exp(s q.k) over the block's
-    attendable keys, a softmax over the non-empty blocks, summed over the kv head's heads."""
+    """The "mass" score by its definition, per query head and block in float64: with
+    v = s^2 (q*q).var, log n + s q.mu + v/2 for v <= 2 ln n, else log n + s q.mu +
+    sqrt(2 v ln n) - ln n (the random energy model's estimate of log sum exp(s q.k) over
+    the block's attendable keys), a softmax over the non-empty blocks, summed over the kv
+    head's heads."""
     b, hq, d = q.shape
     hkv, n = keys.shape[1], keys.shape[2]
     g = hq // hkv
@@ -257,24 +259,32 @@ def mass_reference_f64(q, keys, valid, bs, scale):
                 if use:
                     x, qq = keys[bi, h // g, use].double(), q[bi, h].double()
                     mu, var = x.mean(0), x.var(0, unbiased=False)
-                    est[j] = math.log(len(use)) + scale * (qq @ mu) + 0.5 * scale ** 2 * ((qq * qq) @ var)
+                    v, lim = float(scale ** 2 * ((qq * qq) @ var)), 2 * math.log(len(use))
+                    spread = v / 2 if v <= lim else math.sqrt(2 * v * math.log(len(use))) - math.log(len(use))
+                    est[j] = math.log(len(use)) + float(scale * (qq @ mu)) + spread
             out[bi, h // g] += torch.softmax(est, 0)
     return out
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_mass_scores_equal_float64_definition(padded):
+@pytest.mark.parametrize("scale", [0.3, 0.7])
+def test_mass_scores_equal_float64_definition(padded, scale):
     g = torch.Generator().manual_seed(11)
     b, hq, hkv, n, d, bs = 2, 6, 2, 150, 16, 16
     q, keys = torch.randn(b, hq, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    keys[:, 1] *= torch.linspace(0.2, 1.5, n)[:, None]  # logit variances on both sides of 2 ln n
     valid = None
     if padded:
         valid = torch.ones(b, n, dtype=torch.bool)
         valid[1, :40] = False  # left padding: blocks 0-1 empty, block 2 partly
     stats = dm.KeyBlockStats(bs, "mass")
     stats.update(keys, valid)
-    scores = stats.scores(q, padded, 0.3)
-    ref = mass_reference_f64(q, keys, valid, bs, 0.3)
+    v = scale ** 2 * (q.view(b, hkv, -1, d) ** 2) @ stats.kvar.transpose(-1, -2)
+    lim = 2 * stats.counts.float().log()[:, None, None, :]
+    full = (stats.counts > 1)[:, None, None, :].expand_as(v)
+    assert bool((v <= lim)[full].any()) and bool((v > lim)[full].any())  # both branches of the estimate
+    scores = stats.scores(q, padded, scale)
+    ref = mass_reference_f64(q, keys, valid, bs, scale)
     empty = (stats.counts == 0)[:, None, :].expand_as(scores)
     assert bool(empty.any()) == padded
     assert torch.equal(torch.isinf(scores), empty) and (scores[empty] < 0).all()  # empty blocks: -inf

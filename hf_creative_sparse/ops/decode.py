@@ -453,11 +453,17 @@ def block_mass_scores(q: torch.Tensor, kmean: torch.Tensor, kvar: torch.Tensor, 
     """Estimated attention mass per (batch, kv head, block), summed over the kv head's query heads.
 
     For query head g and block j with n_j attendable keys of per-channel mean mu_j and
-    variance var_j, log sum_k exp(scale q_g . k) is estimated as if the keys were Gaussian
-    with a diagonal covariance: log n_j + scale q_g . mu_j + scale^2 / 2 (q_g * q_g) . var_j
-    (exact for a block of identical keys). A softmax over the blocks turns these into head
-    g's share of its attention per block; the shares are summed over the group, so every
-    query head counts equally however large its query (the bound's sum does not).
+    variance var_j, the logits scale q_g . k of the block's keys are taken as n_j Gaussian
+    draws of mean m = scale q_g . mu_j and variance v = scale^2 (q_g * q_g) . var_j (a
+    diagonal covariance), and log sum_k exp(scale q_g . k) is estimated by the law of the
+    random energy model: log n_j + m + v / 2 while v <= 2 ln n_j (the Gaussian's
+    log-mean-exp), beyond it m + sqrt(2 v ln n_j) (the largest of n_j draws dominates; the
+    two meet with equal slopes). Exact for a block of identical keys. Without the second
+    branch the estimate grows as v / 2 past what n_j keys can reach, and blocks of diverse
+    keys outrank the block holding the mass (on SmolLM2 at k_attn 25%, blocks of 16: +3.2%
+    -> +2.4% perplexity on the tuning texts). A softmax over the blocks turns these into
+    head g's share of its attention per block; the shares are summed over the group, so
+    every query head counts equally however large its query (the bound's sum does not).
 
     Args:
         q: [B, Hq, D] the decode query rows.
@@ -471,8 +477,11 @@ def block_mass_scores(q: torch.Tensor, kmean: torch.Tensor, kvar: torch.Tensor, 
     b, hq, d = q.shape
     hkv = kmean.shape[1]
     qg = q.float().view(b, hkv, hq // hkv, d)
-    logits = (qg @ kmean.transpose(-1, -2)) * scale + (qg * qg) @ kvar.transpose(-1, -2) * (0.5 * scale * scale)
-    logits = logits + counts.float().log()[:, None, None, :]  # log 0 = -inf: empty blocks get no mass
+    log_n = counts.float().log()[:, None, None, :]  # log 0 = -inf: empty blocks get no mass
+    lim = 2.0 * log_n.clamp_min(0.0)  # 2 ln n
+    v = (qg * qg) @ kvar.transpose(-1, -2) * (scale * scale)  # [B, Hkv, G, nb]: variance of the logits
+    spread = torch.where(v <= lim, 0.5 * v, (v * lim).sqrt() - 0.5 * lim)
+    logits = (qg @ kmean.transpose(-1, -2)) * scale + spread + log_n
     return torch.softmax(logits, dim=-1).nan_to_num(0.0).sum(2).masked_fill((counts == 0)[:, None, :], -math.inf)
 
 
