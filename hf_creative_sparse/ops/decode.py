@@ -16,16 +16,19 @@ Here:
   grows: a decode step recomputes only the block its new keys fall into (O(block) work, no
   pass over the cache); a cache that changed in any other way (new prompt, cropped,
   reordered) is detected (length and the last cached key row) and rebuilt.
-- Two block scores (``DecodeSparsityConfig.score``). "bound" (the default): Quest's bound
-  summed over the group, ``(sum_g relu(q_g)) . max + (sum_g min(q_g, 0)) . min``
-  (`block_scores`). "mass": each query head's attention mass on each block, estimated from
-  the block's per-channel key mean mu and variance var as if its keys were Gaussian,
-  log sum_k exp(s q.k) ~ log n + s q.mu + s^2/2 (q*q).var, turned into masses by a softmax
-  over the blocks and summed over the kv head's query heads (`block_mass_scores`). On
+- Two block scores (``DecodeSparsityConfig.score``). "mass" (the default): each query
+  head's attention mass on each block, estimated from the block's key count and
+  per-channel key mean and variance (`block_mass_scores`: the logits of the block's keys
+  as Gaussian draws, their log-sum-exp by the random energy model's law), turned into
+  shares by a softmax over the blocks and summed over the kv head's query heads. "bound":
+  Quest's bound summed over the group, ``(sum_g relu(q_g)) . max + (sum_g min(q_g, 0)) .
+  min`` (`block_scores`), fused with the statistics into one Triton launch on CUDA. On
   SmolLM2 the bound ranks blocks by the largest logit any point of their min/max box could
   reach, which favours blocks of diverse keys, and its sum over the group lets the query
-  heads with the largest norms decide; the mass estimate fixes both (docs/DESIGN.md,
-  decode-time KV-block selection).
+  heads with the largest norms decide; the mass estimate fixes both. SmolLM2-135M at
+  k_attn 25%, contexts 2048-4096, teacher-forced decode: bound / blocks of 32 +7.5%
+  perplexity (tuning texts), mass / blocks of 16 +2.5% (tuning), +2.7% (held-out texts);
+  docs/DESIGN.md, decode-time KV-block selection.
 - `select_key_blocks`: GQA shares one selection per kv head, so each kept block is read once
   for all of its query heads. The first ``sink_blocks`` and last ``recent_blocks`` blocks are
   always kept (attention sinks, local context); they count toward the budget.
@@ -74,17 +77,19 @@ class DecodeSparsityConfig:
             or a schedule), and runs dense without one. An explicit budget overrides the dial.
         block_size: keys per block (the granularity of the statistics and of selection).
             Smaller blocks select more precisely; the statistics cost 2 / block_size of the
-            key cache in memory and in reads per step. On SmolLM2 at k_attn 25% (tuning
-            texts, context 2048-4096) blocks of 16 instead of 32 took the loss from +4.4% to
-            +3.2% with score "mass", for 1/16 instead of 1/32 of the cache in statistics.
-        score: "bound" or "mass" (module docstring): how a block is ranked for the current
-            query. "bound" (default): Quest's min/max bound summed over the group (fused into
-            one Triton launch with the statistics on CUDA). "mass": each query head's softmax
-            mass on the block estimated from the block's per-channel key mean and variance,
+            key cache in memory and in reads per step. 16 (was 32, session 8): with score
+            "mass" on SmolLM2 at k_attn 25% (tuning texts, context 2048-4096) blocks of 16
+            instead of 32 took the loss from +4.4% to +3.2% (before the REM law).
+        score: "mass" or "bound" (module docstring): how a block is ranked for the current
+            query. "mass" (default, session 8): each query head's softmax mass on the block
+            estimated from the block's key count and per-channel key mean and variance,
             summed over the kv head's query heads; on CUDA its statistics, scores and
             attention run as torch ops (no fused Triton kernel for it yet; the step's
-            backend says "torch"). On SmolLM2 at k_attn 25%, blocks of 16: +3.2% perplexity
-            with "mass", +5.2% with "bound" (tuning texts).
+            backend says "torch"). "bound": Quest's min/max bound summed over the group
+            (fused into one Triton launch with the statistics on CUDA, then the Triton
+            selection and attention). SmolLM2-135M at k_attn 25%, teacher-forced decode:
+            "mass" / blocks of 16 +2.5% perplexity (tuning texts), +2.7% (held-out);
+            "bound" / blocks of 32 +7.5% (tuning).
         sink_blocks: leading blocks always kept (attention sinks).
         recent_blocks: trailing blocks always kept (the newest keys, including the
             partly filled last block).
@@ -102,13 +107,13 @@ class DecodeSparsityConfig:
 
     Example:
         >>> DecodeSparsityConfig(budget=0.25).block_size
-        32
+        16
     """
 
     enabled: bool = True
     budget: float | None = None
-    block_size: int = 32
-    score: str = "bound"
+    block_size: int = 16
+    score: str = "mass"
     sink_blocks: int = 1
     recent_blocks: int = 2
     min_context: int = 2048
