@@ -2,8 +2,8 @@
 
 Llama-shaped GQA (32 query heads over 8 KV heads, head dim 128), batch 1, float32, a KV cache
 of ``--context`` keys that grows by one key a step. The sparse step is everything a decode
-step does (incremental block statistics of the new key, Quest scores, top-k, the compiled
-kernel over the kept blocks); SDPA reads the whole cache (GQA through enable_gqa). Steps
+step does (incremental block statistics of the new key, the block scores of ``--score``,
+top-k, the compiled kernel over the kept blocks); SDPA reads the whole cache (GQA through enable_gqa). Steps
 alternate between the two in rounds; medians.
 
     python benchmarks/cpu_decode.py --context 32768 --budgets 0.25 0.125
@@ -25,7 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--context", type=int, nargs="+", default=[32768])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25])
-    parser.add_argument("--block-size", type=int, default=32)
+    parser.add_argument("--block-size", type=int, default=dm.DecodeSparsityConfig().block_size)
+    parser.add_argument("--score", choices=dm.DECODE_SCORES, default=dm.DecodeSparsityConfig().score)
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -38,7 +39,7 @@ def main() -> None:
         vbuf = torch.randn(b, hkv, context + grow, d, generator=g)
         q = torch.randn(b, hq, 1, d, generator=g)
         states = {bud: dm.DecodeState(dm.DecodeSparsityConfig(budget=bud, block_size=args.block_size, min_context=0,
-                                                              backend="cpu")) for bud in args.budgets}
+                                                              score=args.score, backend="cpu")) for bud in args.budgets}
         length = {bud: context for bud in args.budgets}
         for bud, st in states.items():
             st.attend(q, kbuf[:, :, :context], vbuf[:, :, :context])  # the first build of the statistics
@@ -64,7 +65,8 @@ def main() -> None:
             rows.append((context, bud, sdpa, ms, rep["mean_kept_fraction"], rep["stats_updates"], rep["stats_rebuilds"]))
             print(f"context {context} budget {bud}: sdpa {sdpa:.2f} ms, sparse {ms:.2f} ms ({sdpa / ms:.2f}x), {rep}",
                   flush=True)
-    print(f"\nB{b} H{hq}/{hkv} (GQA) D{d} float32, {torch.get_num_threads()} threads, blocks of {args.block_size} keys")
+    print(f"\nB{b} H{hq}/{hkv} (GQA) D{d} float32, {torch.get_num_threads()} threads, blocks of {args.block_size} keys, "
+          f"score {args.score}")
     print("\n| context | k_attn | SDPA ms | sparse step ms | speedup | kept fraction | incremental updates / rebuilds |")
     print("|---|---|---|---|---|---|---|")
     for context, bud, sdpa, ms, kept, upd, reb in rows:

@@ -4,13 +4,15 @@ Teacher-forced, one token a step through a DynamicCache: the first ``--start`` t
 held-out text are prefilled densely, then every later token is fed as a decode step and the
 model's log-likelihood of the next token is summed. The dense run decodes with SDPA; each
 sparse run keeps a fraction (``--budgets``) of the key blocks at every decode step
-(`DecodeSparsityConfig`, sink + recent blocks included). Only positions where the sparse
-runs are sparse are scored (context >= ``--start``), in every run alike.
+(`DecodeSparsityConfig` with its defaults but for the options given: sink + recent blocks
+included, dense below ``min_context`` = 2048 cached keys). The same positions (context >=
+``--start``) are scored in every run.
 
-The prompt set: texts shipped with Debian (licences) and Python (pydoc topics), which a
-135M model was not tuned on for this purpose. Prints a markdown table.
+The prompt sets (`TEXT_SETS`): texts shipped with Debian (licences) and Python (pydoc
+topics); "tuning" chose the defaults, "held_out" is reported. Prints markdown tables.
+`benchmarks/decode_selection_sim.py` compares many selection policies far faster.
 
-    python benchmarks/decode_quality.py --context 2048 --start 512 --budgets 0.25
+    python benchmarks/decode_quality.py --set held_out --budgets 0.25 --dense-forward --threads 1
 """
 
 from __future__ import annotations
@@ -22,11 +24,22 @@ import time
 
 import torch
 
-TEXTS = {
-    "GPL-3 licence": "/usr/share/common-licenses/GPL-3",
-    "MPL-2.0 licence": "/usr/share/common-licenses/MPL-2.0",
-    "Python docs (special method names)": "pydoc:specialnames",
-    "Python docs (compound statements)": "pydoc:compound",
+#: Two disjoint prompt sets: "tuning" chose the defaults (block size, dense layers, forced
+#: blocks, score); "held_out" chose nothing and is the one reported. Every text has at least
+#: 5,200 SmolLM2 tokens (MPL-1.1 stands in for the earlier MPL-2.0, which has only 3,712).
+TEXT_SETS = {
+    "held_out": {
+        "GPL-3 licence": "/usr/share/common-licenses/GPL-3",
+        "MPL-1.1 licence": "/usr/share/common-licenses/MPL-1.1",
+        "Python docs (special method names)": "pydoc:specialnames",
+        "Python docs (compound statements)": "pydoc:compound",
+    },
+    "tuning": {
+        "GFDL-1.3 licence": "/usr/share/common-licenses/GFDL-1.3",
+        "LGPL-2.1 licence": "/usr/share/common-licenses/LGPL-2.1",
+        "Python docs (built-in types)": "pydoc:types",
+        "Python docs (format strings)": "pydoc:formatstrings",
+    },
 }
 
 
@@ -37,6 +50,26 @@ def load_text(source: str) -> str:
         return topics[source.split(":", 1)[1]]
     with open(source, encoding="utf-8") as f:
         return f.read()
+
+
+def load_ids(tokenizer, text_set: str, context: int) -> tuple[list[str], torch.Tensor]:
+    """(labels, token ids [texts, context]) of the first ``context`` tokens of every text of
+    ``text_set`` found on this machine (a missing licence file is skipped with a message)."""
+    if text_set not in TEXT_SETS:
+        raise ValueError(f"text_set must be one of {sorted(TEXT_SETS)}, got {text_set!r}")
+    labels, rows = [], []
+    for label, source in TEXT_SETS[text_set].items():
+        if not source.startswith("pydoc:") and not os.path.exists(source):
+            print(f"skipping {label}: {source} not found")
+            continue
+        ids = tokenizer(load_text(source), return_tensors="pt").input_ids[0, :context]
+        if ids.numel() < context:
+            raise ValueError(f"{label} has {ids.numel()} tokens < --context {context}")
+        labels.append(label)
+        rows.append(ids)
+    if not rows:
+        raise ValueError(f"no text of the set {text_set!r} was found")
+    return labels, torch.stack(rows)  # equal lengths: no padding
 
 
 def nll_of_decode(model, ids: torch.Tensor, start: int) -> torch.Tensor:
@@ -64,12 +97,18 @@ def nll_of_forward(model, ids: torch.Tensor, start: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--context", type=int, default=2048, help="tokens per text")
-    parser.add_argument("--start", type=int, default=512, help="prefilled tokens; decode steps score the rest")
+    parser.add_argument("--set", choices=sorted(TEXT_SETS), default="held_out",
+                        help="prompt set (tuning chose the defaults; held_out is reported)")
+    parser.add_argument("--context", type=int, default=4096, help="tokens per text")
+    parser.add_argument("--start", type=int, default=2048, help="prefilled tokens; decode steps score the rest")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.25])
-    parser.add_argument("--block-sizes", type=int, nargs="+", default=[32])
-    parser.add_argument("--dense-layers", type=int, nargs="+", default=[0],
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=[None],
+                        help="one sparse run per value (default: DecodeSparsityConfig's)")
+    parser.add_argument("--scores", nargs="+", default=[None], help="mass, bound (default: the config's)")
+    parser.add_argument("--dense-layers", type=int, nargs="+", default=[None],
                         help="first layers decoded dense (Quest: 2); one sparse run per value")
+    parser.add_argument("--min-context", type=int, default=None,
+                        help="decode steps with fewer cached keys run dense (default: the config's, 2048)")
     parser.add_argument("--skip-dense", action="store_true",
                         help="no dense run (its perplexity is deterministic: take it from another run)")
     parser.add_argument("--dense-forward", action="store_true",
@@ -89,23 +128,16 @@ def main() -> None:
     hcs.enable_creative_sparse(model, SparseAttentionConfig.dense())  # dense prefill: decode is what is measured
     runs = [] if args.skip_dense else [("dense (SDPA)", DecodeSparsityConfig(enabled=False))]
     for bs in args.block_sizes:
-        for budget in args.budgets:
-            for dense_layers in args.dense_layers:
-                name = f"k_attn {budget:.0%}, blocks of {bs}" + (f", first {dense_layers} layers dense"
-                                                                 if dense_layers else "")
-                runs.append((name, DecodeSparsityConfig(budget=budget, block_size=bs, min_context=args.start,
-                                                        dense_layers=dense_layers)))
-    labels, rows = [], []
-    for label, source in TEXTS.items():
-        if not source.startswith("pydoc:") and not os.path.exists(source):
-            print(f"skipping {label}: {source} not found")
-            continue
-        ids = tok(load_text(source), return_tensors="pt").input_ids[0, :args.context]
-        if ids.numel() < args.context:
-            raise ValueError(f"{label} has {ids.numel()} tokens < --context {args.context}")
-        labels.append(label)
-        rows.append(ids)
-    ids = torch.stack(rows)  # equal lengths: no padding
+        for score in args.scores:
+            for budget in args.budgets:
+                for dense_layers in args.dense_layers:
+                    changes = {k: v for k, v in (("block_size", bs), ("score", score), ("dense_layers", dense_layers),
+                                                 ("min_context", args.min_context)) if v is not None}
+                    cfg = DecodeSparsityConfig(budget=budget, **changes)
+                    name = (f"k_attn {budget:.0%}, blocks of {cfg.block_size}, score {cfg.score}"
+                            + (f", first {cfg.dense_layers} layers dense" if cfg.dense_layers else ""))
+                    runs.append((name, cfg))
+    labels, ids = load_ids(tok, args.set, args.context)
     scored = ids.shape[1] - 1 - args.start
     nll, kept = {}, {}
     for name, cfg in runs:
@@ -121,8 +153,10 @@ def main() -> None:
         kept[name] = sum(r["mean_kept_fraction"] for r in reports) / len(reports)
         ppl = math.exp(float(nll[name].sum()) / (scored * len(labels)))
         print(f"{name:28s} ppl {ppl:8.3f}  kept {kept[name]:.3f}  {time.perf_counter() - t0:.0f} s", flush=True)
-    print(f"\nSmolLM2-135M-Instruct, {len(labels)} texts x {args.context} tokens, the first {args.start} prefilled "
-          f"densely, {scored} decode steps scored per text")
+    sparse_from = max((cfg.min_context for _, cfg in runs if cfg.enabled), default=0)
+    print(f"\nSmolLM2-135M-Instruct, set {args.set}: {len(labels)} texts x {args.context} tokens, the first "
+          f"{args.start} prefilled densely, {scored} decode steps scored per text (sparse where the cache holds "
+          f">= {sparse_from} keys)")
     print("\n| text | " + " | ".join(name for name, _ in runs) + " |")
     print("|---|" + "---|" * len(runs))
     for i, label in enumerate(labels):

@@ -107,7 +107,8 @@ def test_budget_one_equals_dense(backend):
 
 @pytest.mark.parametrize("use_cpu_op", [False, pytest.param(True, marks=pytest.mark.skipif(not CPU_READY, reason="no cpu ext"))])
 @pytest.mark.parametrize("padded", [False, True])
-def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_op, padded):
+@pytest.mark.parametrize("score", ["bound", "mass"])
+def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_op, padded, score):
     if not use_cpu_op:
         monkeypatch.setattr(dm, "_cpu_ops", lambda name: None)
     g = torch.Generator().manual_seed(5)
@@ -117,7 +118,7 @@ def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_o
     if padded:
         valid[1, :37] = False
         valid[0, 48:64] = False  # one whole block padded: empty
-    stats = dm.KeyBlockStats(bs)
+    stats = dm.KeyBlockStats(bs, score)
     kinds = [stats.update(keys[:, :, :n0], valid[:, :n0] if padded else None)]
     for n in range(n0 + 1, n0 + 41):  # one key a step, across several block boundaries
         kinds.append(stats.update(keys[:, :, :n].contiguous(), valid[:, :n] if padded else None))
@@ -127,14 +128,16 @@ def test_incremental_block_statistics_equal_recomputation(monkeypatch, use_cpu_o
             ok = valid[:, :n]
             for j in range(nb):
                 blk = torch.arange(j * bs, min((j + 1) * bs, n))
-                sel = blk[ok[:, blk].any(0)] if not padded else blk
                 for bi in range(b):
                     use = blk[ok[bi, blk]] if padded else blk
                     assert stats.counts[bi, j] == len(use)
-                    if len(use):
+                    if len(use) and score == "bound":
                         assert torch.equal(stats.kmin[bi, :, j], kk[bi][:, use].amin(1))
                         assert torch.equal(stats.kmax[bi, :, j], kk[bi][:, use].amax(1))
-                del sel
+                    elif len(use):
+                        x = kk[bi][:, use].double()
+                        assert torch.allclose(stats.kmean[bi, :, j].double(), x.mean(1), atol=1e-5)
+                        assert torch.allclose(stats.kvar[bi, :, j].double(), x.var(1, unbiased=False), atol=1e-5)
     assert kinds[0] == "rebuilt" and set(kinds[1:]) == {"incremental"}
     assert stats.updates == 40 and stats.rebuilds == 1
 
@@ -237,15 +240,110 @@ def test_quest_bound_is_an_upper_bound_summed_over_the_group():
                           atol=1e-4)
 
 
+def mass_reference_f64(q, keys, valid, bs, scale):
+    """The "mass" score by its definition, per query head and block in float64: with
+    v = s^2 (q*q).var, log n + s q.mu + v/2 for v <= 2 ln n, else log n + s q.mu +
+    sqrt(2 v ln n) - ln n (the random energy model's estimate of log sum exp(s q.k) over
+    the block's attendable keys), a softmax over the non-empty blocks, summed over the kv
+    head's heads."""
+    b, hq, d = q.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    nb = -(-n // bs)
+    out = torch.zeros(b, hkv, nb, dtype=torch.float64)
+    for bi in range(b):
+        for h in range(hq):
+            est = torch.full((nb,), -math.inf, dtype=torch.float64)
+            for j in range(nb):
+                use = [t for t in range(j * bs, min((j + 1) * bs, n)) if valid is None or bool(valid[bi, t])]
+                if use:
+                    x, qq = keys[bi, h // g, use].double(), q[bi, h].double()
+                    mu, var = x.mean(0), x.var(0, unbiased=False)
+                    v, lim = float(scale ** 2 * ((qq * qq) @ var)), 2 * math.log(len(use))
+                    spread = v / 2 if v <= lim else math.sqrt(2 * v * math.log(len(use))) - math.log(len(use))
+                    est[j] = math.log(len(use)) + float(scale * (qq @ mu)) + spread
+            out[bi, h // g] += torch.softmax(est, 0)
+    return out
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("scale", [0.3, 0.7])
+def test_mass_scores_equal_float64_definition(padded, scale):
+    g = torch.Generator().manual_seed(11)
+    b, hq, hkv, n, d, bs = 2, 6, 2, 150, 16, 16
+    q, keys = torch.randn(b, hq, d, generator=g), torch.randn(b, hkv, n, d, generator=g)
+    keys[:, 1] *= torch.linspace(0.2, 1.5, n)[:, None]  # logit variances on both sides of 2 ln n
+    valid = None
+    if padded:
+        valid = torch.ones(b, n, dtype=torch.bool)
+        valid[1, :40] = False  # left padding: blocks 0-1 empty, block 2 partly
+    stats = dm.KeyBlockStats(bs, "mass")
+    stats.update(keys, valid)
+    v = scale ** 2 * (q.view(b, hkv, -1, d) ** 2) @ stats.kvar.transpose(-1, -2)
+    lim = 2 * stats.counts.float().log()[:, None, None, :]
+    full = (stats.counts > 1)[:, None, None, :].expand_as(v)
+    assert bool((v <= lim)[full].any()) and bool((v > lim)[full].any())  # both branches of the estimate
+    scores = stats.scores(q, padded, scale)
+    ref = mass_reference_f64(q, keys, valid, bs, scale)
+    empty = (stats.counts == 0)[:, None, :].expand_as(scores)
+    assert bool(empty.any()) == padded
+    assert torch.equal(torch.isinf(scores), empty) and (scores[empty] < 0).all()  # empty blocks: -inf
+    assert torch.allclose(scores[~empty].double(), ref[~empty], atol=1e-5)
+    assert torch.allclose(scores.clamp_min(0).sum(-1), torch.full((b, hkv), hq / hkv), atol=1e-5)
+
+
+def test_mass_score_is_the_true_attention_mass_for_blocks_of_equal_keys():
+    """With every key of a block equal (zero variance) the estimate is exact: the score of a
+    block is the softmax mass its keys receive, summed over the group's query heads."""
+    g = torch.Generator().manual_seed(12)
+    b, hq, hkv, nb, d, bs = 1, 4, 2, 9, 8, 4
+    q = torch.randn(b, hq, d, generator=g)
+    keys = torch.randn(b, hkv, nb, 1, d, generator=g).expand(b, hkv, nb, bs, d).reshape(b, hkv, nb * bs, d)
+    keys = keys[:, :, :nb * bs - 1].contiguous()  # a partly filled last block: its count weighs it
+    stats = dm.KeyBlockStats(bs, "mass")
+    stats.update(keys)
+    kk = keys.double().repeat_interleave(hq // hkv, 1)
+    p = torch.softmax((q.double()[:, :, None] @ kk.transpose(-1, -2))[:, :, 0] * 0.5, -1)  # [B, Hq, N]
+    p = torch.nn.functional.pad(p, (0, 1)).view(b, hkv, hq // hkv, nb, bs).sum((2, 4))
+    assert torch.allclose(stats.scores(q, False, 0.5).double(), p, atol=1e-5)
+
+
+def test_score_option_changes_the_selection_to_the_block_of_most_mass():
+    """A block of diverse keys (each large in one channel) has the larger min/max box and the
+    larger bound; a block of keys moderately aligned with the query holds most of the
+    attention. "bound" keeps the first, "mass" the second (the option is not ignored)."""
+    g = torch.Generator().manual_seed(13)
+    b, hq, hkv, d, bs, nb = 1, 2, 1, 8, 16, 8
+    k = torch.randn(b, hkv, nb * bs, d, generator=g) * 0.1
+    v = torch.randn(b, hkv, nb * bs, d, generator=g)
+    diverse, aligned = 3, 5
+    k[0, 0, diverse * bs:(diverse + 1) * bs] = 4.0 * torch.eye(d).repeat(2, 1)  # key i: 4 e_(i mod 8)
+    k[0, 0, aligned * bs:(aligned + 1) * bs] = 2.0
+    q = torch.ones(b, hq, 1, d)
+    mass = torch.softmax((q[0, :, 0] @ k[0, 0].T) * d ** -0.5, -1).view(hq, nb, bs).sum((0, 2))
+    assert int(mass[1:-1].argmax()) + 1 == aligned
+    picked = {}
+    for score in ("bound", "mass"):
+        cfg = dm.DecodeSparsityConfig(budget=3 / nb, min_context=0, block_size=bs, sink_blocks=1, recent_blocks=1,
+                                      score=score)
+        state = dm.DecodeState(cfg)
+        out, stats = state.attend(q, k, v)
+        assert stats.kept_blocks == 3 and state.stats.score == score
+        picked[score] = set(stats.block_idx[0, 0].tolist()) - {0, nb - 1}
+    assert picked == {"bound": {diverse}, "mass": {aligned}}
+
+
 @pytest.mark.parametrize("budget", [0.1, 0.25, 0.5])
-def test_budget_honoured_and_selection_keeps_the_hot_block(budget):
+@pytest.mark.parametrize("score", ["mass", "bound"])
+def test_budget_honoured_and_selection_keeps_the_hot_block(budget, score):
     g = torch.Generator().manual_seed(8)
     b, hq, hkv, n, d, bs = 2, 4, 2, 1000, 32, 32
     q = torch.randn(b, hq, 1, d, generator=g)
     k, v = torch.randn(b, hkv, n, d, generator=g) * 0.1, torch.randn(b, hkv, n, d, generator=g)
     hot = 17  # a middle block whose keys align with every query head
     k[:, :, hot * bs:(hot + 1) * bs] += 3.0 * q[:, :, 0].view(b, hkv, 2, d).sum(2)[:, :, None] / d ** 0.5
-    cfg = dm.DecodeSparsityConfig(budget=budget, min_context=0, block_size=bs, sink_blocks=1, recent_blocks=2)
+    cfg = dm.DecodeSparsityConfig(budget=budget, min_context=0, block_size=bs, sink_blocks=1, recent_blocks=2,
+                                  score=score)
     out, stats = dm.DecodeState(cfg).attend(q, k, v)
     nb = -(-n // bs)
     keep = max(3, math.ceil(budget * nb))
@@ -298,6 +396,17 @@ def test_config_validation():
         dm.DecodeSparsityConfig(enabled=1)
     with pytest.raises(ValueError, match="dense_layers"):
         dm.DecodeSparsityConfig(dense_layers=-1)
+    with pytest.raises(ValueError, match="score"):
+        dm.DecodeSparsityConfig(score="quest")
+    with pytest.raises(ValueError, match="score"):
+        dm.KeyBlockStats(16, "max")
+    mass = dm.KeyBlockStats(4, "mass")
+    mass.update(torch.randn(1, 1, 10, 8))
+    with pytest.raises(RuntimeError, match="no min statistics"):
+        mass.kmin
+    with pytest.raises(ValueError, match="fused"):
+        mass.update_and_score(torch.randn(1, 1, 11, 8), None, torch.randn(1, 2, 8), verify=True, sink_blocks=1,
+                              recent_blocks=1, fused=True)
     with pytest.raises(ValueError, match="layer_index"):
         dm.DecodeState(layer_index=-2)
     q, k = torch.randn(1, 2, 8), torch.randn(1, 1, 40, 8)
