@@ -433,9 +433,11 @@ def profile_step(dev: torch.device, contexts=(32768, 131072), budget: float = 0.
         k, v = kbuf[:, :, :context], vbuf[:, :, :context]
         dense_ms = cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps)
         dense_ms = min(dense_ms, cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps))
-        for select in ("triton", "topk"):
+        for select, score, block in (("triton", "bound", 32), ("triton", "mass", 16), ("topk", "bound", 32)):
+            if select == "topk" and "--topk" not in sys.argv:
+                continue
             st = dm.DecodeState(dm.DecodeSparsityConfig(budget=budget, min_context=0, verify_cache=False,
-                                                        backend="triton"))
+                                                        backend="triton", score=score, block_size=block))
             length = [context]
             saved = dm._triton_select_max
             if select == "topk":
@@ -458,12 +460,12 @@ def profile_step(dev: torch.device, contexts=(32768, 131072), budget: float = 0.
                 dm._triton_select_max = saved
             gpu_ms = sum(kernels.values())
             graph_ms = graph_step_ms(st, q, kbuf, vbuf, length[0] + 1, steps)
-            log(f"  profile context {context} select={select}: step {step_ms:.3f} ms (SDPA {dense_ms:.3f} ms, "
+            log(f"  profile context {context} select={select} score={score}/{block}: step {step_ms:.3f} ms (SDPA {dense_ms:.3f} ms, "
                 f"{dense_ms / step_ms:.2f}x), GPU busy {gpu_ms:.3f} ms, host issue {host_ms:.3f} ms, "
                 f"step as a CUDA graph {graph_ms:.3f} ms ({dense_ms / graph_ms:.2f}x)")
             for name, ms in sorted(kernels.items(), key=lambda kv: -kv[1]):
                 log(f"    {ms * 1e3:8.1f} us  {name}")
-            if select == "triton":
+            if "--host-profile" in sys.argv and select == "triton":
                 host_profile(lambda: [step(i) for i in range(steps)], steps)
         if "--stats-sweep" in sys.argv:
             stats_launch_sweep(q[:, :, 0], kbuf, context, steps)

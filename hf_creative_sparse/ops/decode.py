@@ -83,9 +83,9 @@ class DecodeSparsityConfig:
         score: "mass" or "bound" (module docstring): how a block is ranked for the current
             query. "mass" (default, session 8): each query head's softmax mass on the block
             estimated from the block's key count and per-channel key mean and variance,
-            summed over the kv head's query heads; on CUDA its statistics, scores and
-            attention run as torch ops (no fused Triton kernel for it yet; the step's
-            backend says "torch"). "bound": Quest's min/max bound summed over the group
+            summed over the kv head's query heads; on CUDA its statistics and scores are
+            torch ops (no fused Triton kernel for them yet), the selection and attention
+            the Triton kernels. "bound": Quest's min/max bound summed over the group
             (fused into one Triton launch with the statistics on CUDA, then the Triton
             selection and attention). SmolLM2-135M at k_attn 25%, teacher-forced decode:
             "mass" / blocks of 16 +2.5% perplexity (tuning texts), +2.7% (held-out);
@@ -777,23 +777,27 @@ class DecodeState:
             q3 = q[:, :, 0]
             _check_step_operands(q3, k, v, key_padding_mask)  # before any kernel reads them
             backend = resolve_decode_backend(c.backend, q3)
-            fused = backend == "triton" and c.score == "bound" and _pow2(c.block_size) and c.block_size >= 16
+            # the Triton kernels read any block list (blocks a power of two >= 16); the fused
+            # statistics + scores launch computes the bound's min/max only: "mass" scores are
+            # torch ops, then the same Triton selection and attention
+            triton_ok = backend == "triton" and _pow2(c.block_size) and c.block_size >= 16
+            fused = triton_ok and c.score == "bound"
             kind, scores = self.stats.update_and_score(k, key_padding_mask, q3, verify=c.verify_cache,
                                                        sink_blocks=c.sink_blocks, recent_blocks=c.recent_blocks,
                                                        fused=fused, scale=scale)
-            if fused and nb <= _triton_select_max():
+            if triton_ok and nb <= _triton_select_max():
                 from .decode_triton import select_blocks_triton
 
                 idx = select_blocks_triton(scores, keep)  # one launch; torch.topk takes several
             else:
-                idx = select_key_blocks(scores, keep, sort=not fused)
-            if fused:  # operands checked above; the public entry point's checks cost host time per step
+                idx = select_key_blocks(scores, keep, sort=not triton_ok)
+            if triton_ok:  # operands checked above; the public entry point's checks cost host time per step
                 from .decode_triton import decode_block_attention_triton
 
                 out3, _ = decode_block_attention_triton(q3, k, v, idx, c.block_size, key_padding_mask,
                                                         float(scale) if scale is not None else q.shape[-1] ** -0.5)
                 ran = "triton"
-            else:  # score "mass" on CUDA: torch ops (no fused Triton kernel for it yet), backend "torch"
+            else:
                 out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale,
                                                       "torch" if backend == "triton" else backend)
             out = out3[:, :, None]
