@@ -297,7 +297,7 @@ def _decode_step(module: torch.nn.Module, state: LayerState, query: torch.Tensor
     _, padding = parts
     decode = _decode_state_of(module)
     budget = _decode_budget(state)
-    plan = decode.plan(key.shape[2], budget)
+    plan = decode.plan(key.shape[2], budget, key.device.type)
     if isinstance(plan, str):  # dense: transformers' own SDPA, exactly as without the plugin
         decode.record_dense(plan)
         return _record_dense(state, f"decode step: {plan}", sdpa)
@@ -308,7 +308,7 @@ def _decode_step(module: torch.nn.Module, state: LayerState, query: torch.Tensor
     state.last_stats = SparseStats(kept_fraction=stats.kept_fraction, backend=f"decode-{stats.backend}",
                                    num_blocks=stats.num_blocks * query.shape[0] * key.shape[1])
     state._record(state.last_stats, False)
-    state._totals.time_s += time.perf_counter() - start
+    state._timer.add(time.perf_counter() - start)
     return out.transpose(1, 2).contiguous(), None
 
 

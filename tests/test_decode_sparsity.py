@@ -209,6 +209,26 @@ def test_sparse_step_checks_its_operands_before_any_kernel():
     assert state.report()["calls"] == 0
 
 
+def test_auto_score_resolves_by_device_and_explicit_choices_are_kept():
+    """score="auto": the measured fused path on CUDA (bound, blocks of 32), the mass score
+    (blocks of 16) elsewhere; a named score or block size is never replaced."""
+    auto = dm.DecodeSparsityConfig(budget=0.25, min_context=0)
+    assert auto.layout("cpu") == ("mass", 16) and auto.layout("cuda") == ("bound", 32)
+    assert auto.replace(backend="torch").layout("cuda") == ("mass", 16)
+    assert auto.replace(score="mass").layout("cuda") == ("mass", 16)
+    assert auto.replace(score="bound").layout("cpu") == ("bound", 32)
+    assert auto.replace(block_size=64).layout("cpu") == ("mass", 64)
+    state = dm.DecodeState(auto)
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 1, 16, generator=g), torch.randn(1, 2, 300, 16, generator=g)
+    _, stats = state.attend(q, k, k)
+    assert (stats.score, stats.block_size, stats.num_blocks) == ("mass", 16, 19)
+    state.set_config(auto.replace(score="bound", block_size=32))
+    _, stats = state.attend(q, k, k)
+    assert (stats.score, stats.block_size, stats.num_blocks) == ("bound", 32, 10)
+    assert state.stats.score == "bound" and state.stats.block_size == 32
+
+
 def test_changed_cache_is_rebuilt_not_updated():
     g = torch.Generator().manual_seed(6)
     keys = torch.randn(2, 2, 70, 8, generator=g)

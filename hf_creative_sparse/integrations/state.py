@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +47,7 @@ from ..ops.gpu_policy import explicit_budget_reason
 from ..ops.masks import block_scores
 from ..ops.dense import dense_attention, run_cudnn_direct
 from ..ops.inputs import AttentionInputs, attention_inputs
+from .call_timer import CallTimer
 from .options import PatchOptions, StepClock  # noqa: F401  (StepClock re-exported: the patches import it here)
 
 #: Fallback reason recorded for the first ``dense_steps`` denoising steps.
@@ -147,7 +147,6 @@ class _Totals:
     predicted_calls: int = 0
     pv_skipped_sum: float | torch.Tensor = 0.0
     masks_reused: int = 0
-    time_s: float = 0.0
     backends: collections.Counter = field(default_factory=collections.Counter)
     fallbacks: collections.Counter = field(default_factory=collections.Counter)
 
@@ -189,8 +188,7 @@ class LayerState:
         self._resolved: dict[tuple, SparseAttentionConfig] = {}
         self._controller = self.options.controller
         self._totals = _Totals()
-        self._pending_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        self._event_pool: list[torch.cuda.Event] = []
+        self._timer = CallTimer()
 
     # -- the dial -------------------------------------------------------------------
 
@@ -267,7 +265,7 @@ class LayerState:
         for name, value in (("dense_prefix", dense_prefix), ("dense_suffix", dense_suffix)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        timer = self._start_timer(inp.device)
+        timer = self._timer.start(inp.device)
         step = self.clock.step
         reused = False
         if self.options.entmax_alpha is not None:
@@ -275,11 +273,11 @@ class LayerState:
 
             out, est = entmax_attention_inputs(inp, self.options.entmax_alpha, return_stats=True)
             empty = est.empty_blocks / est.total_blocks if est.total_blocks else 0.0
-            self._stop_timer(timer)
+            self._timer.stop(timer)
             self.last_stats, self.last_s = SparseStats(kept_fraction=1.0 - empty, backend=f"entmax-{est.backend}"), None
             self._record(self.last_stats, False)
             return inp.to_layout(out)
-        s = self.current_s()
+        s = fast[1] if fast is not None else self.current_s()  # read once a call
         cfg = self.config_for(s, dense_prefix, dense_suffix)
         measuring = cfg.selection == "target"
         warmup = self.options.warmup_steps(measuring)
@@ -307,7 +305,7 @@ class LayerState:
                 self._store_budgets(stats.head_budgets, stats.estimated_l1, cfg.effective_target_l1, step)
             if refresh > 1 and not reused and stats.block_mask is not None:
                 self._masks[self.clock.call_in_step] = _CachedMask(stats.block_mask, self.clock.loop, step, _config_key(cfg))
-        self._stop_timer(timer)
+        self._timer.stop(timer)
         self.last_stats, self.last_s = stats, s
         self._record(stats, reused)
         if self._hooks:
@@ -352,7 +350,7 @@ class LayerState:
                            layout: str, is_causal: bool, scale: float | None, s: float | None) -> torch.Tensor:
         if layout == "NHD":
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        timer = self._start_timer(q.device)
+        timer = self._timer.start(q.device)
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         out = None
         if entry.op is not None and q.is_contiguous() and k.is_contiguous() and v.is_contiguous():
@@ -360,7 +358,7 @@ class LayerState:
         if out is None:
             out = dense_attention(AttentionInputs(q=q, k=k, v=v, layout="HND", is_causal=is_causal, scale=scale,
                                                   key_padding_mask=None))
-        self._stop_timer(timer)
+        self._timer.stop(timer)
         self.last_stats, self.last_s = entry.stats, s
         self._record(entry.stats, False)
         return out.transpose(1, 2) if layout == "NHD" else out
@@ -398,7 +396,7 @@ class LayerState:
         """Count a call that the layer's processor handed to the model's original
         processor (e.g. an attention mask the sparse path does not take)."""
         stats = SparseStats(kept_fraction=1.0, backend="original", fallback_reason=reason)
-        self._totals.time_s += seconds
+        self._timer.add(seconds)
         self.last_stats, self.last_s = stats, None
         self._record(stats, False)
 
@@ -428,35 +426,6 @@ class LayerState:
 
     # -- statistics -----------------------------------------------------------------
 
-    def _start_timer(self, device: torch.device) -> Any:
-        if device.type == "cuda":
-            # one stream lookup per call (Event.record() looks it up itself, twice a call) and
-            # events from a pool: at the Flux shape the timer was ~30 us of a 460 us call
-            stream = torch.cuda.current_stream(device.index if device.index is not None else torch.cuda.current_device())
-            pool = self._event_pool
-            start = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
-            end = pool.pop() if pool else torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            return (start, end, stream)
-        return time.perf_counter()
-
-    def _stop_timer(self, timer: Any) -> None:
-        if isinstance(timer, tuple):  # CUDA events: read lazily, no sync on the hot path
-            start, end, stream = timer
-            end.record(stream)
-            self._pending_events.append((start, end))
-            if len(self._pending_events) > 512:
-                self._drain_events()
-        else:
-            self._totals.time_s += time.perf_counter() - timer
-
-    def _drain_events(self) -> None:
-        for start, end in self._pending_events:
-            end.synchronize()
-            self._totals.time_s += start.elapsed_time(end) / 1000.0
-            self._event_pool += (start, end)  # read: free to record again
-        self._pending_events.clear()
-
     def _record(self, stats: SparseStats, reused: bool) -> None:
         t = self._totals
         t.calls += 1
@@ -475,7 +444,7 @@ class LayerState:
 
     def reset_stats(self) -> None:
         """Forget the statistics (not the cached masks)."""
-        self._pending_events.clear()
+        self._timer.reset()
         self._totals = _Totals()
         self.last_stats = None
 
@@ -495,8 +464,6 @@ class LayerState:
         others after it), fallbacks (count), fallback_reasons (dict), masks_reused,
         time_ms (total time in the attention call), last_s.
         """
-        if self._pending_events:
-            self._drain_events()
         t = self._totals
         ordered = [name for name, _ in t.backends.most_common()]
         return {
@@ -510,7 +477,7 @@ class LayerState:
             "fallbacks": sum(t.fallbacks.values()),
             "fallback_reasons": dict(t.fallbacks),
             "masks_reused": t.masks_reused,
-            "time_ms": t.time_s * 1000.0,
+            "time_ms": self._timer.seconds() * 1000.0,
             "last_s": self.last_s,
             **self._budget_report(),
         }

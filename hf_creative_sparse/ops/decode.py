@@ -61,9 +61,11 @@ import torch
 import torch.nn.functional as F
 
 DECODE_BACKENDS = ("auto", "cpu", "triton", "torch")
-#: Block scores: "mass" (Gaussian estimate of the attention mass, `block_mass_scores`) or
-#: "bound" (Quest's min/max bound, `block_scores`).
-DECODE_SCORES = ("mass", "bound")
+#: Block scores: "mass" (Gaussian estimate of the attention mass, `block_mass_scores`),
+#: "bound" (Quest's min/max bound, `block_scores`), or "auto" (`DecodeSparsityConfig.layout`).
+DECODE_SCORES = ("auto", "mass", "bound")
+#: Block size of each score when ``block_size`` is None: where each was measured best.
+DEFAULT_BLOCK_SIZE = {"mass": 16, "bound": 32}
 
 
 @dataclass(frozen=True)
@@ -75,13 +77,17 @@ class DecodeSparsityConfig:
         budget: fixed kept fraction of key blocks in (0, 1]; None takes k_attn(s) of the
             sparsity dial when one is published (a running `CreativeSparseLogitsProcessor`
             or a schedule), and runs dense without one. An explicit budget overrides the dial.
-        block_size: keys per block (the granularity of the statistics and of selection).
+        block_size: keys per block (the granularity of the statistics and of selection), or
+            None (default): `DEFAULT_BLOCK_SIZE` of the score, 16 for "mass", 32 for "bound".
             Smaller blocks select more precisely; the statistics cost 2 / block_size of the
-            key cache in memory and in reads per step. 16 (was 32, session 8): with score
-            "mass" on SmolLM2 at k_attn 25% (tuning texts, context 2048-4096) blocks of 16
-            instead of 32 took the loss from +4.4% to +3.2% (before the REM law).
-        score: "mass" or "bound" (module docstring): how a block is ranked for the current
-            query. "mass" (default, session 8): each query head's softmax mass on the block
+            key cache in memory and in reads per step. With score "mass" on SmolLM2 at
+            k_attn 25% (tuning texts, context 2048-4096) blocks of 16 instead of 32 took the
+            loss from +4.4% to +3.2% (before the REM law).
+        score: "auto" (default), "mass" or "bound" (module docstring): how a block is ranked
+            for the current query. "auto" is "mass" except on CUDA with the Triton backend,
+            where it is "bound": the fused path measured on the GPU (H200, 128k keys: 2.59x
+            SDPA at k_attn 25%); "mass" there is torch ops before the Triton kernels and has
+            not been timed. "mass" (session 8): each query head's softmax mass on the block
             estimated from the block's key count and per-channel key mean and variance,
             summed over the kv head's query heads; on CUDA its statistics and scores are
             torch ops (no fused Triton kernel for them yet), the selection and attention
@@ -106,14 +112,16 @@ class DecodeSparsityConfig:
             on GPU). Turn off only when the cache can only grow (no beam search reordering).
 
     Example:
-        >>> DecodeSparsityConfig(budget=0.25).block_size
-        16
+        >>> DecodeSparsityConfig(budget=0.25).layout("cpu")
+        ('mass', 16)
+        >>> DecodeSparsityConfig(budget=0.25).layout("cuda")
+        ('bound', 32)
     """
 
     enabled: bool = True
     budget: float | None = None
-    block_size: int = 16
-    score: str = "mass"
+    block_size: int | None = None
+    score: str = "auto"
     sink_blocks: int = 1
     recent_blocks: int = 2
     min_context: int = 2048
@@ -134,6 +142,8 @@ class DecodeSparsityConfig:
         for name, low in (("block_size", 1), ("sink_blocks", 0), ("recent_blocks", 1), ("min_context", 0),
                           ("dense_layers", 0)):
             value = getattr(self, name)
+            if name == "block_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if isinstance(self.max_kept_fraction, bool) or not isinstance(self.max_kept_fraction, (int, float)) \
@@ -147,6 +157,15 @@ class DecodeSparsityConfig:
     def replace(self, **changes: Any) -> "DecodeSparsityConfig":
         """A copy with ``changes`` applied (validated)."""
         return replace(self, **changes)
+
+    def layout(self, device_type: str) -> tuple[str, int]:
+        """(score, block size) a step on ``device_type`` ("cpu", "cuda", ...) uses: "auto"
+        resolved ("bound" on CUDA unless ``backend`` names "cpu" or "torch", else "mass") and
+        a None block size by `DEFAULT_BLOCK_SIZE`."""
+        score = self.score
+        if score == "auto":
+            score = "bound" if device_type == "cuda" and self.backend in ("auto", "triton") else "mass"
+        return score, self.block_size if self.block_size is not None else DEFAULT_BLOCK_SIZE[score]
 
 
 # -- per-block key statistics --------------------------------------------------------------
@@ -685,6 +704,8 @@ class DecodeStats:
         num_blocks: key blocks in the cache; kept_blocks: kept per (batch, kv head).
         stats_update: "incremental", "rebuilt" or None (dense steps touch no statistics).
         block_idx: int64 [B, Hkv, kept_blocks], the kept blocks (sparse steps).
+        score, block_size: the block score and block size the step used (sparse steps;
+            `DecodeSparsityConfig.layout`).
     """
 
     kept_fraction: float
@@ -694,6 +715,8 @@ class DecodeStats:
     kept_blocks: int = 0
     stats_update: str | None = None
     block_idx: torch.Tensor | None = field(default=None, repr=False)
+    score: str | None = None
+    block_size: int | None = None
 
 
 class DecodeState:
@@ -713,7 +736,8 @@ class DecodeState:
             raise ValueError(f"layer_index must be an int >= 0 or None, got {layer_index!r}")
         self.layer_index = layer_index
         self.config = config if config is not None else DecodeSparsityConfig()
-        self.stats = KeyBlockStats(self.config.block_size, self.config.score)
+        score, block = self.config.layout("cpu")  # `_stats_for` changes it on another device
+        self.stats = KeyBlockStats(block, score)
         self.last: DecodeStats | None = None
         self._counts: collections.Counter = collections.Counter()
         self._kept_sum = 0.0
@@ -723,16 +747,23 @@ class DecodeState:
         """Change the policy (statistics are rebuilt when the block size or score changes)."""
         if not isinstance(config, DecodeSparsityConfig):
             raise TypeError(f"config must be a DecodeSparsityConfig, got {type(config).__name__}")
-        if config.block_size != self.config.block_size or config.score != self.config.score:
-            self.stats = KeyBlockStats(config.block_size, config.score)
-        self.config = config
+        self.config = config  # the statistics follow at the next step (`_stats_for`)
 
     def reset(self) -> None:
         """A new sequence starts (prefill): forget the statistics."""
         self.stats.reset()
 
-    def plan(self, num_keys: int, budget: float | None) -> tuple[int, int] | str:
-        """(kept blocks, blocks) for a sparse step, or the reason to run dense."""
+    def _stats_for(self, device_type: str) -> tuple[str, int]:
+        """The step's (score, block size) on ``device_type``; the statistics are rebuilt when
+        they describe another score or block size."""
+        score, block = self.config.layout(device_type)
+        if self.stats.score != score or self.stats.block_size != block:
+            self.stats = KeyBlockStats(block, score)
+        return score, block
+
+    def plan(self, num_keys: int, budget: float | None, device_type: str = "cpu") -> tuple[int, int] | str:
+        """(kept blocks, blocks) for a sparse step on ``device_type`` (its block size:
+        `DecodeSparsityConfig.layout`), or the reason to run dense."""
         c = self.config
         if not c.enabled:
             return "decode sparsity disabled"
@@ -744,7 +775,7 @@ class DecodeState:
             return "no decode budget (no dial published and no fixed budget)"
         if num_keys < c.min_context:
             return f"short context: {num_keys} keys < min_context={c.min_context}"
-        nb = -(-num_keys // c.block_size)
+        nb = -(-num_keys // c.layout(device_type)[1])
         keep = kept_block_count(nb, budget, c.sink_blocks, c.recent_blocks)
         if keep / nb > c.max_kept_fraction:
             return f"kept fraction {keep / nb:.2f} > max_kept_fraction={c.max_kept_fraction}"
@@ -767,7 +798,7 @@ class DecodeState:
         """
         if q.dim() != 4 or q.shape[2] != 1:
             raise ValueError(f"q must be one decode row [B, Hq, 1, D], got {tuple(q.shape)}")
-        plan = self.plan(k.shape[2], budget)
+        plan = self.plan(k.shape[2], budget, q.device.type)
         if isinstance(plan, str):
             out = dense() if dense is not None else _dense_decode(q, k, v, scale, key_padding_mask)
             stats = DecodeStats(kept_fraction=1.0, backend="sdpa", fallback_reason=plan)
@@ -780,8 +811,9 @@ class DecodeState:
             # the Triton kernels read any block list (blocks a power of two >= 16); the fused
             # statistics + scores launch computes the bound's min/max only: "mass" scores are
             # torch ops, then the same Triton selection and attention
-            triton_ok = backend == "triton" and _pow2(c.block_size) and c.block_size >= 16
-            fused = triton_ok and c.score == "bound"
+            score, bs = self._stats_for(q.device.type)
+            triton_ok = backend == "triton" and _pow2(bs) and bs >= 16
+            fused = triton_ok and score == "bound"
             kind, scores = self.stats.update_and_score(k, key_padding_mask, q3, verify=c.verify_cache,
                                                        sink_blocks=c.sink_blocks, recent_blocks=c.recent_blocks,
                                                        fused=fused, scale=scale)
@@ -794,15 +826,15 @@ class DecodeState:
             if triton_ok:  # operands checked above; the public entry point's checks cost host time per step
                 from .decode_triton import decode_block_attention_triton
 
-                out3, _ = decode_block_attention_triton(q3, k, v, idx, c.block_size, key_padding_mask,
+                out3, _ = decode_block_attention_triton(q3, k, v, idx, bs, key_padding_mask,
                                                         float(scale) if scale is not None else q.shape[-1] ** -0.5)
                 ran = "triton"
             else:
-                out3, _, ran = decode_block_attention(q3, k, v, idx, c.block_size, key_padding_mask, scale,
+                out3, _, ran = decode_block_attention(q3, k, v, idx, bs, key_padding_mask, scale,
                                                       "torch" if backend == "triton" else backend)
             out = out3[:, :, None]
             stats = DecodeStats(kept_fraction=keep / nb, backend=ran, num_blocks=nb, kept_blocks=keep,
-                                stats_update=kind, block_idx=idx)
+                                stats_update=kind, block_idx=idx, score=score, block_size=bs)
         self._record(stats)
         return out, stats
 
