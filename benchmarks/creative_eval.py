@@ -83,13 +83,32 @@ def load_prompts(which: str, per_kind: int | None) -> list[str]:
 
 
 def parse_sweep_point(name: str) -> tuple[SparsityConfig, int, dict[str, float]]:
-    """``2stage:TA=1.6,pA=1.0,TB=0.8,pB=0.9,minp=0.1,nA=8[,avoid=1]`` -> (config, nA, the
-    other fields: ``avoid`` = the processor's ``avoid_mode_tokens``, 0 when absent)."""
+    """``2stage:TA=1.6,pA=1.0,TB=0.8,pB=0.9,minp=0.1,nA=8[,avoid=2,cap=0.6]`` -> (config,
+    nA, the other fields: ``avoid`` = new tokens at the start whose most likely token is
+    banned when its probability is below ``cap``)."""
     fields = dict(kv.split("=") for kv in name.split(":", 1)[1].split(","))
     values = {k: float(v) for k, v in fields.items()}
     cfg = SparsityConfig.from_stages((0.7, values["TA"], values["pA"]), (0.3, values["TB"], values["pB"]),
                                      min_p=values.get("minp", 0.0))
     return cfg, int(values["nA"]), values
+
+
+class AvoidModeProcessor:
+    """Experiment: over the first ``tokens`` new tokens, ban each row's most likely token
+    when its probability is below ``cap`` (a confident token is kept: banning it would break
+    the text), so an opening leaves the greedy path while staying among likely tokens."""
+
+    def __init__(self, prompt_width: int, tokens: int, cap: float) -> None:
+        self.prompt_width, self.tokens, self.cap = prompt_width, tokens, cap
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] - self.prompt_width >= self.tokens:
+            return scores
+        top = scores.argmax(-1, keepdim=True)
+        p_top = torch.softmax(scores.float(), -1).gather(-1, top)
+        ban = p_top < self.cap
+        return scores.scatter(-1, top, torch.where(ban, torch.full_like(p_top, -math.inf).to(scores.dtype),
+                                                   scores.gather(-1, top)))
 
 
 def load_model(cache: str | None) -> tuple[Any, Any]:
@@ -179,9 +198,10 @@ class Evaluator:
         elif name.startswith("2stage:"):
             cfg, n_a, extra = parse_sweep_point(name)
             sched = TwoStageSchedule(0.7, 0.3, switch=n_a / self.new_tokens)
-            avoid = int(extra.get("avoid", 0))
-            texts = self._generate(neutral, self.samples, lambda width: CreativeSparseLogitsProcessor(
-                width, self.new_tokens, schedule=sched, config=cfg, avoid_mode_tokens=avoid))
+            avoid, cap = int(extra.get("avoid", 0)), extra.get("cap", 1.0)
+            texts = self._generate(neutral, self.samples, lambda width: (
+                [AvoidModeProcessor(width, avoid, cap)] if avoid else []) + [CreativeSparseLogitsProcessor(
+                    width, self.new_tokens, schedule=sched, config=cfg)])
         elif name == "seed processor 0.7 -> 0.3":
             cfg = SparsityConfig(**SEED_CONFIG)
             texts = self._generate(neutral, self.samples, lambda width: CreativeSparseLogitsProcessor(

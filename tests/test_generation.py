@@ -505,29 +505,3 @@ def test_wrapper_rerank_calibrates_incoherence_and_rejects_above_the_bound():
     scores = [c.score for c in free.generate_creative("the cat sang", max_new_tokens=12, num_candidates=6,
                                                       return_best=False)]
     assert scores == sorted(scores, reverse=True)  # no bound: Q alone
-
-
-def test_avoid_mode_tokens_bans_the_mode_only_in_the_opening():
-    """avoid_mode_tokens=2: the first two new tokens never take the most likely token (unless
-    it is certain), later steps and avoid_mode_tokens=0 leave the mode in place."""
-    from hf_creative_sparse.creative.processor import ban_mode
-
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(3, 50, generator=g)
-    scores[2] = -1e4
-    scores[2, 7] = 0.0  # a certain mode (probability 1 in float32): kept
-    banned = ban_mode(scores)
-    assert torch.isinf(banned[:2].gather(-1, scores[:2].argmax(-1, keepdim=True))).all()
-    assert banned[2, 7] == 0.0 and torch.equal(banned[0, :3][banned[0, :3].isfinite()],
-                                                 scores[0, :3][banned[0, :3].isfinite()])
-    cfg = SparsityConfig(min_p=0.0)
-    sched = TwoStageSchedule(0.7, 0.3, switch=0.5)
-    prompt = torch.zeros(3, 4, dtype=torch.long)
-    for avoid, step, expect_banned in ((2, 0, True), (2, 1, True), (2, 2, False), (0, 0, False)):
-        proc = CreativeSparseLogitsProcessor(4, 8, schedule=sched, config=cfg, avoid_mode_tokens=avoid, publish=False)
-        ids = torch.cat([prompt, torch.zeros(3, step, dtype=torch.long)], 1)
-        out = proc(ids, scores.clone())
-        at_mode = out[:2].gather(-1, scores[:2].argmax(-1, keepdim=True))
-        assert bool(torch.isinf(at_mode).all()) == expect_banned, (avoid, step)
-    with pytest.raises(ValueError, match="avoid_mode_tokens"):
-        CreativeSparseLogitsProcessor(4, 8, avoid_mode_tokens=-1)

@@ -83,7 +83,7 @@ def control_warpers(cp: ControlPoint, vocab_size: int, token_pruning_rate: float
     Filters that keep everything are left out.
 
     Example:
-        >>> cp = SparsityController(SparsityConfig(nucleus_base=0.9, min_p=0.1)).get_sparsity_params(0.7)
+        >>> cp = SparsityController(SparsityConfig(min_p=0.1)).get_sparsity_params(0.7)
         >>> [type(w).__name__ for w in control_warpers(cp, vocab_size=100)]
         ['TemperatureLogitsWarper', 'TopPLogitsWarper', 'MinPLogitsWarper']
     """
@@ -95,21 +95,6 @@ def control_warpers(cp: ControlPoint, vocab_size: int, token_pruning_rate: float
     if cp.min_p > 0.0:
         warpers.append(MinPLogitsWarper(float(cp.min_p)))
     return warpers
-
-
-def ban_mode(scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` [B, V] with each row's most likely token at -inf (a copy). A mode whose
-    probability rounds to 1 in float32 is kept (banning it would leave only tokens the
-    model gives ~0), and so is a row's only finite score.
-
-    Example:
-        >>> ban_mode(torch.tensor([[0.0, 2.0, 1.0]]))
-        tensor([[0., -inf, 1.]])
-    """
-    top = scores.argmax(-1, keepdim=True)
-    p_top = torch.softmax(scores.float(), -1).gather(-1, top)
-    banned = torch.where(p_top < 1.0, torch.full_like(p_top, -math.inf).to(scores.dtype), scores.gather(-1, top))
-    return scores.scatter(-1, top, banned)
 
 
 def sampling_problems(generation_config: Any) -> list[str]:
@@ -166,10 +151,6 @@ class StepRecord:
     num_experts: int | None
 
 
-#: `CreativeSparseLogitsProcessor`'s default ``avoid_mode_tokens`` (BENCHMARKS.md, issue 14).
-AVOID_MODE_TOKENS = 0
-
-
 class CreativeSparseLogitsProcessor(LogitsProcessor):
     """Applies T(s) and p_nuc(s) of the two-stage schedule at every decoding step.
 
@@ -185,11 +166,6 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
         step_offset: schedule step of the first token this processor sees (a generation
             that continues an earlier one, like the wrapper's stage B).
         publish: publish s for the attention patch (`set_current_sparsity`).
-        avoid_mode_tokens: over the first this many new tokens of the diverge stage, the
-            most likely token is banned before T(s) and the filters (its probability
-            re-normalised over the rest): the opening leaves the greedy path through
-            likely tokens instead of through a flattened tail. ``AVOID_MODE_TOKENS`` by
-            default; 0 disables it.
 
     Step i (0-based) = step_offset + input_ids.shape[1] - prompt_length. The processor
     sets the s (and K) for step i + 1 after handling step i, because the forward pass for
@@ -207,10 +183,9 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
     def __init__(self, prompt_length: int, max_new_tokens: int, *, schedule: TwoStageSchedule | None = None,
                  sparsity_level: float | None = None, controller: SparsityController | None = None,
                  config: SparsityConfig | None = None, model: torch.nn.Module | None = None,
-                 step_offset: int = 0, publish: bool = True, avoid_mode_tokens: int | None = None) -> None:
-        avoid_mode_tokens = AVOID_MODE_TOKENS if avoid_mode_tokens is None else avoid_mode_tokens
+                 step_offset: int = 0, publish: bool = True) -> None:
         for name, value, low in (("prompt_length", prompt_length, 0), ("max_new_tokens", max_new_tokens, 1),
-                                 ("step_offset", step_offset, 0), ("avoid_mode_tokens", avoid_mode_tokens, 0)):
+                                 ("step_offset", step_offset, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         if schedule is not None and not isinstance(schedule, TwoStageSchedule):
@@ -234,7 +209,6 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
             self.controller = SparsityController(self.controller.config, num_experts=self.routing.num_experts,
                                                  experts_per_token=self.routing.default_k)
         self.publish = publish
-        self.avoid_mode_tokens = avoid_mode_tokens
         self.history: list[StepRecord] = []
         self._saved: tuple[float | None, list[int] | None] | None = None
         self._entered = False
@@ -341,8 +315,6 @@ class CreativeSparseLogitsProcessor(LogitsProcessor):
                                   "and p_nuc(s)", stacklevel=2)
         step = self.step_of(input_ids)
         cp = self.control_at_step(step)
-        if step < self.avoid_mode_tokens and self.stage_at_step(step) == "diverge":
-            scores = ban_mode(scores)
         scores = control_warpers(cp, scores.shape[-1], self.controller.config.token_pruning_rate)(input_ids, scores)
         self.history.append(StepRecord(step=step, stage=self.stage_at_step(step), s=cp.s,
                                        temperature=cp.temperature, top_p=cp.top_p, num_experts=cp.num_experts))
