@@ -83,7 +83,7 @@ def control_warpers(cp: ControlPoint, vocab_size: int, token_pruning_rate: float
     Filters that keep everything are left out.
 
     Example:
-        >>> cp = SparsityController(SparsityConfig(min_p=0.1)).get_sparsity_params(0.7)
+        >>> cp = SparsityController(SparsityConfig(nucleus_base=0.9, min_p=0.1)).get_sparsity_params(0.7)
         >>> [type(w).__name__ for w in control_warpers(cp, vocab_size=100)]
         ['TemperatureLogitsWarper', 'TopPLogitsWarper', 'MinPLogitsWarper']
     """
