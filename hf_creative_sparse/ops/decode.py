@@ -86,12 +86,12 @@ class DecodeSparsityConfig:
         score: "auto" (default), "mass" or "bound" (module docstring): how a block is ranked
             for the current query. "auto" is "mass" except on CUDA with the Triton backend,
             where it is "bound": the fused path measured on the GPU (H200, 128k keys: 2.59x
-            SDPA at k_attn 25%); "mass" there is torch ops before the Triton kernels and has
-            not been timed. "mass" (session 8): each query head's softmax mass on the block
+            SDPA at k_attn 25%); "mass" there (two Triton launches for its statistics and
+            scores) has not been timed. "mass" (session 8): each query head's softmax mass on the block
             estimated from the block's key count and per-channel key mean and variance,
-            summed over the kv head's query heads; on CUDA its statistics and scores are
-            torch ops (no fused Triton kernel for them yet), the selection and attention
-            the Triton kernels. "bound": Quest's min/max bound summed over the group
+            summed over the kv head's query heads; on CUDA its statistics and scores run in
+            two Triton launches (not yet timed on a GPU), then the Triton selection and
+            attention. "bound": Quest's min/max bound summed over the group
             (fused into one Triton launch with the statistics on CUDA, then the Triton
             selection and attention). SmolLM2-135M at k_attn 25%, teacher-forced decode:
             "mass" / blocks of 16 +2.5% perplexity (tuning texts), +2.7% (held-out);
@@ -363,16 +363,24 @@ class KeyBlockStats:
     def update_and_score(self, keys: torch.Tensor, key_padding_mask: torch.Tensor | None, q: torch.Tensor, *,
                          verify: bool, sink_blocks: int, recent_blocks: int, fused: bool,
                          scale: float | None = None) -> tuple[str, torch.Tensor]:
-        """`update`, then the bound of every block for decode rows q [B, Hq, D] with the sink
-        and recent blocks at +inf (float32 [B, Hkv, num_blocks]). ``fused``: both in one
-        Triton launch (CUDA, score "bound" only), which a decode step's host time needs on a
-        GPU. ``scale``: the attention's softmax scale (score "mass"; default D ** -0.5)."""
+        """`update`, then the score of every block for decode rows q [B, Hq, D] with the sink
+        and recent blocks at +inf (float32 [B, Hkv, num_blocks]). ``fused``: by the Triton
+        kernels (CUDA): one launch for "bound", two for "mass" (statistics and per-head
+        logits, then the shares), which a decode step's host time needs on a GPU.
+        ``scale``: the attention's softmax scale (score "mass"; default D ** -0.5)."""
         if not fused:
             kind = self.update(keys, key_padding_mask, verify=verify)
             return kind, force_blocks(self.scores(q, key_padding_mask is not None, scale), sink_blocks,
                                       recent_blocks)
-        if self.score != "bound":
-            raise ValueError(f"the fused Triton statistics compute the bound's min/max, not score={self.score!r}")
+        if self.score == "mass":
+            from .decode_triton import mass_stats_and_scores_triton
+
+            first, kind = self._prepare(keys, key_padding_mask is not None, verify, torch.float32)
+            scores = mass_stats_and_scores_triton(q, keys, key_padding_mask, self._mean, self._var, self._count,
+                                                  self.block_size, first, sink_blocks, recent_blocks,
+                                                  scale if scale is not None else q.shape[-1] ** -0.5)
+            self._finish(keys, verify)
+            return kind, scores
         from .decode_triton import stats_and_scores_triton
 
         # 16-bit keys: min and max are keys themselves, exact in their dtype, and the scores
@@ -808,12 +816,11 @@ class DecodeState:
             q3 = q[:, :, 0]
             _check_step_operands(q3, k, v, key_padding_mask)  # before any kernel reads them
             backend = resolve_decode_backend(c.backend, q3)
-            # the Triton kernels read any block list (blocks a power of two >= 16); the fused
-            # statistics + scores launch computes the bound's min/max only: "mass" scores are
-            # torch ops, then the same Triton selection and attention
+            # Triton (blocks a power of two >= 16): statistics and scores fused per score, then
+            # the selection and attention kernels
             score, bs = self._stats_for(q.device.type)
             triton_ok = backend == "triton" and _pow2(bs) and bs >= 16
-            fused = triton_ok and score == "bound"
+            fused = triton_ok and (score == "bound" or nb <= _triton_select_max())
             kind, scores = self.stats.update_and_score(k, key_padding_mask, q3, verify=c.verify_cache,
                                                        sink_blocks=c.sink_blocks, recent_blocks=c.recent_blocks,
                                                        fused=fused, scale=scale)

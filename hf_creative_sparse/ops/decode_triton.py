@@ -210,6 +210,84 @@ if triton is not None:
         score = tl.where(forced, float("inf"), score)
         tl.store(SCORES + bh * NB + blocks, score, mask=live)
 
+    @triton.jit(do_not_specialize=["N", "NB", "FIRST", "CAP"])
+    def _mass_stats_logits_kernel(
+        Q, K, VALID, KMEAN, KVAR, COUNT, LOGITS,
+        N, G, D, NB, FIRST, CAP, HKV, scale,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_valid_b,
+        HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+        TILE: tl.constexpr,
+    ):
+        # `ops.decode.block_mass_scores` before its softmax over blocks: per query head and
+        # block, log n + m + spread(v) (random-energy-model law) from the block's count and
+        # per-channel key mean / variance, which are refreshed first from block FIRST on.
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < D
+        toks = tl.arange(0, BS)
+        start = tile * TILE
+        for jj in range(0, TILE):
+            j = start + jj
+            if (j >= FIRST) & (j < NB):
+                t = j * BS + toks
+                ok = t < N
+                if HAS_VALID:
+                    ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
+                k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + dims[None, :],
+                            mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+                n = tl.sum(ok.to(tl.int32), 0)
+                denom = tl.maximum(n, 1).to(tl.float32)
+                mean = tl.sum(k, 0) / denom
+                dev = tl.where(ok[:, None], k - mean[None, :], 0.0)
+                var = tl.sum(dev * dev, 0) / denom
+                tl.store(KMEAN + (bh * CAP + j) * D + dims, mean, mask=dim_ok)
+                tl.store(KVAR + (bh * CAP + j) * D + dims, var, mask=dim_ok)
+                tl.store(COUNT + b * CAP + j, n)  # every head's program: read back below
+        tl.debug_barrier()
+        rows = tl.arange(0, BLOCK_G)
+        q = tl.load(Q + b * stride_qb + (h * G + rows)[:, None] * stride_qh + dims[None, :],
+                    mask=(rows < G)[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        blocks = start + tl.arange(0, TILE)
+        live = blocks < NB
+        offs = (bh * CAP + blocks)[:, None] * D + dims[None, :]
+        mean = tl.load(KMEAN + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        var = tl.load(KVAR + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
+        cnt = tl.load(COUNT + b * CAP + blocks, mask=live, other=0).to(tl.float32)
+        m = tl.sum(q[:, None, :] * mean[None, :, :], 2) * scale  # [BLOCK_G, TILE]
+        v = tl.sum((q * q)[:, None, :] * var[None, :, :], 2) * (scale * scale)
+        log_n = tl.log(tl.maximum(cnt, 1.0))
+        lim = 2.0 * log_n
+        spread = tl.where(v <= lim[None, :], 0.5 * v, tl.sqrt(v * lim[None, :]) - 0.5 * lim[None, :])
+        logit = m + spread + log_n[None, :]
+        logit = tl.where((cnt > 0)[None, :], logit, float("-inf"))
+        out = LOGITS + (bh * G + rows)[:, None] * NB + blocks[None, :]
+        tl.store(out, logit, mask=(rows < G)[:, None] & live[None, :])
+
+    @triton.jit(do_not_specialize=["NB", "CAP"])
+    def _mass_shares_kernel(LOGITS, COUNT, SCORES, G, NB, CAP, HKV, SINK, RECENT,
+                            BLOCK_G: tl.constexpr, BLOCK: tl.constexpr):
+        # each query head's softmax over the blocks, summed over the group; empty blocks
+        # -inf, the sink and recent blocks +inf (as `force_blocks`)
+        bh = tl.program_id(0)
+        b = bh // HKV
+        rows = tl.arange(0, BLOCK_G)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < NB
+        lg = tl.load(LOGITS + (bh * G + rows)[:, None] * NB + offs[None, :],
+                     mask=(rows < G)[:, None] & ok[None, :], other=float("-inf"))
+        mx = tl.max(lg, 1)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.exp(lg - mx[:, None])
+        total = tl.sum(e, 1)
+        share = tl.sum(e / tl.where(total > 0, total, 1.0)[:, None], 0)
+        cnt = tl.load(COUNT + b * CAP + offs, mask=ok, other=0)
+        share = tl.where(cnt == 0, float("-inf"), share)
+        share = tl.where((offs < SINK) | (offs >= NB - RECENT), float("inf"), share)
+        tl.store(SCORES + bh * NB + offs, share, mask=ok)
+
     @triton.jit(do_not_specialize=["NB", "KEEP"])
     def _select_blocks_kernel(SCORES, IDX, NB, KEEP, BLOCK: tl.constexpr):
         # One program per row: the KEEP-th largest score by bisection on an order-preserving
@@ -384,4 +462,49 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
         BLOCK_G=max(2, _pow2_ceil(hq // hkv)), BLOCK_D=max(16, _pow2_ceil(d)),
         BS=block_size, TILE=tile, num_warps=STATS_LAUNCH["num_warps"],
     )
+    return scores
+
+
+def mass_stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
+                                 kmean: torch.Tensor, kvar: torch.Tensor, count: torch.Tensor, block_size: int,
+                                 first_block: int, sink_blocks: int, recent_blocks: int, scale: float) -> torch.Tensor:
+    """`stats_and_scores_triton` for score "mass": refresh the per-block key mean and
+    variance (float32 ``kmean``/``kvar`` [B, Hkv, capacity, D]) and counts from
+    ``first_block`` on, then `ops.decode.block_mass_scores` of every block with the sink and
+    recent blocks at +inf, in two launches. Rows of more than `SELECT_MAX_BLOCKS` blocks
+    raise ValueError. Returns float32 [B, Hkv, num_blocks]."""
+    reason = unavailable_reason(q)
+    if reason is not None:
+        raise ValueError(reason)
+    if block_size & (block_size - 1):
+        raise ValueError(f"the triton statistics kernel needs block_size a power of two, got {block_size}")
+    b, hq, d = q.shape
+    hkv, n = keys.shape[1], keys.shape[2]
+    g = hq // hkv
+    nb = -(-n // block_size)
+    if nb > SELECT_MAX_BLOCKS:
+        raise ValueError(f"the triton mass scores hold at most {SELECT_MAX_BLOCKS} blocks a row, got {nb}")
+    if keys.stride(3) != 1:
+        keys = keys.contiguous()
+    for name, t in (("kmean", kmean), ("kvar", kvar), ("count", count)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if kmean.dtype != torch.float32 or kvar.dtype != torch.float32:
+        raise ValueError("kmean and kvar must be float32")
+    logits = torch.empty(b, hkv, g, nb, dtype=torch.float32, device=q.device)
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else logits
+    block_g = max(2, _pow2_ceil(g))
+    tile = STATS_LAUNCH["tile"]
+    _mass_stats_logits_kernel[(b * hkv, triton.cdiv(nb, tile))](
+        q, keys, valid, kmean, kvar, count, logits,
+        n, g, d, nb, first_block, kmean.shape[2], hkv, float(scale),
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        valid.stride(0) if key_valid is not None else 0,
+        HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=max(16, _pow2_ceil(d)), BS=block_size,
+        TILE=tile, num_warps=4,
+    )
+    scores = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
+    block = max(16, _pow2_ceil(nb))
+    _mass_shares_kernel[(b * hkv,)](logits, count, scores, g, nb, kmean.shape[2], hkv, sink_blocks, recent_blocks,
+                                    BLOCK_G=block_g, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return scores
