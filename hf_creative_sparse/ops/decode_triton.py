@@ -11,6 +11,10 @@ padded to 16 rows for ``tl.dot``) stream their split's share of the kept blocks 
 (each block is read once for all of the group's heads), with an online softmax in base 2;
 a second kernel merges the splits' partial results by their log-sum-exp. Semantics:
 `hf_creative_sparse.ops.decode.decode_block_attention_reference`.
+
+One file because it is one decode step's kernels (statistics and scores of either block
+score, the selection, the split-K attention and its merge), launched in that order and
+sharing the launch helpers and the `*_LAUNCH` tables that `benchmarks/gpu_decode.py` sweeps.
 """
 
 from __future__ import annotations
