@@ -65,8 +65,9 @@ def main() -> None:
             rows.append((context, bud, sdpa, ms, rep["mean_kept_fraction"], rep["stats_updates"], rep["stats_rebuilds"]))
             print(f"context {context} budget {bud}: sdpa {sdpa:.2f} ms, sparse {ms:.2f} ms ({sdpa / ms:.2f}x), {rep}",
                   flush=True)
-    print(f"\nB{b} H{hq}/{hkv} (GQA) D{d} float32, {torch.get_num_threads()} threads, blocks of {args.block_size} keys, "
-          f"score {args.score}")
+    score, block = dm.DecodeSparsityConfig(score=args.score, block_size=args.block_size).layout("cpu")
+    print(f"\nB{b} H{hq}/{hkv} (GQA) D{d} float32, {torch.get_num_threads()} threads, blocks of {block} keys, "
+          f"score {score} (asked: {args.score})")
     print("\n| context | k_attn | SDPA ms | sparse step ms | speedup | kept fraction | incremental updates / rebuilds |")
     print("|---|---|---|---|---|---|---|")
     for context, bud, sdpa, ms, kept, upd, reb in rows:
