@@ -209,8 +209,9 @@ class Evaluator:
         elif name == "processor (defaults)":
             texts = self._generate(neutral, self.samples, lambda width: CreativeSparseLogitsProcessor(
                 width, self.new_tokens))
-        elif name == "wrapper (defaults)":
-            wrapper = CreativeSparseWrapper(self.model, self.tok, seed=self.seed, sparse_attention=False)
+        elif name in ("wrapper (defaults)", "wrapper (novelty vs greedy)"):
+            wrapper = CreativeSparseWrapper(self.model, self.tok, seed=self.seed, sparse_attention=False,
+                                            novelty_reference="greedy" if "greedy" in name else "candidates")
             texts, best = [], []
             for prompt in self.prompts:
                 cands = wrapper.generate_creative(prompt, max_new_tokens=self.new_tokens,

@@ -505,3 +505,29 @@ def test_wrapper_rerank_calibrates_incoherence_and_rejects_above_the_bound():
     scores = [c.score for c in free.generate_creative("the cat sang", max_new_tokens=12, num_candidates=6,
                                                       return_best=False)]
     assert scores == sorted(scores, reverse=True)  # no bound: Q alone
+
+
+def test_wrapper_measures_novelty_against_the_greedy_answer_when_asked():
+    from types import SimpleNamespace
+
+    tok = word_tokenizer()
+    seen = []
+
+    class Recorder:  # a QualityFunctional stand-in that records novelty's references
+        def evaluate(self, texts, refs, nll=None, nll_reference=None):
+            seen.append(refs)
+            n = len(texts)
+            return SimpleNamespace(quality=[float(i) for i in range(n)], novelty=[0.0] * n, diversity=[0.0] * n,
+                                   incoherence=[0.0] * n)
+
+    model = tiny_gpt2(len(tok))
+    for mode in ("greedy", "candidates"):
+        seen.clear()
+        w = CreativeSparseWrapper(model, tok, scorer=Recorder(), seed=0, sparse_attention=False,
+                                  novelty_reference=mode, calibration_samples=0)
+        w.generate_creative("the cat sang", max_new_tokens=6, num_candidates=3, return_best=False)
+        assert len(seen) == 2  # the openings, then the full texts
+        expected = [w.generate_greedy("the cat sang", 6)] if mode == "greedy" else None
+        assert all(refs == expected for refs in seen), (mode, seen)
+    with pytest.raises(ValueError, match="novelty_reference"):
+        CreativeSparseWrapper(model, tok, novelty_reference="prompt")

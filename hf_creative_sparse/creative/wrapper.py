@@ -97,6 +97,10 @@ def _coerce_schedule(schedule: TwoStageSchedule | tuple[float, float] | None, sw
     return TwoStageSchedule(float(schedule[0]), float(schedule[1]), default.switch if switch is None else switch)
 
 
+#: What novelty is measured against when no reference texts are given.
+NOVELTY_REFERENCES = ("candidates", "greedy")
+
+
 class CreativeSparseWrapper:
     """Draft, pick, refine: two-stage creative generation around a causal LM.
 
@@ -114,6 +118,9 @@ class CreativeSparseWrapper:
             default a QualityFunctional with ``quality_weights`` that scores NLL with this
             model (no second LM) and embeds with MiniLM.
         reference_data: reference texts for novelty (default: the other candidates).
+        novelty_reference: without ``reference_data``, what novelty is measured against:
+            "candidates" (each against the others) or "greedy" (the model's greedy answer
+            to the prompt, `generate_greedy`: one more generation per call).
         seed: base seed; every call with the same seed gives the same candidates.
         batch_size: sequences generated at once.
         sparse_attention: route the model's attention through ``creative_sparse``
@@ -139,6 +146,7 @@ class CreativeSparseWrapper:
                  schedule: TwoStageSchedule | tuple[float, float] | None = None, quality_weights: Any = None,
                  config: SparsityConfig | None = None, *, switch: float | None = None,
                  scorer: Scorer | Any = None, reference_data: Sequence[str] | None = None,
+                 novelty_reference: str = "candidates",
                  seed: int | None = None, batch_size: int = 8, sparse_attention: bool = True,
                  attention_config: Any = None, chat_template: bool | None = None,
                  progress: bool | None = None, num_openings: int = 3, calibration_samples: int = 4,
@@ -169,6 +177,9 @@ class CreativeSparseWrapper:
         self.controller = SparsityController.for_model(self.model, config)
         self.quality_weights = quality_weights
         self.reference_data = list(reference_data) if reference_data is not None else None
+        if novelty_reference not in NOVELTY_REFERENCES:
+            raise ValueError(f"novelty_reference must be one of {NOVELTY_REFERENCES}, got {novelty_reference!r}")
+        self.novelty_reference = novelty_reference
         self.seed, self.batch_size, self.progress = seed, batch_size, progress
         self._scorer = scorer
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
@@ -319,12 +330,14 @@ class CreativeSparseWrapper:
         return self._nll(prompt_ids, refs)
 
     def score(self, texts: list[str], prompt: str = "", *, nll: Sequence[float] | None = None,
-              nll_reference: NLLReference | None = None) -> tuple[list[float], list[dict[str, float]] | None]:
+              nll_reference: NLLReference | None = None,
+              references: Sequence[str] | None = None) -> tuple[list[float], list[dict[str, float]] | None]:
         """(Q per text, components per text or None) from the scorer; ``nll`` and
-        ``nll_reference`` go to a `QualityFunctional` (see `QualityFunctional.evaluate`)."""
+        ``nll_reference`` go to a `QualityFunctional` (see `QualityFunctional.evaluate`);
+        ``references`` (novelty's reference texts) replace ``reference_data`` for this call."""
         scorer = self.scorer
         if hasattr(scorer, "evaluate"):
-            refs = self.reference_data
+            refs = list(references) if references is not None else self.reference_data
             if refs is None and len(texts) < 2:
                 refs = [prompt] if prompt else None
             report = scorer.evaluate(texts, refs, nll=nll, nll_reference=nll_reference)
@@ -337,11 +350,12 @@ class CreativeSparseWrapper:
         return scores, None
 
     def _judge(self, texts: list[str], ids: list[list[int]], prompt: str, prompt_ids: torch.Tensor,
-               reference: list[np.ndarray] | None) -> tuple[list[float], list[dict[str, float]] | None, list[float]]:
+               reference: list[np.ndarray] | None, references: list[str] | None = None
+               ) -> tuple[list[float], list[dict[str, float]] | None, list[float]]:
         """(Q, components, z of the NLL against the reference) for texts of token ids ``ids``.
         Reference and candidates are compared over the same number of leading tokens."""
         if not self._uses_own_nll():
-            quality, comps = self.score(texts, prompt)
+            quality, comps = self.score(texts, prompt, references=references)
             return quality, comps, [0.0] * len(texts)
         token_nll = self._nll(prompt_ids, ids)
         nll = [float(x.mean()) if len(x) else math.nan for x in token_nll]
@@ -352,7 +366,7 @@ class CreativeSparseWrapper:
             if len(ref_nll) >= 2 and span > 0:
                 ref = NLLReference.from_samples(ref_nll)
         self.last_reference = ref
-        quality, comps = self.score(texts, prompt, nll=nll, nll_reference=ref)
+        quality, comps = self.score(texts, prompt, nll=nll, nll_reference=ref, references=references)
         z = [ref.z(x) if ref is not None else 0.0 for x in nll]
         if comps is not None:
             for c, x, zi in zip(comps, nll, z):
@@ -405,6 +419,8 @@ class CreativeSparseWrapper:
         from tqdm.auto import tqdm
 
         reference = self.reference_nll(ids, max_new_tokens, seed)
+        novelty_refs = [self.generate_greedy(prompt, max_new_tokens)] \
+            if self.novelty_reference == "greedy" and self.reference_data is None else None
         if sparsity_level is not None:
             single = TwoStageSchedule(sparsity_level, sparsity_level, switch=1.0)
             bar = tqdm(total=num_candidates, desc="candidates", disable=not show)
@@ -415,7 +431,7 @@ class CreativeSparseWrapper:
             bar.close()
             return self._finish(drafts, prompt, ids, reference, constraints, return_best,
                                 openings=[""] * len(drafts), opening_scores=[math.nan] * len(drafts),
-                                s=(single.diverge, single.refine), unique=False)
+                                s=(single.diverge, single.refine), unique=False, references=novelty_refs)
 
         n_a = min(max_new_tokens, max(1, round(self.schedule.switch * max_new_tokens)))
         n_b = max_new_tokens - n_a
@@ -424,13 +440,13 @@ class CreativeSparseWrapper:
                                 step_offset=0, new_tokens=n_a, min_new_tokens=n_a, extra=self._banned(constraints),
                                 seed=seed, bar=bar)
         opening_texts = [self._decode(o) for o in openings]
-        opening_q, _, opening_z = self._judge(opening_texts, openings, prompt, ids, reference)
+        opening_q, _, opening_z = self._judge(opening_texts, openings, prompt, ids, reference, novelty_refs)
         self.last_openings = list(zip(opening_texts, opening_q))
         s_pair = (self.schedule.diverge, self.schedule.refine)
         if n_b == 0:
             bar.close()
             return self._finish(openings, prompt, ids, reference, constraints, return_best, openings=opening_texts,
-                                opening_scores=opening_q, s=s_pair, unique=True)
+                                opening_scores=opening_q, s=s_pair, unique=True, references=novelty_refs)
         ranked = sorted(range(len(openings)), key=lambda i: (opening_z[i] > self.incoherence_bound, -opening_q[i]))
         kept = ranked[: min(self.num_openings, len(ranked))]
         owner = [kept[j % len(kept)] for j in range(num_candidates)]  # dealt round-robin
@@ -450,7 +466,7 @@ class CreativeSparseWrapper:
         full = [openings[o] + c for o, c in zip(owner, conts)]
         return self._finish(full, prompt, ids, reference, constraints, return_best,
                             openings=[opening_texts[o] for o in owner], opening_scores=[opening_q[o] for o in owner],
-                            s=s_pair, unique=True)
+                            s=s_pair, unique=True, references=novelty_refs)
 
     def generate_greedy(self, prompt: str, max_new_tokens: int | None = None) -> str:
         """The model's greedy answer to ``prompt`` at s = 0 (dense attention): what it says by
@@ -479,14 +495,14 @@ class CreativeSparseWrapper:
     def _finish(self, ids: list[list[int]], prompt: str, prompt_ids: torch.Tensor,
                 reference: list[np.ndarray] | None, constraints: Constraints | None, return_best: bool, *,
                 openings: list[str], opening_scores: list[float], s: tuple[float, float],
-                unique: bool) -> str | list[Candidate]:
+                unique: bool, references: list[str] | None = None) -> str | list[Candidate]:
         texts = [self._decode(x) for x in ids]
         if unique:  # the same text twice is one candidate
             first = {t: i for i, t in reversed(list(enumerate(texts)))}
             keep = sorted(first.values())
             ids, texts = [ids[i] for i in keep], [texts[i] for i in keep]
             openings, opening_scores = [openings[i] for i in keep], [opening_scores[i] for i in keep]
-        quality, comps, z = self._judge(texts, ids, prompt, prompt_ids, reference)
+        quality, comps, z = self._judge(texts, ids, prompt, prompt_ids, reference, references)
         violations = [constraints.violations(t) if constraints is not None else 0.0 for t in texts]
         penalty = constraints.penalty if constraints is not None else 0.0
         cands = [Candidate(text=t, score=q - penalty * v, quality=q, violations=v,
