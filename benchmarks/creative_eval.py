@@ -209,9 +209,11 @@ class Evaluator:
         elif name == "processor (defaults)":
             texts = self._generate(neutral, self.samples, lambda width: CreativeSparseLogitsProcessor(
                 width, self.new_tokens))
-        elif name in ("wrapper (defaults)", "wrapper (novelty vs greedy)"):
+        elif name in ("wrapper (defaults)", "wrapper (novelty vs candidates)"):
+            # the defaults measure novelty against the greedy answer (session 8); the other
+            # row is the earlier default, novelty against the other candidates
             wrapper = CreativeSparseWrapper(self.model, self.tok, seed=self.seed, sparse_attention=False,
-                                            novelty_reference="greedy" if "greedy" in name else "candidates")
+                                            novelty_reference="candidates" if "candidates" in name else "greedy")
             texts, best = [], []
             for prompt in self.prompts:
                 cands = wrapper.generate_creative(prompt, max_new_tokens=self.new_tokens,
@@ -336,7 +338,9 @@ def main(argv: list[str] | None = None) -> None:
         texts, best, seconds = ev.run(name)
         results["methods"][name] = {"metrics": ev.metrics(texts), "seconds": seconds, "texts": texts}
         if best is not None:
-            results["methods"][name.replace("(defaults)", f"best-of-{args.wrapper_candidates}")] = {
+            best_name = name.replace("(defaults)", f"best-of-{args.wrapper_candidates}") if "(defaults)" in name \
+                else f"{name} best-of-{args.wrapper_candidates}"
+            results["methods"][best_name] = {
                 "metrics": dict(ev.metrics([[b] for b in best]), diversity=float("nan"), distinct2=float("nan")),
                 "seconds": seconds, "texts": [[b] for b in best]}
         m = results["methods"][name]["metrics"]
