@@ -6,6 +6,9 @@ One concern: the search over candidates. It drafts several openings at s_A, keep
 decoding and reranks with incoherence calibrated against the model's own samples of the
 prompt. The per-step filters and the published dial are `processor`'s.
 
+One file because it is one search: drafting, judging (novelty's reference, the calibrated
+incoherence) and reranking share the candidates' token ids and the per-call references.
+
 Example:
     >>> wrapper = CreativeSparseWrapper()                                   # doctest: +SKIP
     >>> wrapper.generate_creative("Write a line about the sea.", max_new_tokens=40)  # doctest: +SKIP
