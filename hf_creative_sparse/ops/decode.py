@@ -171,10 +171,10 @@ class DecodeSparsityConfig:
 # -- per-block key statistics --------------------------------------------------------------
 
 
-def _block_minmax(keys: torch.Tensor, valid: torch.Tensor | None, block_size: int) -> tuple[torch.Tensor, ...]:
-    """Per-block min, max (float32 [B, H, nb, D]) and attendable-key counts (int32 [B, nb])
-    of ``keys`` [B, H, n, D] (n need not be a multiple of block_size); blocks without an
-    attendable key get min = max = 0 (their count says they are empty)."""
+def _blocked_keys(keys: torch.Tensor, valid: torch.Tensor | None, block_size: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``keys`` [B, H, n, D] as float32 blocks [B, H, nb, block_size, D] (the last padded)
+    and which of their keys are attendable, bool [B, nb, block_size]."""
     b, h, n, d = keys.shape
     nb = -(-n // block_size)
     pad = nb * block_size - n
@@ -184,7 +184,14 @@ def _block_minmax(keys: torch.Tensor, valid: torch.Tensor | None, block_size: in
         x = F.pad(x, (0, 0, 0, pad))
         ok = F.pad(ok, (0, pad), value=False)
     x = x.view(b, h, nb, block_size, d)
-    okb = ok.view(b, nb, block_size)
+    return x, ok.view(b, nb, block_size)
+
+
+def _block_minmax(keys: torch.Tensor, valid: torch.Tensor | None, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Per-block min, max (float32 [B, H, nb, D]) and attendable-key counts (int32 [B, nb])
+    of ``keys`` [B, H, n, D] (n need not be a multiple of block_size); blocks without an
+    attendable key get min = max = 0 (their count says they are empty)."""
+    x, okb = _blocked_keys(keys, valid, block_size)
     m = okb[:, None, :, :, None]
     kmin = torch.where(m, x, math.inf).amin(dim=3)
     kmax = torch.where(m, x, -math.inf).amax(dim=3)
@@ -198,17 +205,9 @@ def _block_moments(keys: torch.Tensor, valid: torch.Tensor | None, block_size: i
     attendable-key counts (int32 [B, nb]) of ``keys`` [B, H, n, D] over the attendable keys
     (two passes: the variance is the mean squared deviation from the block's mean); blocks
     without an attendable key get mean = var = 0 (their count says they are empty)."""
-    b, h, n, d = keys.shape
-    nb = -(-n // block_size)
-    pad = nb * block_size - n
-    x = keys.float()
-    ok = valid if valid is not None else torch.ones(b, n, dtype=torch.bool, device=keys.device)
-    if pad:
-        x = F.pad(x, (0, 0, 0, pad))
-        ok = F.pad(ok, (0, pad), value=False)
-    x = x.view(b, h, nb, block_size, d)
-    w = ok.view(b, nb, block_size)[:, None, :, :, None].float()
-    count = ok.view(b, nb, block_size).sum(-1, dtype=torch.int32)
+    x, okb = _blocked_keys(keys, valid, block_size)
+    w = okb[:, None, :, :, None].float()
+    count = okb.sum(-1, dtype=torch.int32)
     denom = count.clamp_min(1).float()[:, None, :, None]
     mean = (x * w).sum(3) / denom
     var = (((x - mean[:, :, :, None]) ** 2) * w).sum(3) / denom
