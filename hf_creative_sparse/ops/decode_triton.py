@@ -56,6 +56,19 @@ def unavailable_reason(q: torch.Tensor) -> str | None:
 
 if triton is not None:
 
+    @triton.jit
+    def _load_key_block(K, VALID, j, N, b, h, stride_valid_b, stride_kb, stride_kh, stride_kn,
+                        dims, dim_ok, toks, HAS_VALID: tl.constexpr, BS: tl.constexpr):
+        # key block j of (batch b, kv head h) as float32 [BS, D], which of its keys are
+        # attendable, and how many (the statistics kernels of both scores)
+        t = j * BS + toks
+        ok = t < N
+        if HAS_VALID:
+            ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
+        k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + dims[None, :],
+                    mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
+        return k, ok, tl.sum(ok.to(tl.int32), 0)
+
     # Lengths and counts change every decode step: specializing on them (divisibility by 16,
     # equality to 1) would compile a new variant inside the decode loop.
     @triton.jit(do_not_specialize=["N", "NUM_KEPT", "BLOCKS_PER_SPLIT", "SPLITS"])
@@ -178,13 +191,8 @@ if triton is not None:
         for jj in range(0, TILE):
             j = start + jj
             if (j >= FIRST) & (j < NB):
-                t = j * BS + toks
-                ok = t < N
-                if HAS_VALID:
-                    ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
-                k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + dims[None, :],
-                            mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-                n = tl.sum(ok.to(tl.int32), 0)
+                k, ok, n = _load_key_block(K, VALID, j, N, b, h, stride_valid_b, stride_kb, stride_kh, stride_kn,
+                                           dims, dim_ok, toks, HAS_VALID, BS)
                 lo = tl.min(tl.where(ok[:, None], k, float("inf")), 0)
                 hi = tl.max(tl.where(ok[:, None], k, float("-inf")), 0)
                 lo = tl.where(n > 0, lo, 0.0)
@@ -236,13 +244,8 @@ if triton is not None:
         for jj in range(0, TILE):
             j = start + jj
             if (j >= FIRST) & (j < NB):
-                t = j * BS + toks
-                ok = t < N
-                if HAS_VALID:
-                    ok = ok & (tl.load(VALID + b * stride_valid_b + t, mask=ok, other=0) != 0)
-                k = tl.load(K + b * stride_kb + h * stride_kh + t[:, None] * stride_kn + dims[None, :],
-                            mask=ok[:, None] & dim_ok[None, :], other=0.0).to(tl.float32)
-                n = tl.sum(ok.to(tl.int32), 0)
+                k, ok, n = _load_key_block(K, VALID, j, N, b, h, stride_valid_b, stride_kb, stride_kh, stride_kn,
+                                           dims, dim_ok, toks, HAS_VALID, BS)
                 denom = tl.maximum(n, 1).to(tl.float32)
                 mean = tl.sum(k, 0) / denom
                 dev = tl.where(ok[:, None], k - mean[None, :], 0.0)
