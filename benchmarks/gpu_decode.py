@@ -21,6 +21,7 @@ Prints a markdown table at the end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,10 +31,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_creative_sparse.ops import decode as dm  # noqa: E402
+from hf_creative_sparse.ops import decode_triton as dt  # noqa: E402
 
 LOG: list[str] = []
 RESULTS: dict = {"correctness": [], "attention": [], "model": []}
@@ -150,10 +153,6 @@ def cuda_time(fn, iters: int) -> float:
 
 def dense_backends():
     """SDPA as it picks by itself ("default"), and each fused backend forced."""
-    import contextlib
-
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
              "cudnn": SDPBackend.CUDNN_ATTENTION}
     out = {"default": contextlib.nullcontext}
@@ -240,13 +239,14 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
         """Dense baseline with the fused kernels: one decode row over the whole cache needs no
         mask (no padding here), and enable_gqa spares transformers' repeat_kv + masked call,
         which falls back to SDPA's math kernel."""
-        out = F.scaled_dot_product_attention(query, key, value, scale=scaling, is_causal=query.shape[2] > 1,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(query.contiguous(), key, value, scale=scaling,
+                                             is_causal=query.shape[2] > 1, enable_gqa=True)
         return out.transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("sdpa_gqa", sdpa_gqa)
     out = {}
-    for impl in ("sdpa", "sdpa_gqa", "creative_sparse"):
+    # transformers' own SDPA repeats the KV heads (4x the cache in memory): 32k only
+    for impl in ("sdpa", "sdpa_gqa", "creative_sparse") if context <= 32768 else ("sdpa_gqa", "creative_sparse"):
         model.set_attn_implementation(impl)
         if impl == "creative_sparse":
             ta.set_decode_config(dm.DecodeSparsityConfig(budget=0.25, min_context=0, verify_cache=False), model)
@@ -256,7 +256,10 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
             kv = [torch.randn(batch, 8, context, 128, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(2)]
             cache.update(kv[0], kv[1], i)
         ids = torch.randint(0, 32000, (batch, 1), device=dev)
-        with torch.no_grad():
+        # the fused baseline never falls back to SDPA's math kernel (session 9 saw 176 tok/s at 128k)
+        fused_only = sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                                  SDPBackend.EFFICIENT_ATTENTION]) if impl == "sdpa_gqa" else contextlib.nullcontext()
+        with torch.no_grad(), fused_only:
             for _ in range(3):  # warm-up (and the statistics' first build)
                 ids = model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
@@ -275,6 +278,72 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
         torch.cuda.empty_cache()
     RESULTS["model"].append(dict(context=context, batch=batch, layers=layers, tokens_per_s=out))
     return out
+
+
+def launch_overhead(dev: torch.device, iters: int = 2000) -> dict[str, float]:
+    """Host microseconds to issue one launch of the merge kernel: through Triton's JIT
+    dispatch (it binds and specializes every argument on each call) and through
+    `ops.triton_launch.DirectLauncher` (the compiled kernel's own launcher); a decode step
+    issues four such launches. Also checks that both write the same output."""
+    b, hkv, splits, gp, block_d = 8, 8, 4, 4, 128
+    g = torch.Generator(device=dev).manual_seed(0)
+    part_o = torch.randn(b * hkv * splits * gp, block_d, device=dev, generator=g)
+    part_m = torch.randn(b * hkv * splits * gp, device=dev, generator=g)
+    part_l = torch.rand(b * hkv * splits * gp, device=dev, generator=g) + 0.5
+    out = torch.empty(b, hkv * gp, block_d, device=dev, dtype=torch.bfloat16)
+    lse = torch.empty(b, hkv * gp, device=dev)
+    args = (part_o, part_m, part_l, out, lse, gp, block_d, splits, hkv, out.stride(0), out.stride(1))
+    meta = dict(GP=gp, BLOCK_D=block_d, BLOCK_S=splits, CHUNK_D=block_d)
+    grid = (b * hkv, 1)
+    dt._decode_merge_kernel[grid](*args, **meta, num_warps=4)
+    torch.cuda.synchronize()
+    ref = out.clone()
+
+    def host_us(fn) -> float:
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        elapsed = (time.perf_counter() - t0) / iters * 1e6
+        torch.cuda.synchronize()
+        return elapsed
+
+    launcher = dt._launch.decode_merge_kernel
+    res = {"jit_dispatch_us": host_us(lambda: dt._decode_merge_kernel[grid](*args, **meta, num_warps=4)),
+           "torch_empty_us": host_us(lambda: torch.empty(4096, device=dev))}
+    out.zero_()
+    launcher(grid, *args, **meta, num_warps=4)  # the first call of a specialization goes through the JIT
+    launcher(grid, *args, **meta, num_warps=4)
+    torch.cuda.synchronize()
+    res["direct_launches"] = launcher.direct_launches
+    res["direct_matches_jit"] = bool(torch.equal(out, ref))
+    res["direct_launcher_us"] = host_us(lambda: launcher(grid, *args, **meta, num_warps=4))
+    log("  launch overhead (host us per launch of the merge kernel): " +
+        ", ".join(f"{k_} {v_:.1f}" if isinstance(v_, float) else f"{k_} {v_}" for k_, v_ in res.items()))
+    RESULTS.setdefault("launch", []).append(res)
+    return res
+
+
+def select_sweep(dev: torch.device, iters: int = 50) -> None:
+    """GPU time of the selection kernel per warp count, rows of 1024 / 4096 / 8192 blocks
+    (32k / 128k keys at blocks of 32, 128k at 16), 64 rows, keep 25%."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    saved = dict(dt.SELECT_LAUNCH)
+    try:
+        for nb in (1024, 4096, 8192):
+            scores = torch.randn(8, 8, nb, device=dev, generator=g)
+            cells = []
+            for warps in (1, 2, 4, 8, 16):
+                dt.SELECT_LAUNCH.update(num_warps_small=warps, num_warps_large=warps)
+                idx = dt.select_blocks_triton(scores, nb // 4)
+                ok = torch.equal(idx, scores.topk(nb // 4, -1).indices.sort(-1).values)
+                us = kernel_gpu_us(lambda i: dt.select_blocks_triton(scores, nb // 4), iters)
+                cells.append(f"{warps} warps {sum(us.values()):.1f} us{'' if ok else ' WRONG'}")
+            log(f"  select sweep, {nb} blocks: " + ", ".join(cells))
+    finally:
+        dt.SELECT_LAUNCH.update(saved)
 
 
 def sweep(dev: torch.device, contexts=(32768, 131072), budget: float = 0.25, iters: int = 50) -> None:
@@ -433,6 +502,10 @@ def profile_step(dev: torch.device, contexts=(32768, 131072), budget: float = 0.
         k, v = kbuf[:, :, :context], vbuf[:, :, :context]
         dense_ms = cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps)
         dense_ms = min(dense_ms, cuda_time(lambda i: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), steps))
+        # select: "triton" (its own launch, the default) or "topk" (torch.topk). Session 9 tried the
+        # selection inside the attention kernel (each split selecting from the row's scores): the
+        # partial kernel went 71 -> 112 us at 32k and 259 -> 535 us at 128k
+        # (results/session9/gpu_decode_profile_fused_select_h200.log), so it was dropped.
         for select, score, block in (("triton", "bound", 32), ("triton", "mass", 16), ("topk", "bound", 32)):
             if select == "topk" and "--topk" not in sys.argv:
                 continue
@@ -482,6 +555,8 @@ def main() -> int:
 
     if "--profile" in sys.argv:
         log(f"device {torch.cuda.get_device_name()}, triton {triton.__version__}")
+        if "--select-sweep" in sys.argv:
+            select_sweep(dev)
         profile_step(dev)
         return 0
     if "--sweep" in sys.argv:
@@ -497,11 +572,14 @@ def main() -> int:
     for context in (32768, 131072):
         med, best = bench_attention(dev, context)
         table.append((context, med, best))
-    model = None
-    try:
-        model = bench_model(dev)
-    except Exception as exc:  # report, keep the attention table
-        log(f"whole-model comparison failed: {type(exc).__name__}: {exc}")
+    launch_overhead(dev)
+    models = {}
+    for context in (32768, 131072):
+        try:
+            models[context] = bench_model(dev, context=context)
+        except Exception as exc:  # report, keep the attention table
+            log(f"whole-model comparison at {context} failed: {type(exc).__name__}: {exc}")
+            torch.cuda.empty_cache()
     log("\n| context | best dense (SDPA) ms | sparse 25% ms | speedup | sparse 12.5% ms | speedup | sparse 50% ms | speedup "
         "| 25% step as CUDA graph ms | speedup |")
     log("|---|---|---|---|---|---|---|---|---|---|")
@@ -511,11 +589,14 @@ def main() -> int:
             cells += [f"{med[f'sparse-{bud}']:.3f}", f"{dms / med[f'sparse-{bud}']:.2f}x"]
         cells += [f"{med['graph-0.25']:.3f}", f"{dms / med['graph-0.25']:.2f}x"]
         log("| " + " | ".join(cells) + " |")
-    if model:
-        log(f"\nwhole model (random Llama, 4 layers, batch 8, 32k DynamicCache): transformers' SDPA "
-            f"{model['sdpa']:.1f} tok/s, SDPA with enable_gqa and no mask {model['sdpa_gqa']:.1f} tok/s, "
-            f"creative_sparse 25% {model['creative_sparse']:.1f} tok/s "
-            f"({model['creative_sparse'] / model['sdpa_gqa']:.2f}x the fused dense)")
+    if models:
+        log("\n| whole model (random Llama 4 layers, batch 8, DynamicCache) | transformers' SDPA tok/s "
+            "| SDPA enable_gqa, no mask tok/s | creative_sparse 25% tok/s | vs fused dense |")
+        log("|---|---|---|---|---|")
+        for context, m in models.items():
+            sdpa = f"{m['sdpa']:.1f}" if "sdpa" in m else "-"
+            log(f"| {context // 1024}k | {sdpa} | {m['sdpa_gqa']:.1f} | {m['creative_sparse']:.1f} "
+                f"| {m['creative_sparse'] / m['sdpa_gqa']:.2f}x |")
     log(f"correctness: {'all passed' if ok else 'FAILURES above'}")
     out_dir = os.environ.get("OUT")
     if out_dir:

@@ -66,11 +66,17 @@ def test_kept_block_attention_equals_float64_reference(backend, shape, padded):
         valid[0, n - 3:] = False     # and a few padded keys at the end of the first
     if backend == "triton" and bs < 16:
         pytest.skip("triton needs blocks of >= 16 keys")
-    out, lse, ran = dm.decode_block_attention(q.to(dev), k.to(dev), v.to(dev), idx.to(dev), bs,
-                                              None if valid is None else valid.to(dev), 0.2, backend)
-    assert ran == backend
     ref = reference_f64(q, k, v, idx, bs, valid, 0.2)
-    assert (out.cpu().double() - ref).abs().max() < 2e-5
+    # twice: on CUDA the second call launches the compiled kernels directly (ops/triton_launch.py)
+    for _ in range(2):
+        out, lse, ran = dm.decode_block_attention(q.to(dev), k.to(dev), v.to(dev), idx.to(dev), bs,
+                                                  None if valid is None else valid.to(dev), 0.2, backend)
+        assert ran == backend
+        assert (out.cpu().double() - ref).abs().max() < 2e-5
+    if backend == "triton" and dev == "cuda":
+        from hf_creative_sparse.ops.decode_triton import _launch
+
+        assert _launch.decode_partial_kernel.direct_launches > 0 and _launch.decode_merge_kernel.direct_launches > 0
     # lse: natural log of the softmax denominator over the used keys
     assert torch.isfinite(lse).all() or padded
 
@@ -211,19 +217,24 @@ def test_sparse_step_checks_its_operands_before_any_kernel():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1 with triton")
 @pytest.mark.parametrize("padded", [False, True])
-def test_fused_triton_mass_statistics_and_scores_equal_recomputation(padded):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_triton_mass_statistics_and_scores_equal_recomputation(padded, dtype):
     """Score "mass" on the Triton path: the block means, variances and counts, and the
     forced shares, against `_block_moments` and `block_mass_scores` recomputed, through a
-    rebuild and incremental growth across block boundaries."""
+    rebuild and incremental growth across block boundaries. 16-bit keys keep their
+    statistics in their dtype (to its rounding) and score in 16-bit products."""
     dev = _device("triton")
+    if dev == "cpu" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter's 16-bit tl.dot is wrong (triton 3.9); runs on CUDA")
     g = torch.Generator().manual_seed(11)
     b, hq, hkv, n0, d, bs, scale = 2, 6, 2, 90, 24, 16, 0.4
-    keys = (torch.randn(b, hkv, n0 + 20, d, generator=g) * 2.0).to(torch.bfloat16)
-    q = torch.randn(b, hq, d, generator=g).to(torch.bfloat16)
+    keys = (torch.randn(b, hkv, n0 + 20, d, generator=g) * 2.0).to(dtype)
+    q = torch.randn(b, hq, d, generator=g).to(dtype)
     valid = torch.ones(b, n0 + 20, dtype=torch.bool)
     if padded:
         valid[1, :37] = False
         valid[0, 16:32] = False
+    exact = dtype == torch.float32
     stats = dm.KeyBlockStats(bs, "mass")
     kinds = []
     for n in (n0, n0 + 1, n0 + 7, n0 + 20):
@@ -231,13 +242,20 @@ def test_fused_triton_mass_statistics_and_scores_equal_recomputation(padded):
         kind, scores = stats.update_and_score(keys[:, :, :n].to(dev), pad, q.to(dev), verify=True, sink_blocks=1,
                                               recent_blocks=2, fused=True, scale=scale)
         kinds.append(kind)
+        assert stats.kmean.dtype == dtype and stats.kvar.dtype == dtype
         mean, var, count = dm._block_moments(keys[:, :, :n], valid[:, :n] if padded else None, bs)
-        assert torch.allclose(stats.kmean.cpu(), mean, atol=1e-5) and torch.allclose(stats.kvar.cpu(), var, atol=1e-4)
+        if exact:
+            assert torch.allclose(stats.kmean.cpu(), mean, atol=1e-5)
+            assert torch.allclose(stats.kvar.cpu(), var, atol=1e-4)
+        else:  # within the dtype's rounding
+            assert torch.allclose(stats.kmean.cpu().float(), mean, rtol=8e-3, atol=1e-3)
+            assert torch.allclose(stats.kvar.cpu().float(), var, rtol=8e-3, atol=1e-3)
         assert torch.equal(stats.counts.cpu(), count)
-        ref = dm.force_blocks(dm.block_mass_scores(q, mean, var, count, scale), 1, 2)
+        ref = dm.force_blocks(dm.block_mass_scores(q.float(), stats.kmean.cpu().float(), stats.kvar.cpu().float(),
+                                                   count, scale), 1, 2)
         finite = torch.isfinite(ref)
         assert torch.equal(torch.isfinite(scores.cpu()), finite) and torch.equal(scores.cpu() > 0, ref > 0)
-        assert torch.allclose(scores.cpu()[finite], ref[finite], atol=1e-5)
+        assert torch.allclose(scores.cpu()[finite], ref[finite], atol=1e-5 if exact else 2e-3, rtol=0 if exact else 1e-2)
     assert kinds == ["rebuilt", "incremental", "incremental", "incremental"]
 
 

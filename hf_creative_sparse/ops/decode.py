@@ -279,12 +279,13 @@ class KeyBlockStats:
 
     @property
     def kmean(self) -> torch.Tensor:
-        """float32 [B, H, num_blocks, D]: mean of each block's attendable keys (score "mass")."""
+        """[B, H, num_blocks, D]: mean of each block's attendable keys (score "mass"); float32,
+        or the keys' 16-bit dtype on the Triton path."""
         return self._view("mean")
 
     @property
     def kvar(self) -> torch.Tensor:
-        """float32 [B, H, num_blocks, D]: their population variance (score "mass")."""
+        """[B, H, num_blocks, D]: their population variance (score "mass"), as `kmean`."""
         return self._view("var")
 
     def _buffers(self) -> list[torch.Tensor | None]:
@@ -374,7 +375,9 @@ class KeyBlockStats:
         if self.score == "mass":
             from .decode_triton import mass_stats_and_scores_triton
 
-            first, kind = self._prepare(keys, key_padding_mask is not None, verify, torch.float32)
+            # 16-bit keys: mean and variance in their dtype (an estimate's inputs; half the reads)
+            dtype = keys.dtype if keys.dtype in (torch.float16, torch.bfloat16) else torch.float32
+            first, kind = self._prepare(keys, key_padding_mask is not None, verify, dtype)
             scores = mass_stats_and_scores_triton(q, keys, key_padding_mask, self._mean, self._var, self._count,
                                                   self.block_size, first, sink_blocks, recent_blocks,
                                                   scale if scale is not None else q.shape[-1] ** -0.5)

@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import math
 import os
+from types import SimpleNamespace
 
 import torch
+
+from .triton_launch import DirectLauncher
 
 try:  # optional: CPU-only installs have no triton
     import triton
@@ -228,11 +231,12 @@ if triton is not None:
         N, G, D, NB, FIRST, CAP, HKV, scale,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_valid_b,
         HAS_VALID: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
-        TILE: tl.constexpr,
+        TILE: tl.constexpr, IEEE: tl.constexpr,
     ):
         # `ops.decode.block_mass_scores` before its softmax over blocks: per query head and
         # block, log n + m + spread(v) (random-energy-model law) from the block's count and
         # per-channel key mean / variance, which are refreshed first from block FIRST on.
+        # The group's rows (padded to BLOCK_G >= 16) meet a tile of blocks in two tl.dot.
         bh = tl.program_id(0)
         tile = tl.program_id(1)
         b = bh // HKV
@@ -250,8 +254,8 @@ if triton is not None:
                 mean = tl.sum(k, 0) / denom
                 dev = tl.where(ok[:, None], k - mean[None, :], 0.0)
                 var = tl.sum(dev * dev, 0) / denom
-                tl.store(KMEAN + (bh * CAP + j) * D + dims, mean, mask=dim_ok)
-                tl.store(KVAR + (bh * CAP + j) * D + dims, var, mask=dim_ok)
+                tl.store(KMEAN + (bh * CAP + j) * D + dims, mean.to(KMEAN.dtype.element_ty), mask=dim_ok)
+                tl.store(KVAR + (bh * CAP + j) * D + dims, var.to(KVAR.dtype.element_ty), mask=dim_ok)
                 tl.store(COUNT + b * CAP + j, n)  # every head's program: read back below
         tl.debug_barrier()
         rows = tl.arange(0, BLOCK_G)
@@ -263,15 +267,20 @@ if triton is not None:
         mean = tl.load(KMEAN + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
         var = tl.load(KVAR + offs, mask=live[:, None] & dim_ok[None, :], other=0.0)
         cnt = tl.load(COUNT + b * CAP + blocks, mask=live, other=0).to(tl.float32)
-        m = tl.sum(q[:, None, :] * mean[None, :, :], 2) * scale  # [BLOCK_G, TILE]
-        v = tl.sum((q * q)[:, None, :] * var[None, :, :], 2) * (scale * scale)
-        log_n = tl.log(tl.maximum(cnt, 1.0))
+        qt = tl.trans(q.to(mean.dtype))
+        q2t = tl.trans((q * q).to(var.dtype))
+        if IEEE:  # float32 statistics: full-precision products
+            m = tl.dot(mean, qt, input_precision="ieee") * scale  # [TILE, BLOCK_G]
+            v = tl.dot(var, q2t, input_precision="ieee") * (scale * scale)
+        else:
+            m = tl.dot(mean, qt) * scale
+            v = tl.dot(var, q2t) * (scale * scale)
+        log_n = tl.log(tl.maximum(cnt, 1.0))[:, None]
         lim = 2.0 * log_n
-        spread = tl.where(v <= lim[None, :], 0.5 * v, tl.sqrt(v * lim[None, :]) - 0.5 * lim[None, :])
-        logit = m + spread + log_n[None, :]
-        logit = tl.where((cnt > 0)[None, :], logit, float("-inf"))
-        out = LOGITS + (bh * G + rows)[:, None] * NB + blocks[None, :]
-        tl.store(out, logit, mask=(rows < G)[:, None] & live[None, :])
+        spread = tl.where(v <= lim, 0.5 * v, tl.sqrt(v * lim) - 0.5 * lim)
+        logit = tl.where((cnt > 0)[:, None], m + spread + log_n, float("-inf"))
+        out = LOGITS + (bh * G + rows)[None, :] * NB + blocks[:, None]
+        tl.store(out, logit, mask=(rows < G)[None, :] & live[:, None])
 
     @triton.jit(do_not_specialize=["NB", "CAP"])
     def _mass_shares_kernel(LOGITS, COUNT, SCORES, G, NB, CAP, HKV, SINK, RECENT,
@@ -297,27 +306,42 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["NB", "KEEP"])
     def _select_blocks_kernel(SCORES, IDX, NB, KEEP, BLOCK: tl.constexpr):
-        # One program per row: the KEEP-th largest score by bisection on an order-preserving
-        # int32 image of the floats, then the rows' kept indices compacted by a prefix sum.
+        # One program per row: the KEEP-th largest score by a radix select on an
+        # order-preserving unsigned image of the floats (four 8-bit digits from the top, each a
+        # 256-bin histogram of the keys still tied with the prefix: 4 block-wide passes where
+        # a bisection takes 32), then the row's kept indices compacted by a prefix sum.
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < NB
         bits = tl.load(SCORES + row * NB + offs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # negative floats: lower bits flipped
-        key = tl.where(ok, key, -4294967296)  # below every float's image (-inf's is -2139095041)
-        lo = tl.min(tl.where(ok, key, 4294967296), 0)
-        hi = tl.max(key, 0)
-        for _ in range(32):  # invariant: count(key >= lo) >= KEEP, count(key > hi) < KEEP
-            mid = (lo + hi + 1) >> 1
-            enough = tl.sum((key >= mid).to(tl.int32), 0) >= KEEP
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid - 1)
-        thr = lo
-        above = key > thr
-        ties = key == thr
-        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= KEEP - tl.sum(above.to(tl.int32), 0)))
+        # negative floats: lower bits flipped; + 2^31 makes the image unsigned, in [0, 2^32)
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+        bins = tl.arange(0, 256)
+        prefix = tl.zeros([], tl.int64)
+        need = KEEP  # of the keys tied with the prefix, how many the row still takes
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p
+            active = ok & ((key >> (shift + 8)) == prefix)
+            # masked keys go to bin 0 (the interpreter subtracts them from bin 0 only)
+            digit = tl.where(active, (key >> shift) & 255, 0).to(tl.int32)
+            hist = tl.histogram(digit, 256, mask=active)
+            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
+            d = tl.max(tl.where(at_least >= need, bins, -1), 0)
+            need -= tl.sum(tl.where(bins > d, hist, 0), 0)
+            prefix = prefix * 256 + d
+        above = ok & (key > prefix)
+        ties = ok & (key == prefix)
+        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
         pos = tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(IDX + row * KEEP + pos, offs.to(tl.int64), mask=take)
+
+
+#: The decode kernels behind `DirectLauncher`: a step's host time is part of its cost.
+_launch = SimpleNamespace(**{name: DirectLauncher(kernel) for name, kernel in (
+    ("decode_partial_kernel", _decode_partial_kernel), ("decode_merge_kernel", _decode_merge_kernel),
+    ("stats_scores_kernel", _stats_scores_kernel), ("mass_stats_logits_kernel", _mass_stats_logits_kernel),
+    ("mass_shares_kernel", _mass_shares_kernel), ("select_blocks_kernel", _select_blocks_kernel))}) \
+    if triton is not None else None
 
 
 #: Launch parameters of the partial kernel (programs per SM, kept blocks per loop step,
@@ -377,8 +401,8 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     part_ml = torch.empty(2, b * hkv * splits * gp, dtype=torch.float32, device=q.device)
     part_m, part_l = part_ml[0], part_ml[1]
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else part_m  # dummy when unused
-    _decode_partial_kernel[(b * hkv, splits)](
-        q, k, v, idx, valid, part_o, part_m, part_l,
+    _launch.decode_partial_kernel(
+        (b * hkv, splits), q, k, v, idx, valid, part_o, part_m, part_l,
         n, g, d, kept, per_split, splits, hkv,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
@@ -394,12 +418,17 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     block_s = max(2, _pow2_ceil(splits))
     # about 4k partial values per merge program
     chunk_d = max(16, min(block_d, _pow2_ceil(max(1, 4096 // (block_s * gp)))))
-    _decode_merge_kernel[(b * hkv, block_d // chunk_d)](
-        part_o, part_m, part_l, out, lse, g, d, splits, hkv, out.stride(0), out.stride(1),
+    _launch.decode_merge_kernel(
+        (b * hkv, block_d // chunk_d), part_o, part_m, part_l, out, lse, g, d, splits, hkv,
+        out.stride(0), out.stride(1),
         GP=gp, BLOCK_D=block_d, BLOCK_S=block_s, CHUNK_D=chunk_d, num_warps=4,
     )
     return out, lse
 
+
+#: Warps of the selection kernel for rows of <= 2048 blocks and longer ones (its 32 bisection
+#: steps are block-wide reductions: fewer warps, fewer barriers); `gpu_decode.py --select-sweep`.
+SELECT_LAUNCH = {"num_warps_small": 4, "num_warps_large": 8}
 
 #: Largest number of blocks per row the selection kernel holds in registers.
 SELECT_MAX_BLOCKS = 32768
@@ -423,8 +452,9 @@ def select_blocks_triton(scores: torch.Tensor, keep: int) -> torch.Tensor:
     scores = scores.contiguous()
     idx = torch.empty(*scores.shape[:2], keep, dtype=torch.int64, device=scores.device)
     block = max(16, _pow2_ceil(nb))
-    _select_blocks_kernel[(scores.shape[0] * scores.shape[1],)](
-        scores, idx, nb, keep, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    warps = SELECT_LAUNCH["num_warps_small"] if block <= 2048 else SELECT_LAUNCH["num_warps_large"]
+    _launch.select_blocks_kernel((scores.shape[0] * scores.shape[1],), scores, idx, nb, keep, BLOCK=block,
+                                 num_warps=warps)
     return idx
 
 
@@ -460,8 +490,8 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
     scores = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else scores
     tile = STATS_LAUNCH["tile"]
-    _stats_scores_kernel[(b * hkv, triton.cdiv(nb, tile))](
-        q, keys, valid, kmin, kmax, count, scores,
+    _launch.stats_scores_kernel(
+        (b * hkv, triton.cdiv(nb, tile)), q, keys, valid, kmin, kmax, count, scores,
         n, hq // hkv, d, nb, first_block, kmin.shape[2], hkv, sink_blocks, recent_blocks,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0) if key_valid is not None else 0,
@@ -472,11 +502,17 @@ def stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torc
     return scores
 
 
+#: Warps of the mass statistics + logits kernel (its tiles are `STATS_LAUNCH`'s, at least 16
+#: blocks for tl.dot).
+MASS_STATS_LAUNCH = {"num_warps": 2}
+
+
 def mass_stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid: torch.Tensor | None,
                                  kmean: torch.Tensor, kvar: torch.Tensor, count: torch.Tensor, block_size: int,
                                  first_block: int, sink_blocks: int, recent_blocks: int, scale: float) -> torch.Tensor:
     """`stats_and_scores_triton` for score "mass": refresh the per-block key mean and
-    variance (float32 ``kmean``/``kvar`` [B, Hkv, capacity, D]) and counts from
+    variance (``kmean``/``kvar`` [B, Hkv, capacity, D], float32 or the keys' 16-bit dtype:
+    the estimate needs no more, and the scores then read half the bytes) and counts from
     ``first_block`` on, then `ops.decode.block_mass_scores` of every block with the sink and
     recent blocks at +inf, in two launches. Rows of more than `SELECT_MAX_BLOCKS` blocks
     raise ValueError. Returns float32 [B, Hkv, num_blocks]."""
@@ -496,22 +532,22 @@ def mass_stats_and_scores_triton(q: torch.Tensor, keys: torch.Tensor, key_valid:
     for name, t in (("kmean", kmean), ("kvar", kvar), ("count", count)):
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-    if kmean.dtype != torch.float32 or kvar.dtype != torch.float32:
-        raise ValueError("kmean and kvar must be float32")
+    if kmean.dtype != kvar.dtype or kmean.dtype not in (torch.float32, keys.dtype):
+        raise ValueError(f"kmean and kvar must be float32 or the keys' dtype, got {kmean.dtype} / {kvar.dtype}")
     logits = torch.empty(b, hkv, g, nb, dtype=torch.float32, device=q.device)
     valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else logits
-    block_g = max(2, _pow2_ceil(g))
-    tile = STATS_LAUNCH["tile"]
-    _mass_stats_logits_kernel[(b * hkv, triton.cdiv(nb, tile))](
-        q, keys, valid, kmean, kvar, count, logits,
+    tile = max(16, STATS_LAUNCH["tile"])  # tl.dot's smallest tile
+    _launch.mass_stats_logits_kernel(
+        (b * hkv, triton.cdiv(nb, tile)), q, keys, valid, kmean, kvar, count, logits,
         n, g, d, nb, first_block, kmean.shape[2], hkv, float(scale),
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         valid.stride(0) if key_valid is not None else 0,
-        HAS_VALID=key_valid is not None, BLOCK_G=block_g, BLOCK_D=max(16, _pow2_ceil(d)), BS=block_size,
-        TILE=tile, num_warps=4,
+        HAS_VALID=key_valid is not None, BLOCK_G=max(16, _pow2_ceil(g)), BLOCK_D=max(16, _pow2_ceil(d)),
+        BS=block_size, TILE=tile, IEEE=kmean.dtype == torch.float32, num_warps=MASS_STATS_LAUNCH["num_warps"],
     )
+    block_g = max(2, _pow2_ceil(g))
     scores = torch.empty(b, hkv, nb, dtype=torch.float32, device=q.device)
     block = max(16, _pow2_ceil(nb))
-    _mass_shares_kernel[(b * hkv,)](logits, count, scores, g, nb, kmean.shape[2], hkv, sink_blocks, recent_blocks,
-                                    BLOCK_G=block_g, BLOCK=block, num_warps=4 if block <= 2048 else 8)
+    _launch.mass_shares_kernel((b * hkv,), logits, count, scores, g, nb, kmean.shape[2], hkv, sink_blocks,
+                               recent_blocks, BLOCK_G=block_g, BLOCK=block, num_warps=4 if block <= 2048 else 8)
     return scores
