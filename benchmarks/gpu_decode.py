@@ -246,10 +246,13 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
     AttentionInterface.register("sdpa_gqa", sdpa_gqa)
     out = {}
     # transformers' own SDPA repeats the KV heads (4x the cache in memory): 32k only
-    for impl in ("sdpa", "sdpa_gqa", "creative_sparse") if context <= 32768 else ("sdpa_gqa", "creative_sparse"):
-        model.set_attn_implementation(impl)
-        if impl == "creative_sparse":
-            ta.set_decode_config(dm.DecodeSparsityConfig(budget=0.25, min_context=0, verify_cache=False), model)
+    impls = ("sdpa", "sdpa_gqa", "creative_sparse", "creative_sparse_mass16")
+    for impl in impls if context <= 32768 else impls[1:]:
+        model.set_attn_implementation(impl.removesuffix("_mass16"))
+        if impl.startswith("creative_sparse"):
+            score = dict(score="mass", block_size=16) if impl.endswith("mass16") else {}
+            ta.set_decode_config(dm.DecodeSparsityConfig(budget=0.25, min_context=0, verify_cache=False, **score),
+                                 model)
         g = torch.Generator(device=dev).manual_seed(1)
         cache = DynamicCache()
         for i in range(layers):
@@ -269,7 +272,7 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         out[impl] = batch * steps / dt
-        if impl == "creative_sparse":
+        if impl.startswith("creative_sparse"):
             reps = [s.report() for s in ta.decode_states(model).values()]
             log(f"  model decode states: sparse calls {sum(r['sparse_calls'] for r in reps)}, backends "
                 f"{reps[0]['backends']}, fallbacks {reps[0]['fallback_reasons']}")
@@ -591,12 +594,14 @@ def main() -> int:
         log("| " + " | ".join(cells) + " |")
     if models:
         log("\n| whole model (random Llama 4 layers, batch 8, DynamicCache) | transformers' SDPA tok/s "
-            "| SDPA enable_gqa, no mask tok/s | creative_sparse 25% tok/s | vs fused dense |")
-        log("|---|---|---|---|---|")
+            "| SDPA enable_gqa, no mask tok/s | creative_sparse 25% (bound/32) tok/s | vs fused dense "
+            "| mass/16 tok/s | vs fused dense |")
+        log("|---|---|---|---|---|---|---|")
         for context, m in models.items():
             sdpa = f"{m['sdpa']:.1f}" if "sdpa" in m else "-"
+            mass = m.get("creative_sparse_mass16", math.nan)
             log(f"| {context // 1024}k | {sdpa} | {m['sdpa_gqa']:.1f} | {m['creative_sparse']:.1f} "
-                f"| {m['creative_sparse'] / m['sdpa_gqa']:.2f}x |")
+                f"| {m['creative_sparse'] / m['sdpa_gqa']:.2f}x | {mass:.1f} | {mass / m['sdpa_gqa']:.2f}x |")
     log(f"correctness: {'all passed' if ok else 'FAILURES above'}")
     out_dir = os.environ.get("OUT")
     if out_dir:
