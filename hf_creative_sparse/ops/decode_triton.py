@@ -306,32 +306,25 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["NB", "KEEP"])
     def _select_blocks_kernel(SCORES, IDX, NB, KEEP, BLOCK: tl.constexpr):
-        # One program per row: the KEEP-th largest score by a radix select on an
-        # order-preserving unsigned image of the floats (four 8-bit digits from the top, each a
-        # 256-bin histogram of the keys still tied with the prefix: 4 block-wide passes where
-        # a bisection takes 32), then the row's kept indices compacted by a prefix sum.
+        # One program per row: the KEEP-th largest score by bisection on an order-preserving
+        # int32 image of the floats, then the rows' kept indices compacted by a prefix sum.
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < NB
         bits = tl.load(SCORES + row * NB + offs, mask=ok, other=0.0).to(tl.int32, bitcast=True)
-        # negative floats: lower bits flipped; + 2^31 makes the image unsigned, in [0, 2^32)
-        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
-        bins = tl.arange(0, 256)
-        prefix = tl.zeros([], tl.int64)
-        need = KEEP  # of the keys tied with the prefix, how many the row still takes
-        for p in tl.static_range(4):
-            shift = 24 - 8 * p
-            active = ok & ((key >> (shift + 8)) == prefix)
-            # masked keys go to bin 0 (the interpreter subtracts them from bin 0 only)
-            digit = tl.where(active, (key >> shift) & 255, 0).to(tl.int32)
-            hist = tl.histogram(digit, 256, mask=active)
-            at_least = tl.sum(hist, 0) - tl.cumsum(hist, 0) + hist  # keys with digit >= bin
-            d = tl.max(tl.where(at_least >= need, bins, -1), 0)
-            need -= tl.sum(tl.where(bins > d, hist, 0), 0)
-            prefix = prefix * 256 + d
-        above = ok & (key > prefix)
-        ties = ok & (key == prefix)
-        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= need))
+        key = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64)  # negative floats: lower bits flipped
+        key = tl.where(ok, key, -4294967296)  # below every float's image (-inf's is -2139095041)
+        lo = tl.min(tl.where(ok, key, 4294967296), 0)
+        hi = tl.max(key, 0)
+        for _ in range(32):  # invariant: count(key >= lo) >= KEEP, count(key > hi) < KEEP
+            mid = (lo + hi + 1) >> 1
+            enough = tl.sum((key >= mid).to(tl.int32), 0) >= KEEP
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid - 1)
+        thr = lo
+        above = key > thr
+        ties = key == thr
+        take = above | (ties & (tl.cumsum(ties.to(tl.int32), 0) <= KEEP - tl.sum(above.to(tl.int32), 0)))
         pos = tl.cumsum(take.to(tl.int32), 0) - 1
         tl.store(IDX + row * KEEP + pos, offs.to(tl.int64), mask=take)
 
@@ -426,8 +419,8 @@ def decode_block_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     return out, lse
 
 
-#: Warps of the selection kernel for rows of <= 2048 blocks and longer ones (its 32 bisection
-#: steps are block-wide reductions: fewer warps, fewer barriers); `gpu_decode.py --select-sweep`.
+#: Warps of the selection kernel for rows of <= 2048 blocks and longer ones; `gpu_decode.py
+#: --profile --select-sweep`.
 SELECT_LAUNCH = {"num_warps_small": 4, "num_warps_large": 8}
 
 #: Largest number of blocks per row the selection kernel holds in registers.
