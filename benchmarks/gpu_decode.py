@@ -280,7 +280,8 @@ def bench_model(dev: torch.device, context: int = 32768, batch: int = 8, steps: 
         if impl.startswith("creative_sparse"):
             reps = [s.report() for s in ta.decode_states(model).values()]
             log(f"  model decode states: sparse calls {sum(r['sparse_calls'] for r in reps)}, backends "
-                f"{reps[0]['backends']}, fallbacks {reps[0]['fallback_reasons']}")
+                f"{reps[0]['backends']}, fallbacks {reps[0]['fallback_reasons']}, statistics rebuilds "
+                f"{sum(r['stats_rebuilds'] for r in reps)}, incremental updates {sum(r['stats_updates'] for r in reps)}")
         log(f"  model {impl}: {out[impl]:.1f} tokens/s (batch {batch}, context {context}, {layers} layers)")
         del cache
         torch.cuda.empty_cache()
