@@ -85,17 +85,17 @@ class DecodeSparsityConfig:
             loss from +4.4% to +3.2% (before the REM law).
         score: "auto" (default), "mass" or "bound" (module docstring): how a block is ranked
             for the current query. "auto" is "mass" except on CUDA with the Triton backend,
-            where it is "bound": the fused path measured on the GPU (H200, 128k keys: 2.59x
-            SDPA at k_attn 25%); "mass" there (two Triton launches for its statistics and
-            scores) has not been timed. "mass" (session 8): each query head's softmax mass on the block
-            estimated from the block's key count and per-channel key mean and variance,
-            summed over the kv head's query heads; on CUDA its statistics and scores run in
-            two Triton launches (not yet timed on a GPU), then the Triton selection and
-            attention. "bound": Quest's min/max bound summed over the group
-            (fused into one Triton launch with the statistics on CUDA, then the Triton
-            selection and attention). SmolLM2-135M at k_attn 25%, teacher-forced decode:
-            "mass" / blocks of 16 +2.5% perplexity (tuning texts), +2.7% (held-out);
-            "bound" / blocks of 32 +7.5% (tuning).
+            where it is "bound", the faster of the two there (H100, 25%, step as a CUDA graph:
+            bound/32 2.7-2.8x SDPA, mass/16 2.0x; BENCHMARKS.md). "mass" (session 8): each
+            query head's softmax mass on the block estimated from the block's key count and
+            per-channel key mean and variance, summed over the kv head's query heads; on CUDA
+            its statistics (16-bit for 16-bit caches) and logits are one Triton launch, the
+            shares a second, then the Triton selection and attention. "bound": Quest's
+            min/max bound summed over the group (fused into one Triton launch with the
+            statistics on CUDA, then the Triton selection and attention). SmolLM2-135M at
+            k_attn 25%, teacher-forced decode: "mass" / blocks of 16 +2.5% perplexity (tuning
+            texts), +2.7% (held-out); "mass" / blocks of 32 +4.1% (held-out); "bound" /
+            blocks of 32 +7.2% (held-out). For quality on a GPU, pass score="mass".
         sink_blocks: leading blocks always kept (attention sinks).
         recent_blocks: trailing blocks always kept (the newest keys, including the
             partly filled last block).
