@@ -188,6 +188,10 @@ class RetentionRuntime:
         self.canvas = 0
         self._canvas_key: tuple[int, int] | None = None
         self.stores: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}  # layer -> row -> (k, v)
+        # layer -> (rows, canvas length, selection epoch, keys, values): the rows' retained K/V
+        # followed by a slot for the canvas's own keys, written in place at every step
+        self.workspaces: dict[int, tuple[tuple[int, ...], int, int, torch.Tensor, torch.Tensor]] = {}
+        self.epochs: dict[int, int] = {}  # layer -> selections so far (a new one invalidates the workspace)
         self.indices: dict[int, dict[int, torch.Tensor]] = {}  # layer -> row -> retained positions (S, R)
         self.offloaded: dict[int, _Offloaded] = {}
         self.stats: dict[int, LayerStats] = {}
@@ -213,7 +217,7 @@ class RetentionRuntime:
     # -- canvas boundaries ---------------------------------------------------------------------
     def new_canvas(self) -> None:
         self.restore_all()
-        self.stores.clear()
+        self.clear_stores()
         self.indices.clear()
         self.step = -1
         self.canvas += 1
@@ -240,6 +244,37 @@ class RetentionRuntime:
             self._canvas_key = key
         self.cache = cache
         self.step += 1
+
+    def clear_stores(self) -> None:
+        """Free the compact K/V of every layer (and their workspaces)."""
+        self.stores.clear()
+        self.workspaces.clear()
+
+    def workspace(self, idx: int, store: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: list[int],
+                  canvas: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Keys and values [len(rows), Hkv, kept + canvas, D] for the decoder's attention: the
+        rows' retained context, then ``canvas`` slots the caller fills with this step's keys.
+
+        Why: concatenating the retained context with the canvas at every denoising step
+        copies the retained K/V once per step (and stacking several rows once more), as many
+        bytes as the attention then reads. Built once per selection and canvas length; the
+        rows' store entries become views into it, so the retained K/V are held once.
+        """
+        epoch = self.epochs.get(idx, 0)
+        ws = self.workspaces.get(idx)
+        key = tuple(rows)
+        if ws is not None and ws[0] == key and ws[1] == canvas and ws[2] == epoch:
+            return ws[3], ws[4], ws[3].shape[2] - canvas
+        k0 = store[rows[0]][0]
+        kept = k0.shape[1]
+        shape = (len(rows), k0.shape[0], kept + canvas, k0.shape[2])
+        keys, values = k0.new_empty(shape), k0.new_empty(shape)
+        for i, b in enumerate(rows):
+            keys[i, :, :kept].copy_(store[b][0])
+            values[i, :, :kept].copy_(store[b][1])
+            store[b] = (keys[i, :, :kept], values[i, :, :kept])
+        self.workspaces[idx] = (key, canvas, epoch, keys, values)
+        return keys, values, kept
 
     # -- offloading --------------------------------------------------------------------------
     def ensure_full(self, layer_idx: int) -> None:
@@ -311,17 +346,20 @@ class RetentionRuntime:
         groups: dict[tuple[int, ...], list[int]] = {}
         for pos, b in enumerate(sparse_rows):
             groups.setdefault(tuple(store[b][0].shape), []).append(pos)
+        single_group = len(groups) == 1
         for positions in groups.values():
             whole = len(positions) == q.shape[0]
-            if len(positions) == 1:
-                kept_k, kept_v = (t.unsqueeze(0) for t in store[sparse_rows[positions[0]]])
-            else:
-                kept_k = torch.stack([store[sparse_rows[p]][0] for p in positions])
-                kept_v = torch.stack([store[sparse_rows[p]][1] for p in positions])
             sel = None if whole else torch.tensor(positions, device=hidden_states.device)
             pick = (lambda t: t) if sel is None else (lambda t, sel=sel: t.index_select(0, sel))
-            keys = torch.cat([kept_k, pick(k_new)], 2)
-            values = torch.cat([kept_v, pick(v_new)], 2)
+            if single_group:  # the common case: one workspace, the canvas's keys written in place
+                keys, values, kept = self.workspace(idx, store, [sparse_rows[p] for p in positions], k_new.shape[2])
+                keys[:, :, kept:].copy_(pick(k_new))
+                values[:, :, kept:].copy_(pick(v_new))
+            else:  # rows retaining different counts: one concatenation per group
+                kept_k = torch.stack([store[sparse_rows[p]][0] for p in positions])
+                kept_v = torch.stack([store[sparse_rows[p]][1] for p in positions])
+                keys = torch.cat([kept_k, pick(k_new)], 2)
+                values = torch.cat([kept_v, pick(v_new)], 2)
             # No mask: retained keys are attendable by construction and the canvas always is.
             # No sliding window either: compacted positions are not contiguous, and on the
             # decoder every layer attends to all it holds (its mask is bidirectional).
@@ -372,6 +410,7 @@ class RetentionRuntime:
             full_bytes += 2 * full_k[b].numel() * elt
             kept_bytes += 2 * k_c.numel() * elt
             kept += count
+        self.epochs[idx] = self.epochs.get(idx, 0) + 1
         stats.selections += 1
         stats.context_tokens = valid / len(selecting)
         stats.retained_tokens = kept / len(selecting)
@@ -467,7 +506,7 @@ def enable_retention(model_or_pipe: Any, retention: Any) -> RetentionHandle:
                     return original_generate(*args, **kwargs)
                 finally:  # the returned cache is whole, the compact copies are freed, and a dial
                     runtime.restore_all()  # published by this call's processor does not outlive it
-                    runtime.stores.clear()
+                    runtime.clear_stores()
                     set_current_sparsity(dial)
 
             generate.__wrapped__ = original_generate  # type: ignore[attr-defined]

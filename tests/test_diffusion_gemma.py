@@ -175,8 +175,9 @@ def test_ratio_one_is_bit_identical_and_disable_restores(model):
     assert not torch.equal(changed.sequences, ref.sequences)            # and retention did act
 
 
-def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig) -> torch.Tensor:
-    """The original forward in float64, masked to the tokens a loop-based saliency keeps."""
+def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig, retained=None) -> torch.Tensor:
+    """The original forward in float64, masked to the tokens a loop-based saliency keeps, or
+    to ``retained`` (row -> retained positions [sets, R], one set or one per KV head)."""
     b, nc, _ = hidden.shape
     keys = cache.layers[module.layer_idx].keys                       # (B, Hkv, N, D)
     hkv, n = keys.shape[1], keys.shape[2]
@@ -188,6 +189,13 @@ def _reference_layer(module, hidden, pos_emb, cache, cfg: RetentionConfig) -> to
     allow = torch.ones(b, hq, nc, n + nc, dtype=torch.bool)
     count = cfg.retained_count(n)
     for r in range(b):
+        if retained is not None:
+            sets_of = retained[r]
+            for h in range(hq):
+                keep = sets_of[0 if sets_of.shape[0] == 1 else h // (hq // hkv)].tolist()
+                allow[r, h, :, :n] = False
+                allow[r, h, :, keep] = True
+            continue
         if cfg.saliency == "mean_query":
             q_mean = q[r].mean(dim=0)                                 # (Hq, D)
             per = [[float(q_mean[h] @ keys[r, h // (hq // hkv), t]) for t in range(n)] for h in range(hq)]
@@ -242,6 +250,41 @@ def test_retained_steps_equal_masked_reference(model, head_select, saliency):
             torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
             dense, _ = type(module).forward(module, hidden, pos_emb, None, cache=cache)
             assert (out - dense).abs().max() > 1e-6            # retention changed the layer
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_retained_kv_is_reused_in_place_over_a_canvas(model):
+    """After the selection step, later denoising steps of the canvas attend the same retained
+    tokens through one workspace per layer (the canvas's keys written into it in place, no
+    concatenation per step): every step equals the float64 reference masked to the tokens
+    retained at the selection, the workspace is reused, and the store holds no second copy."""
+    cfg = RetentionConfig(retention_ratio=0.4, delay_step=0, head_select=True, pool_kernel=1)
+    _, canvas, cache = encode(model)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, kwargs, out, seen=seen: seen.__setitem__(mod.layer_idx,
+                                     (kwargs["hidden_states"], kwargs["position_embeddings"], out[0])),
+                                     with_kwargs=True) for m in decoder_attention(model)]
+    gen = torch.Generator().manual_seed(5)
+    try:
+        hcs.enable_creative_sparse(model, retention=cfg)
+        runtime = getattr(model, HANDLE_ATTR).runtime
+        buffers = None
+        for step in range(3):
+            decode(model, canvas if step == 0 else torch.randint(3, 110, canvas.shape, generator=gen), cache)
+            now = {idx: ws[3].data_ptr() for idx, ws in runtime.workspaces.items()}
+            assert len(now) == len(decoder_attention(model)) and (step == 0 or now == buffers)
+            buffers = now
+            for module in decoder_attention(model):
+                idx = module.layer_idx
+                hidden, pos_emb, out = seen[idx]
+                with torch.no_grad():
+                    ref = _reference_layer(module, hidden, pos_emb, cache, cfg, retained=runtime.indices[idx])
+                torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+                held = runtime.workspaces[idx][3].untyped_storage().data_ptr()
+                assert all(k.untyped_storage().data_ptr() == held for k, _ in runtime.stores[idx].values())
+        assert all(s.selections == 1 for s in runtime.stats.values())
     finally:
         for h in hooks:
             h.remove()
